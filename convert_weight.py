@@ -1,0 +1,913 @@
+#!/usr/bin/env python
+"""Convert LLaVA-1.5 weights between a Hugging Face llava-hf folder (safetensors) and a MindSpore checkpoint.
+
+  python convert_weight.py --model llava --input_path HF_DIR --output_path OUT.ckpt [--dtype DTYPE]
+  python convert_weight.py --model llava --reversed --input_path IN.ckpt --output_path OUT_DIR_or_FILE.safetensors
+                           [--config config.json] [--dtype DTYPE]
+
+Forward: HF_DIR is a llava-hf style folder: config.json plus model.safetensors, or shards listed by
+model.safetensors.index.json. PyTorch pickles (.bin/.pt/.pth) are refused: they are not read at all.
+Reversed: writes model.safetensors with the llava-hf legacy key names (into OUT_DIR, or to the given
+.safetensors file). The model config comes from --config, else from config.json in OUT_DIR (or next to
+the output file).
+
+Everything is validated before anything is written (config.json is a LLaVA config; every tensor is known,
+none is missing, every shape agrees with the config; files are complete). Tensors are streamed one chunk at a
+time, so memory stays small whatever the model size. The output is written to OUT.tmp-<pid> beside OUT and
+renamed at the end; on an error, Ctrl-C or SIGTERM the temporary file is removed and OUT is left untouched.
+--dtype defaults to each tensor's stored dtype. Errors are printed as one line, exit code 2 (--debug: traceback).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import struct
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PLUGIN = os.path.join(ROOT, "research", "llava")
+if PLUGIN not in sys.path:
+    sys.path.insert(0, PLUGIN)
+
+from llava_errors import LlavaError  # noqa: E402  (plugin modules are imported top-level, see DESIGN.md)
+
+PROG = "convert_weight.py"
+MODELS = ("llava",)
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# safetensors dtype codes: byte size of every code the format defines; only the float ones can be weights.
+SF_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+               "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+SF_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DTYPE_TO_SF = {v: k for k, v in SF_TO_DTYPE.items()}
+# MindSpore checkpoint tensor_type strings (str(mindspore.float32) etc.).
+MS_TO_DTYPE = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16"}
+DTYPE_TO_MS = {v: k for k, v in MS_TO_DTYPE.items()}
+
+CHUNK_BYTES = 64 * 1024 * 1024          # bytes read (and converted) at a time
+CKPT_SLICE_BYTES = 512 * 1024 * 1024    # largest tensor_content per checkpoint entry, as MindSpore's SLICE_SIZE
+MAX_HEADER_BYTES = 100 * 1024 * 1024    # safetensors' own limit on the JSON header
+LIST_LIMIT = 5                          # names shown in an error message before "and N more"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the SIGINT/SIGTERM handlers so that cleanup runs and the exit code says which signal."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _names(items, limit=LIST_LIMIT):
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _mb(nbytes):
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dtype conversion of raw little-endian chunks (no torch; bfloat16 by bit manipulation)
+
+def _to_f32(raw, src):
+    if src == "float32":
+        return np.frombuffer(raw, dtype="<f4")
+    if src == "float16":
+        return np.frombuffer(raw, dtype="<f2").astype("<f4")
+    if src == "bfloat16":
+        return (np.frombuffer(raw, dtype="<u2").astype("<u4") << 16).view("<f4")
+    raise LlavaError(f"unsupported dtype {src}")
+
+
+def _from_f32(x, dst):
+    if dst == "float32":
+        return x
+    if dst == "float16":
+        with np.errstate(over="ignore"):
+            return x.astype("<f2")
+    if dst == "bfloat16":
+        # round to nearest even, NaN -> canonical quiet NaN (as torch / c10::BFloat16 do)
+        u = x.view("<u4")
+        out = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype("<u2")
+        nan = np.isnan(x)
+        if nan.any():
+            out[nan] = 0x7FC0
+        return out
+    raise LlavaError(f"unsupported dtype {dst}")
+
+
+def convert_chunk(raw, src, dst):
+    """Raw bytes of `src` elements -> (bytes-like of `dst` elements, number of finite values that overflowed)."""
+    if src == dst:
+        return raw, 0
+    x = _to_f32(raw, src)
+    y = _from_f32(x, dst)
+    overflow = 0
+    if dst == "float16":
+        overflow = int(np.count_nonzero(np.isinf(y) & np.isfinite(x)))
+    elif dst == "bfloat16":
+        overflow = int(np.count_nonzero(((y & 0x7FFF) == 0x7F80) & np.isfinite(x)))
+    return memoryview(np.ascontiguousarray(y)).cast("B"), overflow
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors: header parsing and streaming reads (the format is an 8-byte length, a JSON header, raw data)
+
+class TensorInfo:
+    """One tensor in a file: where its bytes are, and what they are."""
+    __slots__ = ("name", "path", "dtype", "shape", "offset", "nbytes", "segments")
+
+    def __init__(self, name, path, dtype, shape, offset, nbytes, segments=None):
+        self.name, self.path, self.dtype, self.shape = name, path, dtype, tuple(shape)
+        self.offset, self.nbytes = offset, nbytes
+        self.segments = segments if segments is not None else [(offset, nbytes)]
+
+
+def read_safetensors_header(path):
+    """name -> TensorInfo for every tensor of a .safetensors file, from its header; no tensor data is read.
+
+    Checks that the file is complete: a truncated file (its header promises more bytes than it holds) is a
+    LlavaError naming the file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LlavaError(f"{path} is not a safetensors file or is truncated ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise LlavaError(f"{path} is not a safetensors file or is truncated "
+                                 f"(header length {n}, file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LlavaError(f"{path} is not a safetensors file (its header is not JSON)") from e
+    if not isinstance(header, dict):
+        raise LlavaError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors, end = {}, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in list(shape) + [begin, stop]):
+                raise TypeError
+        except (KeyError, TypeError, ValueError) as e:
+            raise LlavaError(f"{path}: malformed header entry for {name!r}") from e
+        if dtype not in SF_ITEMSIZE:
+            raise LlavaError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
+        nbytes = math.prod(shape) * SF_ITEMSIZE[dtype]
+        if stop - begin != nbytes:
+            raise LlavaError(f"{path}: tensor {name} has {stop - begin} bytes for shape {list(shape)} "
+                             f"of {dtype} ({nbytes} expected); the header is corrupt")
+        end = max(end, stop)
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, nbytes)
+    if end > data_size:
+        raise LlavaError(f"{path} is truncated: its header describes {end} bytes of tensor data, "
+                         f"the file holds {max(data_size, 0)}")
+    return tensors
+
+
+def iter_chunks(f, segments, itemsize, chunk_bytes=CHUNK_BYTES):
+    """Yield the bytes of (offset, nbytes) segments of open file `f`, in pieces of whole elements."""
+    step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
+    carry = b""
+    for offset, nbytes in segments:
+        f.seek(offset)
+        left = nbytes
+        while left:
+            data = f.read(min(step, left))
+            if not data:
+                raise LlavaError(f"{f.name} ended early (truncated while reading)")
+            left -= len(data)
+            if carry:
+                data, carry = carry + data, b""
+            cut = len(data) - len(data) % itemsize
+            if cut < len(data):
+                carry = data[cut:]
+                data = data[:cut]
+            if data:
+                yield data
+    if carry:
+        raise LlavaError(f"{f.name}: tensor data is not a whole number of elements")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MindSpore .ckpt: protobuf `Checkpoint { repeated Value value = 1; }`, written one entry at a time.
+#   Value { required string tag = 1; oneof { TensorProto tensor = 2; MapTensorProto maptensor = 3; } }
+#   TensorProto { repeated int64 dims = 1; required string tensor_type = 2; required bytes tensor_content = 3; }
+# Concatenated serialized `Checkpoint` messages parse as one message whose `value` list is their union, which is
+# how mindspore.save_checkpoint itself writes (one message per slice of at most SLICE_SIZE); load_checkpoint
+# joins consecutive entries with the same tag. Nothing follows the entries (MindSpore's optional CRC footer
+# 'crc_num'+10 bytes is only written with crc_check=True and is optional on load).
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def ckpt_entry_header(tag, dims, tensor_type, content_len):
+    """Serialized bytes of `Checkpoint{value: [Value{tag, tensor{dims, tensor_type, tensor_content}}]}`
+    up to (not including) the `content_len` bytes of tensor_content, which the caller writes next."""
+    tag_b = tag.encode("utf-8")
+    type_b = tensor_type.encode("ascii")
+    tensor_head = b"".join(b"\x08" + _varint(int(d)) for d in dims)
+    tensor_head += b"\x12" + _varint(len(type_b)) + type_b + b"\x1a" + _varint(content_len)
+    tensor_len = len(tensor_head) + content_len
+    value_head = b"\x0a" + _varint(len(tag_b)) + tag_b + b"\x12" + _varint(tensor_len)
+    value_len = len(value_head) + tensor_len
+    return b"\x0a" + _varint(value_len) + value_head + tensor_head
+
+
+class CkptWriter:
+    """Appends tensors to an open binary file in MindSpore's .ckpt format, streaming their bytes."""
+
+    def __init__(self, f, slice_bytes=CKPT_SLICE_BYTES):
+        self.f = f
+        self.slice_bytes = slice_bytes
+        self.written = 0
+
+    def write_tensor(self, name, dims, dtype, nbytes, chunks, progress=None):
+        """`chunks` yields bytes-like pieces (whole elements) that add up to `nbytes`."""
+        itemsize = ITEMSIZE[dtype]
+        per_slice = max(itemsize, self.slice_bytes - self.slice_bytes % itemsize)
+        tag = DTYPE_TO_MS[dtype]
+        left_total = nbytes
+        left_slice = 0
+        if nbytes == 0:
+            self._write(ckpt_entry_header(name, dims, tag, 0))
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            while len(view):
+                if left_slice == 0:
+                    left_slice = min(per_slice, left_total)
+                    self._write(ckpt_entry_header(name, dims, tag, left_slice))
+                piece = view[:left_slice]
+                self._write(piece)
+                n = len(piece)
+                view = view[n:]
+                left_slice -= n
+                left_total -= n
+                if progress is not None:
+                    progress.update(n)
+        if left_total or left_slice:
+            raise LlavaError(f"internal error: {name} got {nbytes - left_total} of {nbytes} bytes")
+
+    def _write(self, data):
+        self.f.write(data)
+        self.written += len(data)
+
+
+def _read_varint(f, where):
+    shift = result = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise LlavaError(f"{where} is not a MindSpore checkpoint (bad varint)")
+
+
+def _skip_field(f, wire, end, where):
+    if wire == 0:
+        _read_varint(f, where)
+    elif wire == 1:
+        f.seek(8, 1)
+    elif wire == 2:
+        f.seek(_read_varint(f, where), 1)
+    elif wire == 5:
+        f.seek(4, 1)
+    else:
+        raise LlavaError(f"{where} is not a MindSpore checkpoint (wire type {wire})")
+    if f.tell() > end:
+        raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+
+
+def scan_ckpt(path):
+    """name -> TensorInfo (dtype name, dims, content segments) of a MindSpore .ckpt, without reading tensor data.
+
+    Entries split into several slices (consecutive entries with the same tag) are joined. String entries
+    (save_checkpoint's append_dict) are skipped; map tensors are refused.
+    """
+    where = path
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
+    with f:
+        end = size
+        if size >= 17:
+            f.seek(size - 17)
+            if f.read(7) == b"crc_num":
+                end = size - 17
+        f.seek(0)
+        tensors, order, last = {}, [], None
+        while f.tell() < end:
+            key = _read_varint(f, where)
+            if key != 0x0A:
+                raise LlavaError(f"{where} is not a MindSpore checkpoint (unexpected field {key >> 3})")
+            value_end = _read_varint(f, where) + f.tell()
+            if value_end > end:
+                raise LlavaError(f"{where} is truncated (an entry runs past the end of the file)")
+            tag, dims, ttype, content, is_map = None, [], None, None, False
+            while f.tell() < value_end:
+                key = _read_varint(f, where)
+                field, wire = key >> 3, key & 7
+                if field == 1 and wire == 2:
+                    tag = f.read(_read_varint(f, where)).decode("utf-8", "replace")
+                elif field == 2 and wire == 2:
+                    tensor_end = _read_varint(f, where) + f.tell()
+                    while f.tell() < tensor_end:
+                        key = _read_varint(f, where)
+                        field, wire = key >> 3, key & 7
+                        if field == 1 and wire == 0:
+                            dims.append(_read_varint(f, where))
+                        elif field == 1 and wire == 2:       # packed dims
+                            packed_end = _read_varint(f, where) + f.tell()
+                            while f.tell() < packed_end:
+                                dims.append(_read_varint(f, where))
+                        elif field == 2 and wire == 2:
+                            ttype = f.read(_read_varint(f, where)).decode("ascii", "replace")
+                        elif field == 3 and wire == 2:
+                            n = _read_varint(f, where)
+                            content = (f.tell(), n)
+                            f.seek(n, 1)
+                        else:
+                            _skip_field(f, wire, tensor_end, where)
+                    if f.tell() != tensor_end:
+                        raise LlavaError(f"{where} is not a MindSpore checkpoint (malformed tensor entry)")
+                elif field == 3 and wire == 2:
+                    is_map = True
+                    _skip_field(f, wire, value_end, where)
+                else:
+                    _skip_field(f, wire, value_end, where)
+            if f.tell() != value_end or tag is None:
+                raise LlavaError(f"{where} is not a MindSpore checkpoint (malformed entry)")
+            if is_map:
+                raise LlavaError(f"{where}: entry {tag} is a map tensor, which is not a model weight")
+            if ttype == "str":
+                last = None
+                continue
+            if ttype is None or content is None:
+                raise LlavaError(f"{where}: entry {tag} has no tensor data")
+            if tag == last:
+                t = tensors[tag]
+                if list(t.shape) != dims or t.dtype != ttype:
+                    raise LlavaError(f"{where}: slices of {tag} disagree on shape or dtype")
+                t.segments.append(content)
+                t.nbytes += content[1]
+                continue
+            if tag in tensors:
+                raise LlavaError(f"{where}: {tag} appears twice")
+            tensors[tag] = TensorInfo(tag, path, ttype, dims, content[0], content[1], [content])
+            order.append(tag)
+            last = tag
+        if f.tell() != end:
+            raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+    for t in tensors.values():
+        if t.dtype in MS_TO_DTYPE:
+            expect = math.prod(t.shape) * ITEMSIZE[MS_TO_DTYPE[t.dtype]]
+            if expect != t.nbytes:
+                raise LlavaError(f"{where}: {t.name} holds {t.nbytes} bytes, its shape {list(t.shape)} "
+                                 f"of {t.dtype} needs {expect}")
+    return tensors
+
+
+def check_ckpt_crc(path):
+    """If the checkpoint ends with MindSpore's 'crc_num' footer, check it (streaming); True if one was checked."""
+    import binascii
+    size = os.path.getsize(path)
+    if size < 17:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 17)
+        tail = f.read(17)
+        if tail[:7] != b"crc_num":
+            return False
+        want = int.from_bytes(tail[7:], "big")
+        f.seek(0)
+        crc, left = 0, size - 17
+        while left:
+            data = f.read(min(CHUNK_BYTES, left))
+            if not data:
+                break
+            crc = binascii.crc32(data, crc)
+            left -= len(data)
+    if crc != want:
+        raise LlavaError(f"{path} is damaged: its CRC footer does not match its content")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors writer (reversed direction)
+
+def safetensors_header(entries, metadata=None):
+    """Header bytes (length prefix + JSON padded to 8 bytes) for [(name, sf_dtype, shape, nbytes)] in order."""
+    header = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, sf_dtype, shape, nbytes in entries:
+        header[name] = {"dtype": sf_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# atomic output
+
+class AtomicFile:
+    """Write `path` through `path.tmp-<pid>`; `commit()` fsyncs and renames; otherwise the temp file is removed."""
+
+    def __init__(self, path):
+        self.path = path
+        self.tmp = f"{path}.tmp-{os.getpid()}"
+        self.f = None
+        self.committed = False
+
+    def __enter__(self):
+        try:
+            self.f = open(self.tmp, "wb")
+        except OSError as e:
+            raise LlavaError(f"cannot write {self.tmp}: {e.strerror or e}") from e
+        return self
+
+    def commit(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        self.committed = True
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def __exit__(self, *exc):
+        if not self.committed:
+            # a second Ctrl-C must not stop the cleanup half-way
+            old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                if self.f is not None:
+                    self.f.close()
+                try:
+                    os.unlink(self.tmp)
+                except FileNotFoundError:
+                    pass
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        return False
+
+
+def check_output_file(path, suffix):
+    """The output path must name a file with `suffix` in an existing, writable folder."""
+    if not path.endswith(suffix):
+        raise LlavaError(f"--output_path {path} must end with {suffix}")
+    if os.path.isdir(path):
+        raise LlavaError(f"--output_path {path} is a folder; give a file name ending with {suffix}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise LlavaError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LlavaError(f"output folder {folder} is not writable")
+    return folder
+
+
+def check_free_space(folder, nbytes):
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + 64 * 1024 * 1024:
+        raise LlavaError(f"not enough free space in {folder}: the output needs {_mb(nbytes)}, "
+                         f"{_mb(free)} are free")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model modules (imported late and quietly: MindFormers logs warnings while it imports)
+
+def _import_model_modules():
+    import tempfile
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    log = tempfile.TemporaryFile()
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            import llava_config
+            import weight_map
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+    except BaseException:
+        log.seek(0)
+        sys.stderr.write(log.read().decode("utf-8", "replace"))
+        raise
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+        log.close()
+    return llava_config, weight_map
+
+
+def load_llava_config(path):
+    """LlavaConfig from a llava-hf config.json (LlavaError naming the file when it is not one)."""
+    llava_config, _ = _import_model_modules()
+    if not os.path.isfile(path):
+        raise LlavaError(f"{path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LlavaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        return llava_config.LlavaConfig.from_hf_config(hf)
+    except LlavaError as e:
+        raise LlavaError(f"{path}: {e}") from e
+
+
+def check_names(tensors, config, what, to_ms=True):
+    """Match a file's tensors (name -> TensorInfo) against the model's table; LlavaError listing every problem.
+
+    Returns [(model name, file name, TensorInfo)] in the model's parameter order and the skipped names.
+    """
+    _, weight_map = _import_model_modules()
+    expected = weight_map.expected_params(config)
+    present, unknown, skipped = {}, [], []
+    for name in tensors:
+        if to_ms and weight_map.is_ignored_hf(name):
+            skipped.append(name)
+            continue
+        try:
+            ms = weight_map.hf_to_ms(name) if to_ms else name
+            if not to_ms:
+                weight_map.ms_to_hf(name)
+        except LlavaError:
+            unknown.append(name)
+            continue
+        if ms not in expected:
+            unknown.append(name)   # e.g. a layer index beyond the config's layer count
+            continue
+        present[ms] = name
+    missing = [(weight_map.ms_to_hf(n) if to_ms else n) for n in expected if n not in present]
+    bad_shape, bad_dtype = [], []
+    for ms, name in present.items():
+        t = tensors[name]
+        if t.shape != expected[ms][0]:
+            bad_shape.append(f"{name} {list(t.shape)} (config: {list(expected[ms][0])})")
+        if (SF_TO_DTYPE if to_ms else MS_TO_DTYPE).get(t.dtype) is None:
+            bad_dtype.append(f"{name} ({t.dtype})")
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown key(s): {_names(sorted(unknown))}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_names(missing)}")
+    if bad_shape:
+        problems.append(f"{len(bad_shape)} shape mismatch(es): {_names(bad_shape)}")
+    if bad_dtype:
+        problems.append(f"{len(bad_dtype)} tensor(s) with a non-float dtype: {_names(bad_dtype)}")
+    if problems:
+        raise LlavaError(f"{what} does not match the LLaVA config: " + "; ".join(problems))
+    return [(ms, present[ms], tensors[present[ms]]) for ms in expected], skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward: llava-hf folder -> .ckpt
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _refuse_pickle(path):
+    raise LlavaError(f"{path}: PyTorch pickle files are not read (loading a pickle can run code); "
+                     f"use the model's safetensors files (model.safetensors or model-*.safetensors with "
+                     f"model.safetensors.index.json) in a folder with config.json")
+
+
+def find_hf_tensors(folder):
+    """name -> TensorInfo over the folder's model.safetensors or its index's shards (headers only)."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except OSError as e:
+            raise LlavaError(f"cannot read {index_path}: {e.strerror or e}") from e
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise LlavaError(f"{index_path} is not a safetensors index (no 'weight_map' of file names)") from e
+        files = sorted(set(weight_map.values()))
+        absent = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
+        if absent:
+            raise LlavaError(f"{index_path} lists shard file(s) that do not exist: {_names(absent)}")
+        tensors = {}
+        for name in files:
+            for key, info in read_safetensors_header(os.path.join(folder, name)).items():
+                if key in tensors:
+                    raise LlavaError(f"{key} is stored twice: in {tensors[key].path} and {info.path}")
+                tensors[key] = info
+        not_there = [k for k, v in weight_map.items()
+                     if k not in tensors or os.path.basename(tensors[k].path) != v]
+        not_listed = [k for k in tensors if k not in weight_map]
+        if not_there:
+            raise LlavaError(f"{index_path} maps key(s) to shards that do not hold them: {_names(not_there)}")
+        if not_listed:
+            raise LlavaError(f"{index_path} does not list key(s) found in its shards: {_names(not_listed)}")
+        return tensors
+    if os.path.exists(single):
+        return read_safetensors_header(single)
+    pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        _refuse_pickle(os.path.join(folder, pickles[0]))
+    raise LlavaError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def convert_hf_to_ms(input_path, output_path, dtype=None, quiet=False):
+    if not os.path.exists(input_path):
+        raise LlavaError(f"input folder {input_path} does not exist")
+    if not os.path.isdir(input_path):
+        if input_path.endswith(PICKLE_SUFFIXES):
+            _refuse_pickle(input_path)
+        raise LlavaError(f"--input_path {input_path} is a file; give the llava-hf folder that holds "
+                         f"config.json and the safetensors files")
+    out_folder = check_output_file(output_path, ".ckpt")
+    config_path = os.path.join(input_path, "config.json")
+    if not os.path.isfile(config_path):
+        raise LlavaError(f"{input_path} has no config.json (expected a llava-hf model folder)")
+    config = load_llava_config(config_path)
+    tensors = find_hf_tensors(input_path)
+    plan, skipped = check_names(tensors, config, input_path, to_ms=True)
+    out_dtype = {ms: dtype or SF_TO_DTYPE[t.dtype] for ms, _, t in plan}
+    out_bytes = {ms: math.prod(t.shape) * ITEMSIZE[out_dtype[ms]] for ms, _, t in plan}
+    total = sum(out_bytes.values())
+    check_free_space(out_folder, total)
+    # read in file order (sequential I/O); the checkpoint order does not matter to load_checkpoint
+    plan.sort(key=lambda p: (p[2].path, p[2].offset))
+    _say(quiet, f"{PROG}: {input_path} -> {output_path}: {len(plan)} tensors, {_mb(total)}"
+                + (f", skipping {len(skipped)} buffer(s): {_names(skipped)}" if skipped else ""))
+    progress = _progress(total, len(plan), "hf -> ckpt", quiet)
+    start = time.monotonic()
+    overflows, files = {}, {}
+    try:
+        with AtomicFile(output_path) as out:
+            writer = CkptWriter(out.f)
+            for i, (ms, _, t) in enumerate(plan, 1):
+                src = SF_TO_DTYPE[t.dtype]
+                f = files.get(t.path) or files.setdefault(t.path, open(t.path, "rb"))
+                pieces = _converted(iter_chunks(f, t.segments, SF_ITEMSIZE[t.dtype]), src, out_dtype[ms],
+                                    overflows, t.name)
+                writer.write_tensor(ms, t.shape, out_dtype[ms], out_bytes[ms], pieces, progress)
+                progress.set_postfix_str(f"{i}/{len(plan)} tensors", refresh=False)
+            out.f.flush()
+            _verify_ckpt(out.tmp, {ms: (t.shape, out_dtype[ms], out_bytes[ms]) for ms, _, t in plan})
+            out.commit()
+    except OSError as e:
+        raise LlavaError(f"conversion failed: {e.filename or output_path}: {e.strerror or e}") from e
+    finally:
+        progress.close()
+        for f in files.values():
+            f.close()
+    seconds = time.monotonic() - start
+    if overflows:
+        _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
+              f"{_names(sorted(overflows))}")
+    _done(quiet, f"{PROG}: wrote {output_path} ({len(plan)} tensors, {_mb(total)}, "
+                f"{seconds:.1f} s, {total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
+    return output_path
+
+
+def _converted(chunks, src, dst, overflows, name):
+    for raw in chunks:
+        data, n = convert_chunk(raw, src, dst)
+        if n:
+            overflows[name] = overflows.get(name, 0) + n
+        yield data
+
+
+def _verify_ckpt(path, want):
+    """Re-read the written checkpoint's entries (not the data) and compare them with what was meant."""
+    got = scan_ckpt(path)
+    if set(got) != set(want):
+        raise LlavaError(f"internal error: {path} does not hold the expected tensors")
+    for name, (shape, dtype, nbytes) in want.items():
+        t = got[name]
+        if t.shape != tuple(shape) or MS_TO_DTYPE.get(t.dtype) != dtype or t.nbytes != nbytes:
+            raise LlavaError(f"internal error: {path}: {name} was not written as intended")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reversed: .ckpt -> model.safetensors
+
+def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quiet=False):
+    if not os.path.exists(input_path):
+        raise LlavaError(f"input checkpoint {input_path} does not exist")
+    if os.path.isdir(input_path):
+        raise LlavaError(f"--input_path {input_path} is a folder; give the .ckpt file")
+    if output_path.endswith(".safetensors"):
+        out_file = output_path
+    else:
+        if not os.path.isdir(output_path):
+            raise LlavaError(f"output folder {output_path} does not exist "
+                             f"(or give a file name ending with .safetensors)")
+        out_file = os.path.join(output_path, "model.safetensors")
+    out_folder = check_output_file(out_file, ".safetensors")
+    if config_path is None:
+        config_path = os.path.join(out_folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise LlavaError(f"no config.json in {out_folder}; pass the model's config with --config")
+    config = load_llava_config(config_path)
+    tensors = scan_ckpt(input_path)
+    check_ckpt_crc(input_path)
+    plan, _ = check_names(tensors, config, input_path, to_ms=False)
+    _, weight_map = _import_model_modules()
+    rows = []
+    for ms, _, t in plan:
+        out = dtype or MS_TO_DTYPE[t.dtype]
+        rows.append((weight_map.ms_to_hf(ms), out, t, math.prod(t.shape) * ITEMSIZE[out]))
+    rows.sort(key=lambda r: r[0])
+    header = safetensors_header([(hf, DTYPE_TO_SF[out], t.shape, n) for hf, out, t, n in rows])
+    total = sum(r[3] for r in rows)
+    check_free_space(out_folder, total + len(header))
+    _say(quiet, f"{PROG}: {input_path} -> {out_file}: {len(rows)} tensors, {_mb(total)}")
+    progress = _progress(total, len(rows), "ckpt -> hf", quiet)
+    start = time.monotonic()
+    overflows = {}
+    try:
+        with AtomicFile(out_file) as out, open(input_path, "rb") as src_f:
+            out.f.write(header)
+            for i, (hf, out_dtype, t, nbytes) in enumerate(rows, 1):
+                src = MS_TO_DTYPE[t.dtype]
+                written = 0
+                for data in _converted(iter_chunks(src_f, t.segments, ITEMSIZE[src]), src, out_dtype,
+                                       overflows, hf):
+                    out.f.write(data)
+                    n = len(memoryview(data).cast("B"))
+                    written += n
+                    progress.update(n)
+                if written != nbytes:
+                    raise LlavaError(f"internal error: {hf} got {written} of {nbytes} bytes")
+                progress.set_postfix_str(f"{i}/{len(rows)} tensors", refresh=False)
+            out.f.flush()
+            got = read_safetensors_header(out.tmp)
+            if {k: (v.dtype, v.shape) for k, v in got.items()} != \
+                    {hf: (DTYPE_TO_SF[o], tuple(t.shape)) for hf, o, t, _ in rows}:
+                raise LlavaError(f"internal error: {out.tmp} was not written as intended")
+            out.commit()
+    except OSError as e:
+        raise LlavaError(f"conversion failed: {e.filename or out_file}: {e.strerror or e}") from e
+    finally:
+        progress.close()
+    seconds = time.monotonic() - start
+    if overflows:
+        _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
+              f"{_names(sorted(overflows))}")
+    _done(quiet, f"{PROG}: wrote {out_file} ({len(rows)} tensors, {_mb(total)}, {seconds:.1f} s)")
+    return out_file
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, count, desc, quiet):
+    if quiet:
+        return _NoProgress()
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
+               mininterval=0.25, dynamic_ncols=True)
+    bar.set_postfix_str(f"0/{count} tensors", refresh=True)
+    return bar
+
+
+def _say(quiet, message):
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _done(quiet, message):
+    if not quiet:
+        print(message, flush=True)
+
+
+def _warn(message):
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise LlavaError(f"{message} (see --help)")
+
+
+def build_parser():
+    ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help=f"model family; supported: {', '.join(MODELS)}")
+    ap.add_argument("--input_path", required=True,
+                    help="llava-hf folder (forward) or MindSpore .ckpt file (--reversed)")
+    ap.add_argument("--output_path", required=True,
+                    help="OUT.ckpt (forward) or a folder / FILE.safetensors (--reversed)")
+    ap.add_argument("--dtype", default=None,
+                    help="output dtype: float32, float16 or bfloat16 (also fp32/fp16/bf16); "
+                         "default: keep each tensor's stored dtype")
+    ap.add_argument("--reversed", action="store_true", help="MindSpore .ckpt -> Hugging Face safetensors")
+    ap.add_argument("--config", default=None,
+                    help="--reversed only: the model's llava-hf config.json "
+                         "(default: config.json in the output folder)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return ap
+
+
+def run(args):
+    if args.model not in MODELS:
+        raise LlavaError(f"--model {args.model!r} is not supported; supported: {', '.join(MODELS)}")
+    dtype = args.dtype
+    if dtype is not None:
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
+        if dtype not in DTYPES:
+            raise LlavaError(f"--dtype {args.dtype!r} is not supported; choose {', '.join(DTYPES)}")
+    if args.reversed:
+        return convert_ms_to_hf(args.input_path, args.output_path, args.config, dtype, args.quiet)
+    if args.config is not None:
+        raise LlavaError("--config is only used with --reversed (forward conversion reads "
+                         "config.json from the input folder)")
+    return convert_hf_to_ms(args.input_path, args.output_path, dtype, args.quiet)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(argv=None):
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in handlers:
+            signal.signal(s, _raise_interrupted)
+        run(build_parser().parse_args(argv))
+        return 0
+    except LlavaError as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split("\n"))
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except Interrupted as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: interrupted by {e}; no output written", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: error: interrupted; no output written", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
