@@ -1,0 +1,160 @@
+"""CLIP ViT vision tower, laid out like transformers' `CLIPVisionModel` so parameter names equal llava-hf's
+`vision_tower.vision_model.*` keys.
+
+Every layer and `post_layernorm` exist as parameters (the checkpoint has them), but the forward pass stops
+after the layer that `vision_feature_layer` selects; LLaVA never uses the pooled output.
+"""
+from mindspore import nn, ops
+
+from llava_layers import Dtypes, LayerNorm, Linear, gelu, new_param, quick_gelu
+
+
+class PatchEmbedding(nn.Cell):
+    """Conv2d(C, D, kernel=stride=P, bias=False) as one matmul over non-overlapping patches."""
+
+    def __init__(self, channels, dim, patch, dt):
+        super().__init__()
+        self.channels, self.dim, self.patch = channels, dim, patch
+        self.compute_dtype = dt.compute
+        self.weight = new_param((dim, channels, patch, patch), dt.param, "normal", name="weight")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, pixel_values):
+        n, c, h, w = pixel_values.shape
+        p = self.patch
+        gh, gw = h // p, w // p
+        x = ops.cast(pixel_values, self.compute_dtype)
+        x = ops.reshape(x, (n, c, gh, p, gw, p))
+        x = ops.transpose(x, (0, 2, 4, 1, 3, 5))            # n, gh, gw, c, p, p  (row-major patches)
+        x = ops.reshape(x, (n * gh * gw, c * p * p))
+        w2 = ops.reshape(ops.cast(self.weight, self.compute_dtype), (self.dim, c * p * p))
+        y = self.matmul(x, w2)
+        return ops.reshape(y, (n, gh * gw, self.dim))
+
+
+class _PositionEmbedding(nn.Cell):
+    def __init__(self, num, dim, dt):
+        super().__init__()
+        self.weight = new_param((num, dim), dt.param, "normal", name="weight")
+
+
+class CLIPVisionEmbeddings(nn.Cell):
+    def __init__(self, vc, dt):
+        super().__init__()
+        self.compute_dtype = dt.compute
+        self.class_embedding = new_param((vc.hidden_size,), dt.param, "normal", name="class_embedding")
+        self.patch_embedding = PatchEmbedding(vc.num_channels, vc.hidden_size, vc.patch_size, dt)
+        self.position_embedding = _PositionEmbedding(vc.num_patches + 1, vc.hidden_size, dt)
+
+    def construct(self, pixel_values):
+        patches = self.patch_embedding(pixel_values)                      # n, P, D
+        n = patches.shape[0]
+        cls = ops.cast(self.class_embedding, self.compute_dtype)
+        cls = ops.broadcast_to(ops.reshape(cls, (1, 1, -1)), (n, 1, cls.shape[0]))
+        x = ops.concat((cls, patches), 1)
+        return x + ops.cast(self.position_embedding.weight, self.compute_dtype)
+
+
+class CLIPAttention(nn.Cell):
+    def __init__(self, vc, dt):
+        super().__init__()
+        d = vc.hidden_size
+        self.num_heads = vc.num_attention_heads
+        self.head_dim = vc.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.compute_dtype = dt.compute
+        self.softmax_dtype = dt.softmax
+        self.q_proj = Linear(d, d, True, dt.param, dt.compute)
+        self.k_proj = Linear(d, d, True, dt.param, dt.compute)
+        self.v_proj = Linear(d, d, True, dt.param, dt.compute)
+        self.out_proj = Linear(d, d, True, dt.param, dt.compute)
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+
+    def _heads(self, x, n, t):
+        return ops.transpose(ops.reshape(x, (n, t, self.num_heads, self.head_dim)), (0, 2, 1, 3))
+
+    def construct(self, x):
+        n, t, d = x.shape
+        q = self._heads(self.q_proj(x), n, t)
+        k = self._heads(self.k_proj(x), n, t)
+        v = self._heads(self.v_proj(x), n, t)
+        scores = ops.cast(self.bmm_t(q, k), self.softmax_dtype) * self.scale
+        probs = ops.cast(ops.softmax(scores, -1), self.compute_dtype)
+        out = ops.reshape(ops.transpose(self.bmm(probs, v), (0, 2, 1, 3)), (n, t, d))
+        return self.out_proj(out)
+
+
+class CLIPMLP(nn.Cell):
+    def __init__(self, vc, dt):
+        super().__init__()
+        self.fc1 = Linear(vc.hidden_size, vc.intermediate_size, True, dt.param, dt.compute)
+        self.fc2 = Linear(vc.intermediate_size, vc.hidden_size, True, dt.param, dt.compute)
+        self.quick = vc.hidden_act == "quick_gelu"
+
+    def construct(self, x):
+        h = self.fc1(x)
+        h = quick_gelu(h) if self.quick else gelu(h)
+        return self.fc2(h)
+
+
+class CLIPEncoderLayer(nn.Cell):
+    def __init__(self, vc, dt):
+        super().__init__()
+        eps = vc.layer_norm_eps
+        self.self_attn = CLIPAttention(vc, dt)
+        self.layer_norm1 = LayerNorm(vc.hidden_size, eps, dt.param, dt.norm, dt.compute)
+        self.mlp = CLIPMLP(vc, dt)
+        self.layer_norm2 = LayerNorm(vc.hidden_size, eps, dt.param, dt.norm, dt.compute)
+
+    def construct(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Cell):
+    def __init__(self, vc, dt):
+        super().__init__()
+        self.layers = nn.CellList([CLIPEncoderLayer(vc, dt) for _ in range(vc.num_hidden_layers)])
+
+
+class CLIPVisionTransformer(nn.Cell):
+    def __init__(self, vc, dt):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(vc, dt)
+        self.pre_layrnorm = LayerNorm(vc.hidden_size, vc.layer_norm_eps, dt.param, dt.norm, dt.compute)
+        self.encoder = CLIPEncoder(vc, dt)
+        self.post_layernorm = LayerNorm(vc.hidden_size, vc.layer_norm_eps, dt.param, dt.norm, dt.compute)
+
+
+class CLIPVisionModel(nn.Cell):
+    """`vision_tower`: returns hidden_states[feature_layer_index] (0 = embeddings after pre_layrnorm)."""
+
+    def __init__(self, config):
+        super().__init__()
+        vc = config.vision_config
+        dt = Dtypes(config)
+        self.num_used_layers = vc.feature_layer_index
+        self.vision_model = CLIPVisionTransformer(vc, dt)
+
+    def construct(self, pixel_values):
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        for i in range(self.num_used_layers):
+            x = vm.encoder.layers[i](x)
+        return x
+
+
+class LlavaMultiModalProjector(nn.Cell):
+    """linear_1 -> GELU -> linear_2, vision hidden -> text hidden."""
+
+    def __init__(self, config):
+        super().__init__()
+        dt = Dtypes(config)
+        vd, td = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.linear_1 = Linear(vd, td, True, dt.param, dt.compute)
+        self.linear_2 = Linear(td, td, True, dt.param, dt.compute)
+
+    def construct(self, x):
+        return self.linear_2(gelu(self.linear_1(x)))
+

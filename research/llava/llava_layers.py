@@ -1,0 +1,118 @@
+"""Small building blocks whose parameter names match torch / Hugging Face (`weight`, `bias`).
+
+MindSpore's own `nn.LayerNorm` names its parameters `gamma`/`beta` and `nn.Dense` stores `[out, in]` but
+casts differently; these cells keep the checkpoint names identical to llava-hf's keys so the weight map is
+the identity, and make the compute dtype explicit:
+
+* parameters are stored in `param_dtype` (config.param_init_type),
+* matmuls run in `compute_dtype` (config.compute_dtype),
+* normalisation statistics run in `norm_dtype` (config.layernorm_compute_type) and the result is cast back.
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, One, Zero, initializer
+
+DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def ms_dtype(name):
+    return DTYPE[name]
+
+
+class Dtypes:
+    """The four dtypes of a LlavaConfig as MindSpore types."""
+
+    def __init__(self, config):
+        self.param = ms_dtype(config.param_init_type)
+        self.compute = ms_dtype(config.compute_dtype)
+        self.norm = ms_dtype(config.layernorm_compute_type)
+        self.softmax = ms_dtype(config.softmax_compute_type)
+        self.rotary = ms_dtype(config.rotary_dtype)
+
+
+def new_param(shape, dtype, init="normal", name=None, requires_grad=True):
+    """A lazily initialised Parameter (skipped under `mindspore.nn.utils.no_init_parameters`)."""
+    init = {"normal": Normal(0.02), "zeros": Zero(), "ones": One()}[init]
+    return Parameter(initializer(init, list(shape), dtype), name=name, requires_grad=requires_grad)
+
+
+class Linear(nn.Cell):
+    """y = x @ weight.T + bias with weight [out, in] (torch layout)."""
+
+    def __init__(self, in_features, out_features, bias=True, param_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.weight = new_param((out_features, in_features), param_dtype, "normal", name="weight")
+        self.has_bias = bias
+        if bias:
+            self.bias = new_param((out_features,), param_dtype, "zeros", name="bias")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))
+        y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))
+        if self.has_bias:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        return ops.reshape(y, shape[:-1] + (self.out_features,))
+
+
+class LayerNorm(nn.Cell):
+    """torch.nn.LayerNorm over the last axis (parameters `weight`, `bias`)."""
+
+    def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.eps = eps
+        self.norm_dtype = norm_dtype
+        self.compute_dtype = compute_dtype
+        self.weight = new_param((size,), param_dtype, "ones", name="weight")
+        self.bias = new_param((size,), param_dtype, "zeros", name="bias")
+
+    def construct(self, x):
+        x = ops.cast(x, self.norm_dtype)
+        mean = ops.mean(x, -1, True)
+        centered = x - mean
+        var = ops.mean(centered * centered, -1, True)
+        y = centered * ops.rsqrt(var + self.eps)
+        y = y * ops.cast(self.weight, self.norm_dtype) + ops.cast(self.bias, self.norm_dtype)
+        return ops.cast(y, self.compute_dtype)
+
+
+class RMSNorm(nn.Cell):
+    """LlamaRMSNorm: x * rsqrt(mean(x^2) + eps), statistics in norm_dtype, then `weight *` in compute dtype."""
+
+    def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.eps = eps
+        self.norm_dtype = norm_dtype
+        self.compute_dtype = compute_dtype
+        self.weight = new_param((size,), param_dtype, "ones", name="weight")
+
+    def construct(self, x):
+        x = ops.cast(x, self.norm_dtype)
+        var = ops.mean(x * x, -1, True)
+        y = ops.cast(x * ops.rsqrt(var + self.eps), self.compute_dtype)
+        return ops.cast(self.weight, self.compute_dtype) * y
+
+
+class Embedding(nn.Cell):
+    """Row lookup in `weight` [num, dim]."""
+
+    def __init__(self, num, dim, param_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.weight = new_param((num, dim), param_dtype, "normal", name="weight")
+
+    def construct(self, ids):
+        return ops.cast(ops.gather(self.weight, ids, 0), self.compute_dtype)
+
+
+def gelu(x):
+    """Exact (erf) GELU, Hugging Face's "gelu"."""
+    return 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
+
+
+def quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)

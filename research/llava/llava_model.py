@@ -1,0 +1,378 @@
+"""LlavaModel: CLIP vision tower -> projector -> merge into token embeddings -> LLaMA with a static KV cache.
+
+Parameter names are exactly llava-hf's checkpoint keys (`vision_tower.vision_model.*`,
+`multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`, `language_model.lm_head.weight`), so a
+converted checkpoint loads with the identity name map; the KV caches
+(`language_model.model.layers.N.self_attn.{k,v}_cache`) are not checkpoint weights.
+
+Execution is split into steps, each its own cell (compiled as one graph in GRAPH_MODE, or with
+`mindspore.jit` in PyNative when `jit_steps` is set):
+
+* vision   pixel_values [N, 3, H, W] -> image features [N, num_image_tokens, text_hidden]
+* prefill  merged prompt embeddings [B, L] -> logits of the last position (or of all positions); writes the
+           prompt's keys/values into cache rows 0..L-1
+* decode   one token per row [B, 1] -> logits [B, V]; writes cache row `slot`, attends over the whole
+           (masked) cache; fixed shapes, so it compiles once per batch size
+* forward  the full sequence without the cache -> logits [B, L, V] (reference / tests)
+
+The host side (numpy) builds position ids and attention masks from the left padding, checks the image
+token count, runs the Python decode loop, and asks generation.TokenSelector for each next token.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from clip_vision import CLIPVisionModel, LlavaMultiModalProjector
+from generation import GenerationSettings, TokenSelector
+from llama_text import CACHE_NAMES, LlamaForCausalLM, is_cache_param
+from llava_config import LlavaConfig
+from llava_errors import LlavaError
+
+_LIST_LIMIT = 10
+
+
+def _short_list(names):
+    names = list(names)
+    shown = ", ".join(names[:_LIST_LIMIT])
+    return shown + (f", ... ({len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else "")
+
+
+class _VisionStep(nn.Cell):
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.drop_cls = model.config.vision_config.vision_feature_select_strategy == "default"
+
+    def construct(self, pixel_values):
+        feats = self.model.vision_tower(pixel_values)
+        if self.drop_cls:
+            feats = feats[:, 1:, :]
+        return self.model.multi_modal_projector(feats)
+
+
+class _PromptStep(nn.Cell):
+    """Prompt embeddings with image features merged in, then the decoder (prefill or cache-free forward)."""
+
+    def __init__(self, model, write_cache, last_only):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.write_cache = write_cache
+        self.last_only = last_only
+
+    def construct(self, input_ids, image_features, merge_index, position_ids, mask, slots):
+        lm = self.model.language_model
+        emb = lm.model.embed_tokens(input_ids)                                   # b, l, d
+        b, l, d = emb.shape
+        table = ops.concat((ops.reshape(emb, (b * l, d)), ops.cast(image_features, emb.dtype)), 0)
+        merged = ops.reshape(ops.gather(table, merge_index, 0), (b, l, d))
+        return lm(merged, position_ids, mask, slots, self.write_cache, False, self.last_only)
+
+
+class _DecodeStep(nn.Cell):
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids, position_ids, mask, slots):
+        lm = self.model.language_model
+        emb = lm.model.embed_tokens(input_ids)                                   # b, 1, d
+        return lm(emb, position_ids, mask, slots, True, True, True)
+
+
+@dataclass
+class DecodeState:
+    """Host-side bookkeeping between prefill and decode steps of one request."""
+    batch: int
+    prompt_length: int
+    kv_mask: np.ndarray        # [B, seq_length] int32: 1 = cache row holds a real token of that row
+    next_slot: int             # cache row the next decode step writes
+
+    @property
+    def positions(self):
+        """Rotary position of the token written at next_slot: number of real tokens before it."""
+        return self.kv_mask[:, :self.next_slot].sum(-1).astype(np.int32)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class LlavaModel(nn.Cell):
+    """LLaVA-1.5 for inference. Built by MindFormers as `LlavaModel(config=LlavaConfig)`."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = LlavaConfig()
+        elif not isinstance(config, LlavaConfig):
+            config = LlavaConfig(**dict(config))
+        self.config = config
+        self.vision_tower = CLIPVisionModel(config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = LlamaForCausalLM(config)
+        # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
+        self.jit_steps = bool(kwargs.pop("jit_steps", False))
+        self.__dict__["_steps"] = {}
+        self.__dict__["_cache_pool"] = {}
+
+    # ------------------------------------------------------------------ MindFormers integration
+    def can_generate(self):
+        """Generation goes through LlavaModel.generate, not MindFormers' GenerationMixin."""
+        return False
+
+    def construct(self, input_ids, image_features, merge_index, position_ids, mask, slots):
+        """Cache-free full forward on prepared inputs (see `forward`); returns float32 logits [B, L, V]."""
+        return self._step("forward")(input_ids, image_features, merge_index, position_ids, mask, slots)
+
+    # ------------------------------------------------------------------ parameters
+    def weight_parameters(self):
+        """name -> Parameter for every checkpoint weight (KV caches excluded)."""
+        return {p.name: p for p in self.get_parameters() if not is_cache_param(p.name)}
+
+    def _attention_cells(self):
+        return [layer.self_attn for layer in self.language_model.model.layers]
+
+    def _ensure_cache(self, batch):
+        """Make the KV caches hold `batch` rows. Caches per batch size are kept (a compiled graph refers to
+        the Parameter objects it was built with), so switching back reuses the same objects."""
+        cells = self._attention_cells()
+        current = cells[0].k_cache.shape[1]
+        pool = self._cache_pool
+        if current not in pool:
+            pool[current] = [(c.k_cache, c.v_cache) for c in cells]
+        if current == batch:
+            return
+        if batch not in pool:
+            tc = self.config.text_config
+            dtype = cells[0].k_cache.dtype
+            shape = (self.config.seq_length, batch, tc.n_kv_heads, tc.head_dim)
+            entry = []
+            for c, (k, v) in zip(cells, pool[current]):
+                pair = tuple(Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=old.name,
+                                       requires_grad=False) for old in (k, v))
+                entry.append(pair)
+            pool[batch] = entry
+        for c, (k, v) in zip(cells, pool[batch]):
+            c.k_cache = k
+            c.v_cache = v
+
+    def release_caches(self):
+        """Drop KV caches of batch sizes other than the current one."""
+        cells = self._attention_cells()
+        current = cells[0].k_cache.shape[1]
+        for b in [b for b in self._cache_pool if b != current]:
+            del self._cache_pool[b]
+
+    # ------------------------------------------------------------------ compiled steps
+    def _step(self, kind):
+        steps = self._steps
+        if kind not in steps:
+            if kind == "vision":
+                cell = _VisionStep(self)
+            elif kind == "prefill":
+                cell = _PromptStep(self, write_cache=True, last_only=True)
+            elif kind == "prefill_all":
+                cell = _PromptStep(self, write_cache=True, last_only=False)
+            elif kind == "forward":
+                cell = _PromptStep(self, write_cache=False, last_only=False)
+            elif kind == "decode":
+                cell = _DecodeStep(self)
+            else:
+                raise KeyError(kind)
+            cell.set_train(False)
+            if self.jit_steps and ms.get_context("mode") == ms.PYNATIVE_MODE:
+                cell.construct = ms.jit(cell.construct)
+            steps[kind] = cell
+        return steps[kind]
+
+    # ------------------------------------------------------------------ host-side input checks
+    def _check_pixels(self, pixel_values):
+        vc = self.config.vision_config
+        if isinstance(pixel_values, Tensor):
+            shape = tuple(pixel_values.shape)
+        else:
+            pixel_values = np.asarray(pixel_values, dtype=np.float32)
+            shape = pixel_values.shape
+        want = (vc.num_channels, vc.image_size, vc.image_size)
+        if len(shape) != 4 or tuple(shape[1:]) != want or shape[0] < 1:
+            raise LlavaError(f"pixel_values must have shape [N, {want[0]}, {want[1]}, {want[2]}], "
+                             f"got {list(shape)}")
+        if isinstance(pixel_values, Tensor):
+            return pixel_values.astype(ms.float32)
+        return Tensor(pixel_values, ms.float32)
+
+    def _prepare(self, input_ids, attention_mask, n_images):
+        cfg = self.config
+        tc = cfg.text_config
+        ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise LlavaError(f"input_ids must be a non-empty [batch, length] array, got shape {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise LlavaError(f"input_ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        b, l = ids.shape
+        bad = ids[(ids < 0) | (ids >= tc.vocab_size)]
+        if bad.size:
+            raise LlavaError(f"input_ids contain ids outside the vocabulary (0..{tc.vocab_size - 1}): "
+                             f"{_short_list(sorted(set(bad.tolist())))}")
+        if attention_mask is None:
+            mask = (ids != tc.pad_token_id).astype(np.int32)
+        else:
+            mask = np.asarray(attention_mask.asnumpy() if isinstance(attention_mask, Tensor) else attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+            if mask.shape != ids.shape:
+                raise LlavaError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape "
+                                 f"{list(ids.shape)}")
+            if not np.isin(mask, (0, 1)).all():
+                raise LlavaError("attention_mask must contain only 0 and 1")
+            mask = mask.astype(np.int32)
+        if (mask.sum(-1) == 0).any():
+            raise LlavaError(f"row(s) {np.nonzero(mask.sum(-1) == 0)[0].tolist()} of input_ids have no "
+                             f"real token (all padding)")
+        if (np.diff(mask, axis=-1) < 0).any():
+            raise LlavaError("input_ids must be left-padded (padding found after a real token)")
+        if l > cfg.seq_length:
+            raise LlavaError(f"prompt of {l} tokens is longer than seq_length={cfg.seq_length}")
+        image = ids == cfg.image_token_index
+        n_tokens = int(image.sum())
+        per_image = cfg.num_image_tokens
+        if n_tokens != n_images * per_image:
+            raise LlavaError(f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_index}) but "
+                             f"{n_images} image(s) need {n_images * per_image} "
+                             f"({per_image} per image)")
+        merge_index = np.arange(b * l, dtype=np.int32)
+        flat = image.reshape(-1)
+        merge_index[flat] = b * l + np.arange(n_tokens, dtype=np.int32)
+        clean = np.where(image, 0, ids).astype(np.int32)
+        position_ids = np.cumsum(mask, -1) - 1
+        position_ids = np.where(mask == 0, 1, position_ids).astype(np.int32)
+        causal = np.tril(np.ones((l, l), dtype=np.int32))
+        attn = (causal[None, :, :] * mask[:, None, :]).astype(np.int32)       # b, l(query), l(key)
+        return ids, mask, clean, merge_index, position_ids, attn
+
+    def _image_features_or_dummy(self, pixel_values):
+        if pixel_values is None:
+            d = self.config.text_config.hidden_size
+            return Tensor(np.zeros((1, d), np.float32), ms.float32), 0
+        pix = self._check_pixels(pixel_values)
+        feats = self._step("vision")(pix)
+        return ops.reshape(feats, (-1, feats.shape[-1])), pix.shape[0]
+
+    # ------------------------------------------------------------------ public steps
+    def get_image_features(self, pixel_values):
+        """pixel_values [N, 3, H, W] -> Tensor [N, num_image_tokens, text_hidden] (after the projector)."""
+        return self._step("vision")(self._check_pixels(pixel_values))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None):
+        """Full sequence without the KV cache -> float32 numpy logits [B, L, V]."""
+        feats, n_images = self._image_features_or_dummy(pixel_values)
+        _, _, clean, merge, pos, attn = self._prepare(input_ids, attention_mask, n_images)
+        slots = Tensor(np.arange(clean.shape[1], dtype=np.int32))
+        logits = self._step("forward")(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots)
+        return logits.asnumpy()
+
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False):
+        """Run the prompt, filling the KV cache rows 0..L-1. Returns (float32 numpy logits, DecodeState):
+        logits [B, V] of the last position, or [B, L, V] with return_all_logits."""
+        feats, n_images = self._image_features_or_dummy(pixel_values)
+        _, mask, clean, merge, pos, attn = self._prepare(input_ids, attention_mask, n_images)
+        b, l = clean.shape
+        self._ensure_cache(b)
+        slots = Tensor(np.arange(l, dtype=np.int32))
+        step = self._step("prefill_all" if return_all_logits else "prefill")
+        logits = step(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots)
+        kv_mask = np.zeros((b, self.config.seq_length), np.int32)
+        kv_mask[:, :l] = mask
+        return logits.asnumpy(), DecodeState(batch=b, prompt_length=l, kv_mask=kv_mask, next_slot=l)
+
+    def decode(self, state, token_ids):
+        """One decode step: token_ids [B] (the tokens just chosen) -> float32 numpy logits [B, V]."""
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if tokens.shape[0] != state.batch:
+            raise LlavaError(f"decode got {tokens.shape[0]} token(s) for a batch of {state.batch}")
+        slot = state.next_slot
+        if slot >= self.config.seq_length:
+            raise LlavaError(f"the KV cache is full (seq_length={self.config.seq_length})")
+        self._ensure_cache(state.batch)
+        pos = state.positions.reshape(state.batch, 1)
+        state.kv_mask[:, slot] = 1
+        mask = state.kv_mask.reshape(state.batch, 1, -1)
+        logits = self._step("decode")(Tensor(tokens.reshape(-1, 1).astype(np.int32)), Tensor(pos),
+                                      Tensor(mask), Tensor(np.array([slot], np.int32)))
+        state.next_slot = slot + 1
+        return logits.asnumpy()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, streamer=None, **overrides):
+        """Generate after left-padded prompts whose `<image>` tokens are already expanded.
+
+        Returns one list of new token ids per row (up to and including the first EOS)."""
+        settings = GenerationSettings.from_config(self.config, **overrides)
+        selector = TokenSelector(settings)
+        ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        length = ids.shape[-1]
+        if length + settings.max_new_tokens > self.config.seq_length:
+            raise LlavaError(f"prompt of {length} tokens + max_new_tokens={settings.max_new_tokens} exceeds "
+                             f"seq_length={self.config.seq_length}")
+        logits, state = self.prefill(ids, pixel_values, attention_mask)
+        b = state.batch
+        eos = np.asarray(settings.eos_token_id, dtype=np.int64)
+        sequences = [list(map(int, row)) for row in ids]
+        outputs = [[] for _ in range(b)]
+        finished = np.zeros(b, dtype=bool)
+        for step in range(settings.max_new_tokens):
+            tokens = np.asarray(selector(logits, sequences), dtype=np.int64).reshape(b)
+            tokens = np.where(finished, settings.pad_token_id, tokens)
+            for row in range(b):
+                sequences[row].append(int(tokens[row]))
+                if not finished[row]:
+                    outputs[row].append(int(tokens[row]))
+            if streamer is not None:
+                streamer.put(tokens.copy())
+            finished |= np.isin(tokens, eos)
+            if finished.all() or step + 1 == settings.max_new_tokens:
+                break
+            logits = self.decode(state, tokens)
+        if streamer is not None:
+            streamer.end()
+        return outputs
+
+
+def load_weights(model, param_dict):
+    """Strictly load `param_dict` (name -> Parameter/Tensor/ndarray, e.g. mindspore.load_checkpoint) into
+    `model`: every weight must be present with its shape and no unknown key may remain (KV-cache entries
+    are ignored). Raises LlavaError naming the offending keys."""
+    params = model.weight_parameters()
+    given = {k: v for k, v in param_dict.items() if not is_cache_param(k)}
+    missing = sorted(set(params) - set(given))
+    unknown = sorted(set(given) - set(params))
+    wrong = []
+    for name in sorted(set(params) & set(given)):
+        shape = tuple(given[name].shape)
+        if shape != tuple(params[name].shape):
+            wrong.append(f"{name} {list(shape)} (expected {list(params[name].shape)})")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_short_list(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown: {_short_list(unknown)}")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape: {_short_list(wrong)}")
+    if problems:
+        raise LlavaError("checkpoint does not match the model: " + "; ".join(problems))
+    for name, param in params.items():
+        value = given[name]
+        if isinstance(value, Tensor):
+            tensor = value.astype(param.dtype)
+        else:
+            tensor = Tensor(np.asarray(value)).astype(param.dtype)
+        param.set_data(tensor)
+    return model
+
+
+__all__ = ["LlavaModel", "DecodeState", "load_weights", "CACHE_NAMES"]
