@@ -1,0 +1,440 @@
+"""LlavaProcessor: (image(s), prompt) pairs -> model inputs. Image loading with limits, CLIP pixels, prompt template.
+
+* `load_image(source)`: a local path or an http(s) URL (streamed with a timeout and a byte cap), decoded by Pillow
+  with its decompression-bomb guard plus an explicit pixel cap, fully loaded so truncation is caught. Every
+  failure is a `LlavaError` naming the input. EXIF orientation is not applied (as in llava-hf's and the original
+  LLaVA's examples, which feed `Image.open(...)` as is).
+* `clip_pixels(images, image_size)`: exactly transformers' `CLIPImageProcessor` with llava-hf's settings
+  (convert to RGB, shortest edge -> image_size with PIL bicubic, center crop, x/255, OpenAI CLIP mean/std),
+  float32 [N, 3, S, S], numpy + Pillow only. `aspect_ratio="pad"` first pads to a square with the mean colour,
+  as the original LLaVA-1.5 repository's `expand2square` does.
+* Prompt template `USER: <image>\\n{prompt} ASSISTANT:`; a prompt that already has `<image>` tags is used as
+  `USER: {prompt} ASSISTANT:`. Each `<image>` becomes `num_image_tokens` copies of `image_token_index`.
+* `LlavaProcessor.process(pairs)` -> `{"input_ids": int32 [B, L] (left-padded with the pad id),
+  "attention_mask": int32 [B, L], "pixel_values": float32 [N_images, 3, S, S]}` (images in prompt order), after
+  checking that the padded prompt length + max_new_tokens fits `seq_length`.
+
+Image size, image-token count and token ids all come from the model's LlavaConfig (never hard-coded here).
+"""
+import io
+import os
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from generation import GenerationSettings, check_fits
+from llava_errors import LlavaError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TAG = "<image>"
+PROMPT_TEMPLATE = "USER: {prompt} ASSISTANT:"
+ASPECT_RATIOS = ("crop", "pad")
+
+DEFAULT_TIMEOUT = 10.0                 # seconds, whole download
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024   # encoded size of one image (file or download)
+DEFAULT_MAX_PIXELS = 89_478_485        # Pillow's own default decompression-bomb limit (width * height)
+_USER_AGENT = "llava-mindspore/0.1 (+image loader)"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")
+_KNOWN_SCHEMES = {"http", "https", "file", "ftp", "ftps", "data", "sftp", "s3", "gs", "hdfs", "obs"}
+
+
+# ---------------------------------------------------------------------------------------------- image loading
+def _name(source) -> str:
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= 160 else text[:150] + "...(" + str(len(text)) + " chars)"
+
+
+def _scheme(text: str) -> Optional[str]:
+    m = _SCHEME.match(text)
+    if not m:
+        return None
+    scheme = m.group(1).lower()
+    if text[m.end():].startswith("//") or scheme in _KNOWN_SCHEMES:
+        return scheme
+    return None
+
+
+def load_image(source, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A fully decoded PIL image from a local path, an http(s) URL, or a PIL image; LlavaError otherwise."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source, _name("<PIL image>"), max_pixels)
+        return source
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels)
+    if not isinstance(source, (str, os.PathLike)):
+        raise LlavaError(f"image {_name(source)}: expected a file path, an http(s) URL or a PIL image, "
+                         f"got {type(source).__name__}")
+    text = os.fspath(source)
+    name = _name(text)
+    if not text.strip():
+        raise LlavaError("image '': empty path")
+    scheme = _scheme(text)
+    if scheme in ("http", "https"):
+        data = _read_url(text, name, timeout, max_bytes)
+        what = "response"
+    elif scheme is not None:
+        raise LlavaError(f"image {name}: unsupported scheme '{scheme}:' (give a local path or an http(s) URL)")
+    else:
+        data = _read_file(text, name, max_bytes)
+        what = "file"
+    return _decode(data, name, max_pixels, what)
+
+
+def _read_file(path: str, name: str, max_bytes: int) -> bytes:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise LlavaError(f"image {name}: no such file") from None
+    except OSError as e:
+        raise LlavaError(f"image {name}: cannot access ({e.strerror or e})") from None
+    if os.path.isdir(path):
+        raise LlavaError(f"image {name}: is a directory, not an image file")
+    if not os.path.isfile(path):
+        raise LlavaError(f"image {name}: not a regular file")
+    if st.st_size == 0:
+        raise LlavaError(f"image {name}: empty file")
+    if st.st_size > max_bytes:
+        raise LlavaError(f"image {name}: file is {st.st_size} bytes, more than the limit of {max_bytes} bytes")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise LlavaError(f"image {name}: cannot read ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise LlavaError(f"image {name}: file is more than the limit of {max_bytes} bytes")
+    return data
+
+
+def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
+    """GET with connect/read timeouts, a whole-download deadline and a byte cap (no compressed transfer)."""
+    import socket
+
+    import requests  # imported here: only URL inputs need them
+    import urllib3
+
+    deadline = time.monotonic() + timeout
+    try:
+        with requests.Session() as session:
+            session.max_redirects = 5
+            with session.get(url, stream=True, timeout=(timeout, timeout), allow_redirects=True,
+                             headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity",
+                                      "Accept": "image/*"}) as resp:
+                if not 200 <= resp.status_code < 300:
+                    raise LlavaError(f"image {name}: HTTP {resp.status_code} {resp.reason or ''}".rstrip())
+                length = resp.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > max_bytes:
+                    raise LlavaError(f"image {name}: response is {int(length)} bytes, more than the limit of "
+                                     f"{max_bytes} bytes")
+                # read1: return as soon as some bytes arrive, so the deadline and the cap are checked
+                # while a slow or endless body is still coming in (iter_content would block for a full chunk).
+                raw = resp.raw
+                read = raw.read1 if hasattr(raw, "read1") else raw.read
+                buf = bytearray()
+                while True:
+                    chunk = read(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if len(buf) > max_bytes:
+                        raise LlavaError(f"image {name}: response is more than the limit of {max_bytes} bytes")
+                    if time.monotonic() > deadline:
+                        raise LlavaError(f"image {name}: download timed out after {timeout:g} s")
+                return bytes(buf)
+    except LlavaError:
+        raise
+    except (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout):
+        raise LlavaError(f"image {name}: download timed out after {timeout:g} s") from None
+    except requests.exceptions.TooManyRedirects:
+        raise LlavaError(f"image {name}: too many redirects") from None
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+        raise LlavaError(f"image {name}: download failed ({type(e).__name__})") from None
+
+
+def _check_pixels(img: Image.Image, name: str, max_pixels: int):
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise LlavaError(f"image {name}: has no pixels ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise LlavaError(f"image {name}: {w}x{h} = {w * h} pixels is more than the limit of {max_pixels} "
+                         f"(decompression-bomb guard)")
+
+
+def _decode(data: bytes, name: str, max_pixels: int, what: str = "file") -> Image.Image:
+    if not data:
+        raise LlavaError(f"image {name}: empty {what}")
+    with warnings.catch_warnings():
+        # Pillow warns between MAX_IMAGE_PIXELS and twice that, and raises above: both are errors here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            _check_pixels(img, name, max_pixels)
+            img.load()
+        except LlavaError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise LlavaError(f"image {name}: too many pixels (decompression-bomb guard: {_short(e)})") from None
+        except UnidentifiedImageError:
+            head = data[:64].lstrip().lower()
+            hint = " (looks like HTML/text)" if head.startswith((b"<", b"{")) else ""
+            raise LlavaError(f"image {name}: not an image Pillow can read{hint}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+            raise LlavaError(f"image {name}: corrupt or truncated image ({_short(e)})") from None
+    return img
+
+
+def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
+    if arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        img = Image.fromarray(arr)
+        _check_pixels(img, "<array>", max_pixels)
+        return img
+    raise LlavaError(f"image <array>: expected uint8 [H, W], [H, W, 3] or [H, W, 4], "
+                     f"got {arr.dtype} {list(arr.shape)}")
+
+
+def _short(exc) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:160]
+
+
+# ---------------------------------------------------------------------------------------------- pixels
+def to_rgb(img: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: PIL's own conversion (alpha dropped, palette expanded, 16-bit clipped)."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def expand2square(img: Image.Image, background: Tuple[int, ...]) -> Image.Image:
+    """The original LLaVA repository's pad-to-square (image centred; the odd pixel goes below/right)."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    result = Image.new(img.mode, (side, side), background)
+    result.paste(img, (0, (side - height) // 2) if width > height else ((side - width) // 2, 0))
+    return result
+
+
+def resize_output_size(width: int, height: int, shortest_edge: int) -> Tuple[int, int]:
+    """(new_width, new_height): transformers' get_resize_output_image_size(default_to_square=False)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def clip_pixels(images: Sequence[Image.Image], image_size: int, aspect_ratio: str = "crop",
+                mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """float32 [N, 3, image_size, image_size], bit-for-bit what CLIPImageProcessor (slow) gives."""
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise LlavaError(f"image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, got {aspect_ratio!r}")
+    mean32 = np.asarray(mean, dtype=np.float32)
+    std32 = np.asarray(std, dtype=np.float32)
+    background = tuple(int(x * 255) for x in mean)
+    out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
+    for i, img in enumerate(images):
+        img = to_rgb(img)
+        if aspect_ratio == "pad":
+            img = expand2square(img, background)
+        new_w, new_h = resize_output_size(img.width, img.height, image_size)
+        img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.uint8)
+        top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+        arr = arr[top:top + image_size, left:left + image_size]
+        # transformers: rescale in float64 then cast to float32; normalise in float32.
+        x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+        x = (x - mean32) / std32
+        out[i] = x.transpose(2, 0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def build_prompt(prompt: str, num_images: int, template: bool = True) -> str:
+    """`USER: <image>\\n{prompt} ASSISTANT:` (one `<image>\\n` per image when the prompt has no tag)."""
+    if not isinstance(prompt, str):
+        raise LlavaError(f"prompt must be a string, got {type(prompt).__name__}")
+    if IMAGE_TAG not in prompt:
+        prompt = IMAGE_TAG + "\n" + prompt if num_images == 1 else (IMAGE_TAG + "\n") * num_images + prompt
+    return PROMPT_TEMPLATE.format(prompt=prompt) if template else prompt
+
+
+def _as_config(config):
+    if config is None:
+        raise LlavaError("LlavaProcessor needs the model's config (model.model_config / a LlavaConfig)")
+    if isinstance(config, Mapping):
+        from llava_config import LlavaConfig
+        return LlavaConfig(**dict(config))
+    for attr in ("vision_config", "text_config", "image_token_index", "seq_length"):
+        if not hasattr(config, attr):
+            raise LlavaError(f"LlavaProcessor: config {type(config).__name__} has no '{attr}' (not a LlavaConfig)")
+    return config
+
+
+def _as_tokenizer(tokenizer):
+    if tokenizer is None:
+        raise LlavaError("LlavaProcessor needs a tokenizer (processor.tokenizer in the yaml)")
+    if isinstance(tokenizer, Mapping):
+        from llava_tokenizer import LlavaTokenizer
+        kwargs = {k: v for k, v in dict(tokenizer).items() if k not in ("type", "auto_register")}
+        return LlavaTokenizer(**kwargs)
+    return tokenizer
+
+
+def _image_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+@MindFormerRegister.register(MindFormerModuleType.PROCESSOR)
+class LlavaProcessor:
+    """Tokenizer + image loading/CLIP preprocessing + prompt template for LLaVA-1.5.
+
+    LlavaProcessor(config, tokenizer, image_aspect_ratio="crop", timeout=10.0, max_bytes=64 MiB,
+                   max_pixels=89478485, max_new_tokens=None, apply_template=True)
+
+    `config` is the model's LlavaConfig (or its yaml mapping); `tokenizer` a LlavaTokenizer (or its yaml mapping).
+    `max_new_tokens=None` takes the yaml default (`GenerationSettings.from_config(config)`); pass the command
+    line's value so that the seq_length check uses the real budget.
+    """
+    output_columns = ["input_ids", "attention_mask", "pixel_values"]
+
+    def __init__(self, config=None, tokenizer=None, image_aspect_ratio: str = "crop",
+                 timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_new_tokens: Optional[int] = None,
+                 apply_template: bool = True, **kwargs):
+        kwargs.pop("type", None)
+        kwargs.pop("auto_register", None)
+        if kwargs:
+            raise LlavaError(f"processor: unknown key(s) {', '.join(sorted(kwargs))}")
+        self.config = _as_config(config)
+        self.tokenizer = _as_tokenizer(tokenizer)
+        if image_aspect_ratio not in ASPECT_RATIOS:
+            raise LlavaError(f"processor.image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, "
+                             f"got {image_aspect_ratio!r}")
+        for key, value in (("timeout", timeout), ("max_bytes", max_bytes), ("max_pixels", max_pixels)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise LlavaError(f"processor.{key} must be a positive number, got {value!r}")
+        self.image_aspect_ratio = image_aspect_ratio
+        self.timeout, self.max_bytes, self.max_pixels = float(timeout), int(max_bytes), int(max_pixels)
+        self.apply_template = bool(apply_template)
+        # Single source of truth: the model config.
+        self.image_size = int(self.config.vision_config.image_size)
+        self.num_image_tokens = int(self.config.num_image_tokens)
+        self.image_token_index = int(self.config.image_token_index)
+        self.pad_token_id = int(self.config.text_config.pad_token_id)
+        self.seq_length = int(self.config.seq_length)
+        if max_new_tokens is None:
+            max_new_tokens = GenerationSettings.from_config(self.config).max_new_tokens
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise LlavaError(f"processor.max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        self.max_new_tokens = max_new_tokens
+        tok_image = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+        if tok_image != self.image_token_index:
+            raise LlavaError(f"tokenizer maps {IMAGE_TAG} to {tok_image} but model_config.image_token_index is "
+                             f"{self.image_token_index}")
+
+    # ----------------------------------------------------------------------------------------- pieces
+    def load_image(self, source) -> Image.Image:
+        return load_image(source, timeout=self.timeout, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+
+    def preprocess_images(self, images: Sequence) -> np.ndarray:
+        """Sources (paths, URLs, PIL images) -> float32 [N, 3, S, S]."""
+        return clip_pixels([self.load_image(s) for s in images], self.image_size, self.image_aspect_ratio)
+
+    def build_prompt(self, prompt: str, num_images: int) -> str:
+        return build_prompt(prompt, num_images, template=self.apply_template)
+
+    def encode_prompt(self, prompt: str, num_images: int, index: int = 0) -> List[int]:
+        """Ids of the templated prompt with every `<image>` expanded to num_image_tokens image-token ids."""
+        ids = self.tokenizer(self.build_prompt(prompt, num_images))["input_ids"]
+        tags = sum(1 for t in ids if t == self.image_token_index)
+        if tags != num_images:
+            raise LlavaError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {num_images} image(s) were given "
+                             f"for it: {_name(prompt)}")
+        out = []
+        for t in ids:
+            out.extend([self.image_token_index] * self.num_image_tokens if t == self.image_token_index else [t])
+        return out
+
+    # ----------------------------------------------------------------------------------------- batches
+    def process(self, pairs: Sequence, max_new_tokens: Optional[int] = None) -> dict:
+        """[(image or [images] or None, prompt), ...] -> input_ids / attention_mask / pixel_values (numpy)."""
+        if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[1], str):
+            pairs = [pairs]
+        if not isinstance(pairs, (list, tuple)) or not pairs:
+            raise LlavaError("processor: expected a non-empty list of (image(s), prompt) pairs")
+        rows, sources = [], []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise LlavaError(f"processor: request {i} must be an (image(s), prompt) pair, got {_name(pair)}")
+            images, prompt = _image_list(pair[0]), pair[1]
+            rows.append(self.encode_prompt(prompt, len(images), index=i))
+            sources.extend(images)
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        check_fits([len(r) for r in rows], budget, self.seq_length,
+                   image_tokens=[r.count(self.image_token_index) for r in rows])
+        width = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int32)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int32)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r):] = r
+            attention_mask[i, width - len(r):] = 1
+        pixel_values = self.preprocess_images(sources)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+    def __call__(self, query_list=None, history_list=None, max_new_tokens: Optional[int] = None):
+        """MindFormers' MultiModalToTextPipeline calls `processor(query_list=...)` with one request
+        `[{"image": path}, {"text": prompt}]` or a batch of them; a list of (image(s), prompt) pairs works too."""
+        if history_list:
+            raise LlavaError("processor: chat history is not supported")
+        return self.process(self.pairs_from_query_list(query_list), max_new_tokens=max_new_tokens)
+
+    @staticmethod
+    def pairs_from_query_list(query_list) -> list:
+        """MindFormers' query format -> [(images, prompt)]: images in element order, texts joined by newlines."""
+        if not isinstance(query_list, (list, tuple)) or not query_list:
+            raise LlavaError("processor: expected a non-empty query list")
+        if all(isinstance(q, (list, tuple)) and len(q) == 2 and isinstance(q[1], str) for q in query_list):
+            return list(query_list)  # already (image(s), prompt) pairs
+        if isinstance(query_list[0], Mapping):
+            query_list = [query_list]
+        pairs = []
+        for i, query in enumerate(query_list):
+            if not isinstance(query, (list, tuple)) or not all(isinstance(e, Mapping) for e in query):
+                raise LlavaError(f"processor: request {i} must be a list of {{'image': ...}} / {{'text': ...}} "
+                                 f"entries, got {_name(query)}")
+            images, texts = [], []
+            for element in query:
+                keys = set(element)
+                if keys == {"image"}:
+                    images.append(element["image"])
+                elif keys == {"text"}:
+                    if not isinstance(element["text"], str):
+                        raise LlavaError(f"processor: request {i} text must be a string, got "
+                                         f"{type(element['text']).__name__}")
+                    texts.append(element["text"])
+                else:
+                    raise LlavaError(f"processor: request {i} has an unsupported entry {sorted(keys)} "
+                                     f"(only 'image' and 'text')")
+            pairs.append((images, "\n".join(texts)))
+        return pairs
+
+    def post_process(self, output_ids, **kwargs) -> List[str]:
+        """Generated ids (one row per request, prompt excluded) -> text, special tokens skipped."""
+        kwargs.pop("skip_special_tokens", None)
+        if kwargs:
+            raise LlavaError(f"processor.post_process: unsupported argument(s) {', '.join(sorted(kwargs))}")
+        return [self.tokenizer.decode(np.asarray(row).reshape(-1).tolist(), skip_special_tokens=True)
+                for row in output_ids]
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
