@@ -303,6 +303,13 @@ def test_bad_local_files(bad_files, kind, problem):
     _assert_names(err, bad_files[kind])
 
 
+def test_explicit_pixel_cap_holds_when_pillows_guard_is_off(bad_files, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(LlavaError, match="decompression-bomb guard") as err:
+        load_image(bad_files["bomb"])
+    _assert_names(err, bad_files["bomb"])
+
+
 def test_pixel_and_byte_caps(bad_files):
     with pytest.raises(LlavaError, match="more than the limit of 10000") as err:
         load_image(bad_files["good"], max_pixels=10_000)
