@@ -1,0 +1,89 @@
+#!/bin/bash
+# Launch a command on N local (or multi-node) workers with MindSpore's msrun, MindFormers-style:
+#
+#   bash scripts/msrun_launcher.sh "run_mindformer.py ... --use_parallel True" [WORKER_NUM]
+#   bash scripts/msrun_launcher.sh "CMD" WORKER_NUM MASTER_PORT LOG_DIR JOIN CLUSTER_TIME_OUT
+#   bash scripts/msrun_launcher.sh "CMD" WORKER_NUM LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR JOIN CLUSTER_TIME_OUT
+#
+# Argument order and defaults follow MindFormers' scripts/msrun_launcher.sh, except JOIN, which defaults to
+# True here: msrun then waits for the workers and this script exits non-zero when any rank fails (with
+# JOIN=False msrun returns at once and nobody reports the job's result). Rank 0's log is echoed to the
+# console (--tail_worker_log 0) so the streamed answer appears on stdout; every rank's log is in LOG_DIR.
+
+WORKER_NUM=8
+LOCAL_WORKER=8
+MASTER_ADDR="127.0.0.1"
+MASTER_PORT=8118
+NODE_RANK=0
+LOG_DIR="output/msrun_log"
+JOIN="True"
+CLUSTER_TIME_OUT=7200
+
+usage() {
+  echo "Usage: bash msrun_launcher.sh EXECUTE_ORDER [WORKER_NUM]" >&2
+  echo "       bash msrun_launcher.sh EXECUTE_ORDER WORKER_NUM MASTER_PORT LOG_DIR JOIN CLUSTER_TIME_OUT" >&2
+  echo "       bash msrun_launcher.sh EXECUTE_ORDER WORKER_NUM LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR JOIN CLUSTER_TIME_OUT" >&2
+}
+
+SCRIPTS_ROOT=$(realpath "$(dirname "$0")")
+PROJECT_ROOT=$(realpath "$SCRIPTS_ROOT/..")
+export PYTHONPATH="$PROJECT_ROOT:${PYTHONPATH:-}"
+# Keep MindSpore's C++ INFO logging out of the workers' logs unless asked for.
+export GLOG_v="${GLOG_v:-3}"
+
+case $# in
+  1) ;;
+  2) WORKER_NUM=$2; LOCAL_WORKER=$2 ;;
+  6) WORKER_NUM=$2; LOCAL_WORKER=$2; MASTER_PORT=$3; LOG_DIR=$4; JOIN=$5; CLUSTER_TIME_OUT=$6 ;;
+  9) WORKER_NUM=$2; LOCAL_WORKER=$3; MASTER_ADDR=$4; MASTER_PORT=$5; NODE_RANK=$6; LOG_DIR=$7; JOIN=$8
+     CLUSTER_TIME_OUT=$9 ;;
+  *) echo "msrun_launcher.sh: error: expected 1, 2, 6 or 9 arguments, got $#" >&2; usage; exit 2 ;;
+esac
+
+for pair in "WORKER_NUM=$WORKER_NUM" "LOCAL_WORKER=$LOCAL_WORKER" "MASTER_PORT=$MASTER_PORT" \
+            "NODE_RANK=$NODE_RANK"; do
+  if [[ ! ${pair#*=} =~ ^[0-9]+$ ]]; then
+    echo "msrun_launcher.sh: error: ${pair%%=*} must be a whole number, got '${pair#*=}'" >&2; exit 2
+  fi
+done
+if [[ ! $CLUSTER_TIME_OUT =~ ^-?[0-9]+$ ]]; then
+  echo "msrun_launcher.sh: error: CLUSTER_TIME_OUT must be a number of seconds, got '$CLUSTER_TIME_OUT'" >&2; exit 2
+fi
+if [ "$JOIN" != "True" ] && [ "$JOIN" != "False" ]; then
+  echo "msrun_launcher.sh: error: JOIN must be True or False, got '$JOIN'" >&2; exit 2
+fi
+if [ "$WORKER_NUM" -lt 1 ] || [ "$LOCAL_WORKER" -lt 1 ] || [ "$LOCAL_WORKER" -gt "$WORKER_NUM" ]; then
+  echo "msrun_launcher.sh: error: need 1 <= LOCAL_WORKER ($LOCAL_WORKER) <= WORKER_NUM ($WORKER_NUM)" >&2; exit 2
+fi
+
+# A relative script path is taken from the current folder, else from the project root.
+read -r -a ORDER <<< "$1"
+if [ ${#ORDER[@]} -eq 0 ]; then
+  echo "msrun_launcher.sh: error: EXECUTE_ORDER is empty" >&2; exit 2
+fi
+SCRIPT=${ORDER[0]}
+if [ ! -f "$SCRIPT" ] && [ -f "$PROJECT_ROOT/$SCRIPT" ]; then
+  SCRIPT="$PROJECT_ROOT/$SCRIPT"
+fi
+if [ ! -f "$SCRIPT" ]; then
+  echo "msrun_launcher.sh: error: script '${ORDER[0]}' not found" >&2; exit 2
+fi
+REST=${1#"${ORDER[0]}"}
+
+MSRUN_CMD="msrun --worker_num=$WORKER_NUM --local_worker_num=$LOCAL_WORKER --master_addr=$MASTER_ADDR \
+ --master_port=$MASTER_PORT --node_rank=$NODE_RANK --log_dir=$LOG_DIR --join=$JOIN \
+ --cluster_time_out=$CLUSTER_TIME_OUT --tail_worker_log=0"
+if [ "$WORKER_NUM" == "$LOCAL_WORKER" ]; then
+  MSRUN_CMD="msrun --worker_num=$WORKER_NUM --local_worker_num=$LOCAL_WORKER --master_addr=$MASTER_ADDR \
+ --master_port=$MASTER_PORT --log_dir=$LOG_DIR --join=$JOIN --cluster_time_out=$CLUSTER_TIME_OUT \
+ --tail_worker_log=0"
+fi
+
+echo "Running Command: $MSRUN_CMD $SCRIPT$REST" >&2
+echo "Please check log files in $(realpath -m "$LOG_DIR") (worker_K.log per rank)" >&2
+eval "$MSRUN_CMD \"$SCRIPT\"$REST"
+status=$?
+if [ $status -ne 0 ]; then
+  echo "msrun_launcher.sh: error: the distributed job failed (exit $status); see $(realpath -m "$LOG_DIR")/worker_*.log" >&2
+fi
+exit $status
