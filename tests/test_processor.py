@@ -1,7 +1,6 @@
 """LlavaProcessor: CLIP pixels vs transformers' CLIPImageProcessor, prompt/ids vs transformers' LlavaProcessor,
 and every bad image input (local files and a local http.server) ending in a LlavaError that names the input."""
 import io
-import os
 import struct
 import threading
 import time
@@ -229,6 +228,32 @@ def test_mindformers_pipeline_query_list(proc, image_paths):
         proc(query_list=[{"video": "a.mp4"}, {"text": "x"}])
     texts = proc.post_process(np.array([[450, 6635, 338, 2], [319, 2, 32001, 32001]]))
     assert texts == ["The cat is", "A"]
+
+
+def test_runs_inside_mindformers_multimodal_pipeline(proc, image_paths):
+    """MultiModalToTextPipeline: preprocess = processor(query_list=item), forward = network.generate(**inputs),
+    postprocess = processor.post_process(output_ids); run_mindformer's predict_data is [[{image}, {text}]]."""
+    from mindspore import Model, nn
+    from mindformers.pipeline.multi_modal_to_text_generation_pipeline import MultiModalToTextPipeline
+
+    class StubNetwork(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def construct(self, x):
+            return x
+
+        def generate(self, input_ids, attention_mask=None, pixel_values=None):
+            self.calls.append((input_ids.shape, attention_mask.shape, pixel_values.shape))
+            return [[450, 6635, 338, 2] for _ in range(input_ids.shape[0])]
+
+    net = StubNetwork()
+    pipe = MultiModalToTextPipeline(model=Model(net), processor=proc)
+    query = [{"image": image_paths["chelsea"]}, {"text": "Describe the image in English:"}]
+    assert pipe([query], top_k=1) == ["The cat is"]
+    assert pipe([query, query], batch_size=2) == ["The cat is", "The cat is"]
+    assert net.calls[0][2] == (1, 3, 112, 112) and net.calls[1][0][0] == 2 and net.calls[1][2][0] == 2
 
 
 def test_built_by_mindformers_registry_from_yaml_mappings():

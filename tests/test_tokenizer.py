@@ -218,3 +218,13 @@ def test_built_with_auto_register_from_register_path(tmp_path, monkeypatch):
         for name in set(sys.modules) - modules_before:
             if name.startswith(("openmind_modules", "modules")):
                 del sys.modules[name]
+
+
+def test_ids_past_the_tokenizer_have_no_text(tok):
+    """llava-hf's lm_head has 32064 rows for 32002 tokens; ids 32002..32063 decode to nothing when skipping
+    special tokens (transformers raises IndexError there), and are an error otherwise."""
+    assert tok.decode([450, 32050, 6635, 32063], skip_special_tokens=True) == tok.decode([450, 6635])
+    with pytest.raises(LlavaError, match="32050"):
+        tok.decode([450, 32050])
+    with pytest.raises(LlavaError, match="-1"):
+        tok.decode([450, -1], skip_special_tokens=True)

@@ -134,10 +134,14 @@ class LlavaTokenizer:
         return self.sp_model.piece_to_id(token)
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        """With skip_special_tokens, ids past the tokenizer (llava-hf's embedding has 32064 rows for 32002
+        tokens; a model can emit 32002..32063) are skipped like special tokens: they have no text.
+        (transformers raises IndexError on them.) Without it they are a LlavaError."""
         if isinstance(ids, (int, np.integer)):
             return self._id_to_token(int(ids))
+        size = len(self)
         return [self._id_to_token(int(i)) for i in ids
-                if not (skip_special_tokens and int(i) in self._special_id_set)]
+                if not (skip_special_tokens and (int(i) in self._special_id_set or int(i) >= size))]
 
     def _id_to_token(self, index: int) -> str:
         if index in self.added_tokens_decoder:
