@@ -1,0 +1,100 @@
+"""LLaVA-1.5 prediction with MindFormers' launcher flags.
+
+    python run_mindformer.py --config research/llava/llava1_5_7B/predict_llava1_5_7b.yaml \
+        --register_path research/llava --run_mode predict \
+        --predict_data IMAGE PROMPT [IMAGE PROMPT ...] --modal_type image text \
+        --load_checkpoint CKPT_OR_DIR --use_parallel False --auto_trans_ckpt False
+
+The answer is streamed to stdout while it is generated; every input's result is appended to
+OUTPUT_DIR/predict_results.jsonl. Bad input: one line on stderr and exit code 2 (`--debug` shows the
+traceback). Under scripts/msrun_launcher.sh the same command runs tensor-parallel on every rank.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PROG = "run_mindformer.py"
+
+
+def str2bool(value):
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="predict yaml (e.g. research/llava/llava_tiny/predict_llava_tiny.yaml)")
+    p.add_argument("--register_path", default="research/llava",
+                   help="folder of the plugin modules (default: research/llava)")
+    p.add_argument("--run_mode", default="predict", choices=["predict"], help="only predict is supported")
+    p.add_argument("--predict_data", nargs="+", metavar="ITEM",
+                   help="IMAGE PROMPT pairs (image: local path or http(s) URL); several pairs form a batch")
+    p.add_argument("--modal_type", nargs="+", default=None, help="modality of each item: image text")
+    p.add_argument("--load_checkpoint", help="complete .ckpt file, or a folder laid out model_dir/rank_K/*.ckpt")
+    p.add_argument("--use_parallel", type=str2bool, default=None, help="True under msrun (tensor parallel)")
+    p.add_argument("--auto_trans_ckpt", type=str2bool, default=None,
+                   help="True: slice a complete checkpoint for the ranks of a parallel run")
+    p.add_argument("--output_dir", default=None, help="where predict_results.jsonl goes (default: yaml's)")
+    p.add_argument("--device_target", default=None, choices=["CPU", "Ascend", "GPU"])
+    p.add_argument("--device_id", type=int, default=None)
+    p.add_argument("--mode", type=int, default=None, choices=[0, 1], help="0: Graph mode, 1: PyNative")
+    p.add_argument("--vocab_file", default=None, help="tokenizer.model (overrides the yaml's)")
+    g = p.add_argument_group("generation (override the yaml's model_config)")
+    g.add_argument("--max_new_tokens", type=int, default=None)
+    g.add_argument("--max_decode_length", type=int, default=None)
+    g.add_argument("--do_sample", type=str2bool, default=None)
+    g.add_argument("--top_k", type=int, default=None)
+    g.add_argument("--top_p", type=float, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--repetition_penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def _setup_plugin(register_path):
+    """Make the plugin modules importable as top-level modules, as MindFormers' --register_path does."""
+    path = register_path if os.path.isabs(register_path) else os.path.join(ROOT, register_path)
+    if not os.path.isdir(path) and os.path.isdir(os.path.abspath(register_path)):
+        path = os.path.abspath(register_path)
+    path = os.path.realpath(path)
+    if not os.path.isfile(os.path.join(path, "llava_model.py")):
+        sys.exit(f"{PROG}: error: --register_path {register_path}: not the llava plugin folder "
+                 f"(no llava_model.py)")
+    os.environ["REGISTER_PATH"] = path
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return path
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    _setup_plugin(args.register_path)
+    from llava_errors import LlavaError
+    import llava_predict
+    try:
+        return llava_predict.run(args, root=ROOT)
+    except LlavaError as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
