@@ -51,7 +51,7 @@ DTYPE_TO_SF = {v: k for k, v in SF_TO_DTYPE.items()}
 MS_TO_DTYPE = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16"}
 DTYPE_TO_MS = {v: k for k, v in MS_TO_DTYPE.items()}
 
-CHUNK_BYTES = 64 * 1024 * 1024          # bytes read (and converted) at a time
+CHUNK_BYTES = 16 * 1024 * 1024          # bytes read (and converted) at a time
 CKPT_SLICE_BYTES = 512 * 1024 * 1024    # largest tensor_content per checkpoint entry, as MindSpore's SLICE_SIZE
 MAX_HEADER_BYTES = 100 * 1024 * 1024    # safetensors' own limit on the JSON header
 LIST_LIMIT = 5                          # names shown in an error message before "and N more"
@@ -182,8 +182,9 @@ def read_safetensors_header(path):
     return tensors
 
 
-def iter_chunks(f, segments, itemsize, chunk_bytes=CHUNK_BYTES):
+def iter_chunks(f, segments, itemsize, chunk_bytes=None):
     """Yield the bytes of (offset, nbytes) segments of open file `f`, in pieces of whole elements."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
     carry = b""
     for offset, nbytes in segments:
@@ -499,8 +500,13 @@ def check_output_file(path, suffix):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise LlavaError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise LlavaError(f"output folder {folder} is not writable")
+    probe = f"{path}.tmp-{os.getpid()}"
+    try:   # os.access is not enough (root, read-only mounts): try it
+        with open(probe, "xb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise LlavaError(f"output folder {folder} is not writable ({e.strerror or e})") from e
     return folder
 
 
@@ -544,9 +550,9 @@ def _import_model_modules():
 
 def load_llava_config(path):
     """LlavaConfig from a llava-hf config.json (LlavaError naming the file when it is not one)."""
-    llava_config, _ = _import_model_modules()
     if not os.path.isfile(path):
         raise LlavaError(f"{path} does not exist")
+    llava_config, _ = _import_model_modules()
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
@@ -667,8 +673,8 @@ def convert_hf_to_ms(input_path, output_path, dtype=None, quiet=False):
     config_path = os.path.join(input_path, "config.json")
     if not os.path.isfile(config_path):
         raise LlavaError(f"{input_path} has no config.json (expected a llava-hf model folder)")
+    tensors = find_hf_tensors(input_path)     # file-level checks first: they need no model code
     config = load_llava_config(config_path)
-    tensors = find_hf_tensors(input_path)
     plan, skipped = check_names(tensors, config, input_path, to_ms=True)
     out_dtype = {ms: dtype or SF_TO_DTYPE[t.dtype] for ms, _, t in plan}
     out_bytes = {ms: math.prod(t.shape) * ITEMSIZE[out_dtype[ms]] for ms, _, t in plan}
@@ -748,9 +754,11 @@ def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quie
         config_path = os.path.join(out_folder, "config.json")
         if not os.path.isfile(config_path):
             raise LlavaError(f"no config.json in {out_folder}; pass the model's config with --config")
-    config = load_llava_config(config_path)
+    if not os.path.isfile(config_path):
+        raise LlavaError(f"config file {config_path} does not exist")
     tensors = scan_ckpt(input_path)
     check_ckpt_crc(input_path)
+    config = load_llava_config(config_path)
     plan, _ = check_names(tensors, config, input_path, to_ms=False)
     _, weight_map = _import_model_modules()
     rows = []
