@@ -4,32 +4,32 @@
 Every layer and `post_layernorm` exist as parameters (the checkpoint has them), but the forward pass stops
 after the layer that `vision_feature_layer` selects; LLaVA never uses the pooled output.
 """
+import mindspore as ms
 from mindspore import nn, ops
 
-from llava_layers import Dtypes, LayerNorm, Linear, gelu, new_param, quick_gelu
+from llava_layers import Dtypes, LayerNorm, Linear, cast, gelu, new_param, quick_gelu
 
 
 class PatchEmbedding(nn.Cell):
     """Conv2d(C, D, kernel=stride=P, bias=False) as one matmul over non-overlapping patches."""
 
-    def __init__(self, channels, dim, patch, dt):
+    def __init__(self, channels, dim, patch, grid, dt):
         super().__init__()
-        self.channels, self.dim, self.patch = channels, dim, patch
+        self.channels, self.dim, self.patch, self.grid = channels, dim, patch, grid
+        self.param_dtype = dt.param
         self.compute_dtype = dt.compute
         self.weight = new_param((dim, channels, patch, patch), dt.param, "normal", name="weight")
         self.matmul = ops.MatMul(transpose_b=True)
 
-    def construct(self, pixel_values):
-        n, c, h, w = pixel_values.shape
-        p = self.patch
-        gh, gw = h // p, w // p
-        x = ops.cast(pixel_values, self.compute_dtype)
-        x = ops.reshape(x, (n, c, gh, p, gw, p))
+    def construct(self, pixel_values, n):
+        """pixel_values [n, C, H, W] (float32) -> [n * grid * grid, D]."""
+        c, p, g = self.channels, self.patch, self.grid
+        x = cast(pixel_values, ms.float32, self.compute_dtype)
+        x = ops.reshape(x, (n, c, g, p, g, p))
         x = ops.transpose(x, (0, 2, 4, 1, 3, 5))            # n, gh, gw, c, p, p  (row-major patches)
-        x = ops.reshape(x, (n * gh * gw, c * p * p))
-        w2 = ops.reshape(ops.cast(self.weight, self.compute_dtype), (self.dim, c * p * p))
-        y = self.matmul(x, w2)
-        return ops.reshape(y, (n, gh * gw, self.dim))
+        x = ops.reshape(x, (n * g * g, c * p * p))
+        w2 = ops.reshape(cast(self.weight, self.param_dtype, self.compute_dtype), (self.dim, c * p * p))
+        return self.matmul(x, w2)
 
 
 class _PositionEmbedding(nn.Cell):
@@ -41,24 +41,31 @@ class _PositionEmbedding(nn.Cell):
 class CLIPVisionEmbeddings(nn.Cell):
     def __init__(self, vc, dt):
         super().__init__()
+        self.dim = vc.hidden_size
+        self.tokens = vc.num_patches + 1
+        self.param_dtype = dt.param
         self.compute_dtype = dt.compute
         self.class_embedding = new_param((vc.hidden_size,), dt.param, "normal", name="class_embedding")
-        self.patch_embedding = PatchEmbedding(vc.num_channels, vc.hidden_size, vc.patch_size, dt)
+        self.patch_embedding = PatchEmbedding(vc.num_channels, vc.hidden_size, vc.patch_size,
+                                              vc.image_size // vc.patch_size, dt)
         self.position_embedding = _PositionEmbedding(vc.num_patches + 1, vc.hidden_size, dt)
 
-    def construct(self, pixel_values):
-        patches = self.patch_embedding(pixel_values)                      # n, P, D
-        n = patches.shape[0]
-        cls = ops.cast(self.class_embedding, self.compute_dtype)
-        cls = ops.broadcast_to(ops.reshape(cls, (1, 1, -1)), (n, 1, cls.shape[0]))
+    def construct(self, pixel_values, n):
+        """-> [n * (1 + num_patches), D]: CLS first, then the patches, plus position embeddings."""
+        d = self.dim
+        patches = ops.reshape(self.patch_embedding(pixel_values, n), (n, self.tokens - 1, d))
+        cls = cast(self.class_embedding, self.param_dtype, self.compute_dtype)
+        cls = ops.broadcast_to(ops.reshape(cls, (1, 1, d)), (n, 1, d))
         x = ops.concat((cls, patches), 1)
-        return x + ops.cast(self.position_embedding.weight, self.compute_dtype)
+        x = x + cast(self.position_embedding.weight, self.param_dtype, self.compute_dtype)
+        return ops.reshape(x, (n * self.tokens, d))
 
 
 class CLIPAttention(nn.Cell):
     def __init__(self, vc, dt):
         super().__init__()
         d = vc.hidden_size
+        self.dim = d
         self.num_heads = vc.num_attention_heads
         self.head_dim = vc.head_dim
         self.scale = self.head_dim ** -0.5
@@ -74,15 +81,15 @@ class CLIPAttention(nn.Cell):
     def _heads(self, x, n, t):
         return ops.transpose(ops.reshape(x, (n, t, self.num_heads, self.head_dim)), (0, 2, 1, 3))
 
-    def construct(self, x):
-        n, t, d = x.shape
+    def construct(self, x, n, t):
+        """x [n * t, D] -> [n * t, D]; full (unmasked) attention within each image."""
         q = self._heads(self.q_proj(x), n, t)
         k = self._heads(self.k_proj(x), n, t)
         v = self._heads(self.v_proj(x), n, t)
-        scores = ops.cast(self.bmm_t(q, k), self.softmax_dtype) * self.scale
-        probs = ops.cast(ops.softmax(scores, -1), self.compute_dtype)
-        out = ops.reshape(ops.transpose(self.bmm(probs, v), (0, 2, 1, 3)), (n, t, d))
-        return self.out_proj(out)
+        scores = cast(self.bmm_t(q, k), self.compute_dtype, self.softmax_dtype) * self.scale
+        probs = cast(ops.softmax(scores, -1), self.softmax_dtype, self.compute_dtype)
+        out = ops.transpose(self.bmm(probs, v), (0, 2, 1, 3))
+        return self.out_proj(ops.reshape(out, (n * t, self.dim)))
 
 
 class CLIPMLP(nn.Cell):
@@ -107,8 +114,8 @@ class CLIPEncoderLayer(nn.Cell):
         self.mlp = CLIPMLP(vc, dt)
         self.layer_norm2 = LayerNorm(vc.hidden_size, eps, dt.param, dt.norm, dt.compute)
 
-    def construct(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
+    def construct(self, x, n, t):
+        x = x + self.self_attn(self.layer_norm1(x), n, t)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -128,20 +135,22 @@ class CLIPVisionTransformer(nn.Cell):
 
 
 class CLIPVisionModel(nn.Cell):
-    """`vision_tower`: returns hidden_states[feature_layer_index] (0 = embeddings after pre_layrnorm)."""
+    """`vision_tower`: hidden_states[feature_layer_index] (0 = embeddings after pre_layrnorm) as
+    [n * (1 + num_patches), D]."""
 
     def __init__(self, config):
         super().__init__()
         vc = config.vision_config
         dt = Dtypes(config)
         self.num_used_layers = vc.feature_layer_index
+        self.tokens = vc.num_patches + 1
         self.vision_model = CLIPVisionTransformer(vc, dt)
 
-    def construct(self, pixel_values):
+    def construct(self, pixel_values, n):
         vm = self.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values, n))
         for i in range(self.num_used_layers):
-            x = vm.encoder.layers[i](x)
+            x = vm.encoder.layers[i](x, n, self.tokens)
         return x
 
 

@@ -6,11 +6,12 @@ shape [seq_length, batch, n_kv_heads, head_dim] — position first, so one `ops.
 writes a step (prefill: slots 0..L-1; decode: one slot) in PyNative and Graph mode alike. They are not
 checkpoint weights (`is_cache_param`).
 
-Every text cell's construct takes the same step arguments:
-    cos, sin      [B, L, head_dim]   rotary tables for the positions of the L new tokens
+Activations are 2-D [B * L, hidden]; every text cell's construct takes the same step arguments:
+    cos, sin      [B * L, 1, head_dim]  rotary tables for the positions of the L new tokens
     mask          [B, L, T] int32    1 = query may attend key (causal + padding); T = L (fresh keys) or
                                      seq_length (the cache)
     slots         [L] int32          cache rows the new keys/values go to
+    b, l          python ints        batch and number of new tokens (graph constants)
     write_cache   python bool        write the new keys/values into the cache
     read_cache    python bool        attend over the whole cache (decode) instead of the fresh keys
 """
@@ -18,7 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from llava_layers import Dtypes, Embedding, Linear, RMSNorm, new_param
+from llava_layers import Dtypes, Embedding, Linear, RMSNorm, cast, new_param
 
 CACHE_NAMES = ("k_cache", "v_cache")
 
@@ -32,8 +33,8 @@ def _mask_value(dtype):
     return -3.0e4 if dtype == ms.float16 else -1.0e30
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
+def rotate_half(x, half):
+    """[x1, x2] -> [-x2, x1] along the last axis (`half` = head_dim // 2, passed to avoid a shape query)."""
     return ops.concat((-x[..., half:], x[..., :half]), -1)
 
 
@@ -52,6 +53,7 @@ class LlamaAttention(nn.Cell):
         self.n_kv = tc.n_kv_heads
         self.head_dim = tc.head_dim
         self.groups = self.num_heads // self.n_kv
+        self.seq_length = config.seq_length
         self.scale = self.head_dim ** -0.5
         self.compute_dtype = dt.compute
         self.softmax_dtype = dt.softmax
@@ -66,46 +68,43 @@ class LlamaAttention(nn.Cell):
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
-    def construct(self, x, cos, sin, mask, slots, write_cache, read_cache):
-        b, l, _ = x.shape
-        q = ops.reshape(self.q_proj(x), (b, l, self.num_heads, self.head_dim))
-        k = ops.reshape(self.k_proj(x), (b, l, self.n_kv, self.head_dim))
+    def construct(self, x, cos, sin, mask, slots, b, l, write_cache, read_cache):
+        """x [b * l, D]; cos/sin [b * l, 1, head_dim] -> [b * l, D]."""
+        q = ops.reshape(self.q_proj(x), (b * l, self.num_heads, self.head_dim))
+        k = ops.reshape(self.k_proj(x), (b * l, self.n_kv, self.head_dim))
         v = ops.reshape(self.v_proj(x), (b, l, self.n_kv, self.head_dim))
-        cos4 = ops.expand_dims(cos, 2)
-        sin4 = ops.expand_dims(sin, 2)
-        q = q * cos4 + rotate_half(q) * sin4
-        k = k * cos4 + rotate_half(k) * sin4
+        half = self.head_dim // 2
+        q = ops.reshape(q * cos + rotate_half(q, half) * sin, (b, l, self.num_heads, self.head_dim))
+        k = ops.reshape(k * cos + rotate_half(k, half) * sin, (b, l, self.n_kv, self.head_dim))
 
-        fresh_k = ops.transpose(k, (0, 2, 1, 3))                               # b, kv, l, hd
-        fresh_v = ops.transpose(v, (0, 2, 1, 3))
         if write_cache:
             k_all = ops.scatter_update(self.k_cache, slots, ops.transpose(k, (1, 0, 2, 3)))
             v_all = ops.scatter_update(self.v_cache, slots, ops.transpose(v, (1, 0, 2, 3)))
             if read_cache:
                 out = self._attend(q, ops.transpose(k_all, (1, 2, 0, 3)), ops.transpose(v_all, (1, 2, 0, 3)),
-                                   mask)
+                                   mask, b, l, self.seq_length)
             else:
-                out = self._attend(q, fresh_k, fresh_v, mask)
+                out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)),
+                                   mask, b, l, l)
             out = ops.depend(out, k_all)
             out = ops.depend(out, v_all)
         else:
-            out = self._attend(q, fresh_k, fresh_v, mask)
+            out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)), mask, b, l, l)
         return self.o_proj(out)
 
-    def _attend(self, q, keys, values, mask):
-        """q [b, l, H, hd]; keys/values [b, kv, T, hd]; mask [b, l, T] -> [b, l, H * hd]."""
-        b, l = q.shape[0], q.shape[1]
-        t = keys.shape[2]
+    def _attend(self, q, keys, values, mask, b, l, t):
+        """q [b, l, H, hd]; keys/values [b, kv, t, hd]; mask [b, l, t] (1 = attend) -> [b * l, H * hd]."""
         # grouped-query attention without repeating K/V: head h uses kv head h // groups
         qg = ops.reshape(ops.transpose(q, (0, 2, 1, 3)), (b, self.n_kv, self.groups * l, self.head_dim))
-        scores = ops.cast(self.bmm_t(qg, keys), self.softmax_dtype) * self.scale
+        scores = cast(self.bmm_t(qg, keys), self.compute_dtype, self.softmax_dtype) * self.scale
         scores = ops.reshape(scores, (b, self.n_kv, self.groups, l, t))
         bias = (1 - ops.cast(ops.reshape(mask, (b, 1, 1, l, t)), self.softmax_dtype)) * self.mask_value
         probs = ops.softmax(scores + bias, -1)
-        probs = ops.reshape(ops.cast(probs, self.compute_dtype), (b, self.n_kv, self.groups * l, t))
+        probs = ops.reshape(cast(probs, self.softmax_dtype, self.compute_dtype),
+                            (b, self.n_kv, self.groups * l, t))
         out = self.bmm(probs, values)                                   # b, kv, G*l, hd
-        out = ops.reshape(out, (b, self.num_heads, l, self.head_dim))
-        return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, l, self.num_heads * self.head_dim))
+        out = ops.transpose(ops.reshape(out, (b, self.num_heads, l, self.head_dim)), (0, 2, 1, 3))
+        return ops.reshape(out, (b * l, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Cell):
@@ -131,8 +130,8 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm,
                                                 dt.compute)
 
-    def construct(self, x, cos, sin, mask, slots, write_cache, read_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, write_cache, read_cache)
+    def construct(self, x, cos, sin, mask, slots, b, l, write_cache, read_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, b, l, write_cache, read_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,6 +141,7 @@ class LlamaModel(nn.Cell):
     def __init__(self, config, dt):
         super().__init__()
         tc = config.text_config
+        self.head_dim = tc.head_dim
         self.compute_dtype = dt.compute
         self.rotary_dtype = dt.rotary
         self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dt.param, dt.compute)
@@ -149,31 +149,41 @@ class LlamaModel(nn.Cell):
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
         self.inv_freq = Tensor(inv_freq(tc.head_dim, tc.theta), ms.float32)
 
-    def rotary(self, position_ids):
-        freqs = ops.expand_dims(ops.cast(position_ids, ms.float32), -1) * self.inv_freq  # b, l, hd/2
-        emb = ops.cast(ops.concat((freqs, freqs), -1), self.rotary_dtype)
-        return ops.cast(ops.cos(emb), self.compute_dtype), ops.cast(ops.sin(emb), self.compute_dtype)
+    def rotary(self, position_ids, b, l):
+        """position_ids [b, l] -> cos, sin [b * l, 1, head_dim] (float32 angles, as transformers)."""
+        pos = ops.reshape(ops.cast(position_ids, ms.float32), (b * l, 1))
+        freqs = pos * self.inv_freq                                              # b*l, hd/2
+        emb = cast(ops.concat((freqs, freqs), -1), ms.float32, self.rotary_dtype)
+        cos = cast(ops.cos(emb), self.rotary_dtype, self.compute_dtype)
+        sin = cast(ops.sin(emb), self.rotary_dtype, self.compute_dtype)
+        return ops.reshape(cos, (b * l, 1, self.head_dim)), ops.reshape(sin, (b * l, 1, self.head_dim))
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, write_cache, read_cache):
-        cos, sin = self.rotary(position_ids)
+    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache):
+        """inputs_embeds [b * l, D] -> final-norm hidden states [b * l, D]."""
+        cos, sin = self.rotary(position_ids, b, l)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, slots, write_cache, read_cache)
+            h = layer(h, cos, sin, mask, slots, b, l, write_cache, read_cache)
         return self.norm(h)
 
 
 class LlamaForCausalLM(nn.Cell):
-    """`language_model`: model + lm_head. Returns float32 logits (last position only if last_only)."""
+    """`language_model`: model + lm_head. Returns float32 logits [b, V] (last position) or [b, l, V]."""
 
     def __init__(self, config):
         super().__init__()
         dt = Dtypes(config)
         tc = config.text_config
+        self.hidden_size = tc.hidden_size
+        self.vocab_size = tc.vocab_size
+        self.compute_dtype = dt.compute
         self.model = LlamaModel(config, dt)
         self.lm_head = Linear(tc.hidden_size, tc.vocab_size, False, dt.param, dt.compute)
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, write_cache, read_cache, last_only):
-        h = self.model(inputs_embeds, position_ids, mask, slots, write_cache, read_cache)
+    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache, last_only):
+        h = self.model(inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache)
         if last_only:
-            h = h[:, -1, :]
-        return ops.cast(self.lm_head(h), ms.float32)
+            h = ops.reshape(h, (b, l, self.hidden_size))[:, -1, :]
+            return cast(self.lm_head(h), self.compute_dtype, ms.float32)
+        logits = cast(self.lm_head(h), self.compute_dtype, ms.float32)
+        return ops.reshape(logits, (b, l, self.vocab_size))

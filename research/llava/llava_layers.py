@@ -5,7 +5,8 @@ casts differently; these cells keep the checkpoint names identical to llava-hf's
 the identity, and make the compute dtype explicit:
 
 * parameters are stored in `param_dtype` (config.param_init_type),
-* matmuls run in `compute_dtype` (config.compute_dtype),
+* matmuls run in `compute_dtype` (config.compute_dtype); activations are kept 2-D [tokens, features]
+  so no cell needs to query a tensor's shape (each query costs a pipeline round trip in PyNative),
 * normalisation statistics run in `norm_dtype` (config.layernorm_compute_type) and the result is cast back.
 """
 import mindspore as ms
@@ -36,13 +37,19 @@ def new_param(shape, dtype, init="normal", name=None, requires_grad=True):
     return Parameter(initializer(init, list(shape), dtype), name=name, requires_grad=requires_grad)
 
 
+def cast(x, src, dst):
+    """ops.cast only when the (statically known) dtypes differ: no dtype query, no op in PyNative."""
+    return x if src == dst else ops.cast(x, dst)
+
+
 class Linear(nn.Cell):
-    """y = x @ weight.T + bias with weight [out, in] (torch layout)."""
+    """y = x @ weight.T + bias with weight [out, in] (torch layout); x is 2-D [N, in] in compute dtype."""
 
     def __init__(self, in_features, out_features, bias=True, param_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
         self.weight = new_param((out_features, in_features), param_dtype, "normal", name="weight")
         self.has_bias = bias
@@ -51,12 +58,10 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x):
-        shape = x.shape
-        x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))
-        y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))
+        y = self.matmul(x, cast(self.weight, self.param_dtype, self.compute_dtype))
         if self.has_bias:
-            y = y + ops.cast(self.bias, self.compute_dtype)
-        return ops.reshape(y, shape[:-1] + (self.out_features,))
+            y = y + cast(self.bias, self.param_dtype, self.compute_dtype)
+        return y
 
 
 class LayerNorm(nn.Cell):
@@ -65,19 +70,21 @@ class LayerNorm(nn.Cell):
     def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
         self.eps = eps
+        self.param_dtype = param_dtype
         self.norm_dtype = norm_dtype
         self.compute_dtype = compute_dtype
         self.weight = new_param((size,), param_dtype, "ones", name="weight")
         self.bias = new_param((size,), param_dtype, "zeros", name="bias")
 
     def construct(self, x):
-        x = ops.cast(x, self.norm_dtype)
+        x = cast(x, self.compute_dtype, self.norm_dtype)
         mean = ops.mean(x, -1, True)
         centered = x - mean
         var = ops.mean(centered * centered, -1, True)
         y = centered * ops.rsqrt(var + self.eps)
-        y = y * ops.cast(self.weight, self.norm_dtype) + ops.cast(self.bias, self.norm_dtype)
-        return ops.cast(y, self.compute_dtype)
+        y = y * cast(self.weight, self.param_dtype, self.norm_dtype) + cast(self.bias, self.param_dtype,
+                                                                            self.norm_dtype)
+        return cast(y, self.norm_dtype, self.compute_dtype)
 
 
 class RMSNorm(nn.Cell):
@@ -86,15 +93,16 @@ class RMSNorm(nn.Cell):
     def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
         self.eps = eps
+        self.param_dtype = param_dtype
         self.norm_dtype = norm_dtype
         self.compute_dtype = compute_dtype
         self.weight = new_param((size,), param_dtype, "ones", name="weight")
 
     def construct(self, x):
-        x = ops.cast(x, self.norm_dtype)
+        x = cast(x, self.compute_dtype, self.norm_dtype)
         var = ops.mean(x * x, -1, True)
-        y = ops.cast(x * ops.rsqrt(var + self.eps), self.compute_dtype)
-        return ops.cast(self.weight, self.compute_dtype) * y
+        y = cast(x * ops.rsqrt(var + self.eps), self.norm_dtype, self.compute_dtype)
+        return cast(self.weight, self.param_dtype, self.compute_dtype) * y
 
 
 class Embedding(nn.Cell):
@@ -102,11 +110,12 @@ class Embedding(nn.Cell):
 
     def __init__(self, num, dim, param_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
+        self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
         self.weight = new_param((num, dim), param_dtype, "normal", name="weight")
 
     def construct(self, ids):
-        return ops.cast(ops.gather(self.weight, ids, 0), self.compute_dtype)
+        return cast(ops.gather(self.weight, ids, 0), self.param_dtype, self.compute_dtype)
 
 
 def gelu(x):

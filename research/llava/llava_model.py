@@ -36,20 +36,27 @@ _LIST_LIMIT = 10
 
 def _short_list(names):
     names = list(names)
-    shown = ", ".join(names[:_LIST_LIMIT])
+    shown = ", ".join(str(n) for n in names[:_LIST_LIMIT])
     return shown + (f", ... ({len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else "")
 
 
 class _VisionStep(nn.Cell):
+    """pixel_values [n, C, H, W] -> projected image features [n * num_image_tokens, text_hidden]."""
+
     def __init__(self, model):
         super().__init__(auto_prefix=False)
         self.model = model
-        self.drop_cls = model.config.vision_config.vision_feature_select_strategy == "default"
+        vc = model.config.vision_config
+        self.tokens = vc.num_patches + 1
+        self.dim = vc.hidden_size
+        self.drop_cls = vc.vision_feature_select_strategy == "default"
 
     def construct(self, pixel_values):
-        feats = self.model.vision_tower(pixel_values)
+        n = pixel_values.shape[0]
+        feats = self.model.vision_tower(pixel_values, n)                         # n * tokens, Dv
         if self.drop_cls:
-            feats = feats[:, 1:, :]
+            feats = ops.reshape(ops.reshape(feats, (n, self.tokens, self.dim))[:, 1:, :],
+                                (n * (self.tokens - 1), self.dim))
         return self.model.multi_modal_projector(feats)
 
 
@@ -63,12 +70,12 @@ class _PromptStep(nn.Cell):
         self.last_only = last_only
 
     def construct(self, input_ids, image_features, merge_index, position_ids, mask, slots):
+        b, l = input_ids.shape
         lm = self.model.language_model
-        emb = lm.model.embed_tokens(input_ids)                                   # b, l, d
-        b, l, d = emb.shape
-        table = ops.concat((ops.reshape(emb, (b * l, d)), ops.cast(image_features, emb.dtype)), 0)
-        merged = ops.reshape(ops.gather(table, merge_index, 0), (b, l, d))
-        return lm(merged, position_ids, mask, slots, self.write_cache, False, self.last_only)
+        emb = lm.model.embed_tokens(ops.reshape(input_ids, (b * l,)))           # b*l, d
+        table = ops.concat((emb, image_features), 0)
+        merged = ops.gather(table, merge_index, 0)
+        return lm(merged, position_ids, mask, slots, b, l, self.write_cache, False, self.last_only)
 
 
 class _DecodeStep(nn.Cell):
@@ -77,9 +84,10 @@ class _DecodeStep(nn.Cell):
         self.model = model
 
     def construct(self, input_ids, position_ids, mask, slots):
+        b = input_ids.shape[0]
         lm = self.model.language_model
-        emb = lm.model.embed_tokens(input_ids)                                   # b, 1, d
-        return lm(emb, position_ids, mask, slots, True, True, True)
+        emb = lm.model.embed_tokens(ops.reshape(input_ids, (b,)))                # b, d
+        return lm(emb, position_ids, mask, slots, b, 1, True, True, True)
 
 
 @dataclass
@@ -112,6 +120,8 @@ class LlavaModel(nn.Cell):
         self.language_model = LlamaForCausalLM(config)
         # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
         self.jit_steps = bool(kwargs.pop("jit_steps", False))
+        # Prompts are left-padded to a multiple of this many tokens (0 = exact length).
+        self.prefill_bucket = int(kwargs.pop("prefill_bucket", 64))
         self.__dict__["_steps"] = {}
         self.__dict__["_cache_pool"] = {}
 
@@ -165,8 +175,11 @@ class LlavaModel(nn.Cell):
 
     # ------------------------------------------------------------------ compiled steps
     def _step(self, kind):
+        """The cell for one step kind; in PyNative mode with `jit_steps` its construct runs via mindspore.jit."""
+        use_jit = self.jit_steps and ms.get_context("mode") == ms.PYNATIVE_MODE
+        key = (kind, use_jit)
         steps = self._steps
-        if kind not in steps:
+        if key not in steps:
             if kind == "vision":
                 cell = _VisionStep(self)
             elif kind == "prefill":
@@ -180,10 +193,10 @@ class LlavaModel(nn.Cell):
             else:
                 raise KeyError(kind)
             cell.set_train(False)
-            if self.jit_steps and ms.get_context("mode") == ms.PYNATIVE_MODE:
+            if use_jit:
                 cell.construct = ms.jit(cell.construct)
-            steps[kind] = cell
-        return steps[kind]
+            steps[key] = cell
+        return steps[key]
 
     # ------------------------------------------------------------------ host-side input checks
     def _check_pixels(self, pixel_values):
@@ -201,7 +214,7 @@ class LlavaModel(nn.Cell):
             return pixel_values.astype(ms.float32)
         return Tensor(pixel_values, ms.float32)
 
-    def _prepare(self, input_ids, attention_mask, n_images):
+    def _prepare(self, input_ids, attention_mask, n_images, pad_to=None):
         cfg = self.config
         tc = cfg.text_config
         ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids)
@@ -236,6 +249,11 @@ class LlavaModel(nn.Cell):
             raise LlavaError("input_ids must be left-padded (padding found after a real token)")
         if l > cfg.seq_length:
             raise LlavaError(f"prompt of {l} tokens is longer than seq_length={cfg.seq_length}")
+        if pad_to is not None and pad_to > l:
+            extra = pad_to - l
+            ids = np.concatenate([np.full((b, extra), tc.pad_token_id, np.int64), ids], 1)
+            mask = np.concatenate([np.zeros((b, extra), np.int32), mask], 1)
+            l = pad_to
         image = ids == cfg.image_token_index
         n_tokens = int(image.sum())
         per_image = cfg.num_image_tokens
@@ -254,17 +272,20 @@ class LlavaModel(nn.Cell):
         return ids, mask, clean, merge_index, position_ids, attn
 
     def _image_features_or_dummy(self, pixel_values):
+        """Flat image features [n * num_image_tokens, D] in compute dtype (one zero row without images)."""
         if pixel_values is None:
             d = self.config.text_config.hidden_size
-            return Tensor(np.zeros((1, d), np.float32), ms.float32), 0
+            dtype = self.language_model.compute_dtype
+            return Tensor(np.zeros((1, d), np.float32), ms.float32).astype(dtype), 0
         pix = self._check_pixels(pixel_values)
-        feats = self._step("vision")(pix)
-        return ops.reshape(feats, (-1, feats.shape[-1])), pix.shape[0]
+        return self._step("vision")(pix), pix.shape[0]
 
     # ------------------------------------------------------------------ public steps
     def get_image_features(self, pixel_values):
         """pixel_values [N, 3, H, W] -> Tensor [N, num_image_tokens, text_hidden] (after the projector)."""
-        return self._step("vision")(self._check_pixels(pixel_values))
+        pix = self._check_pixels(pixel_values)
+        feats = self._step("vision")(pix)
+        return ops.reshape(feats, (pix.shape[0], self.config.num_image_tokens, self.config.text_config.hidden_size))
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None):
         """Full sequence without the KV cache -> float32 numpy logits [B, L, V]."""
@@ -274,19 +295,34 @@ class LlavaModel(nn.Cell):
         logits = self._step("forward")(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots)
         return logits.asnumpy()
 
-    def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False):
+    def _bucket_length(self, length, reserve):
+        """Prompt length rounded up to a multiple of prefill_bucket (extra left padding, masked out), so
+        Graph mode compiles one prefill per bucket instead of one per prompt length."""
+        bucket = self.prefill_bucket
+        if not bucket:
+            return length
+        limit = self.config.seq_length - reserve
+        return max(length, min(-(-length // bucket) * bucket, limit))
+
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False,
+                reserve=0):
         """Run the prompt, filling the KV cache rows 0..L-1. Returns (float32 numpy logits, DecodeState):
-        logits [B, V] of the last position, or [B, L, V] with return_all_logits."""
+        logits [B, V] of the last position, or [B, L, V] with return_all_logits. `reserve` cache rows are
+        kept free for decoding when the prompt is padded up to its bucket."""
         feats, n_images = self._image_features_or_dummy(pixel_values)
-        _, mask, clean, merge, pos, attn = self._prepare(input_ids, attention_mask, n_images)
+        length = np.shape(input_ids)[-1]
+        padded = self._bucket_length(length, reserve)
+        _, mask, clean, merge, pos, attn = self._prepare(input_ids, attention_mask, n_images, pad_to=padded)
         b, l = clean.shape
         self._ensure_cache(b)
         slots = Tensor(np.arange(l, dtype=np.int32))
         step = self._step("prefill_all" if return_all_logits else "prefill")
-        logits = step(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots)
+        logits = step(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots).asnumpy()
+        if return_all_logits:
+            logits = logits[:, l - length:]
         kv_mask = np.zeros((b, self.config.seq_length), np.int32)
         kv_mask[:, :l] = mask
-        return logits.asnumpy(), DecodeState(batch=b, prompt_length=l, kv_mask=kv_mask, next_slot=l)
+        return logits, DecodeState(batch=b, prompt_length=l, kv_mask=kv_mask, next_slot=l)
 
     def decode(self, state, token_ids):
         """One decode step: token_ids [B] (the tokens just chosen) -> float32 numpy logits [B, V]."""
@@ -319,7 +355,7 @@ class LlavaModel(nn.Cell):
         if length + settings.max_new_tokens > self.config.seq_length:
             raise LlavaError(f"prompt of {length} tokens + max_new_tokens={settings.max_new_tokens} exceeds "
                              f"seq_length={self.config.seq_length}")
-        logits, state = self.prefill(ids, pixel_values, attention_mask)
+        logits, state = self.prefill(ids, pixel_values, attention_mask, reserve=settings.max_new_tokens)
         b = state.batch
         eos = np.asarray(settings.eos_token_id, dtype=np.int64)
         sequences = [list(map(int, row)) for row in ids]
