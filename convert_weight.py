@@ -400,6 +400,38 @@ def scan_ckpt(path):
     return tensors
 
 
+def load_ckpt_lean(path, names=None):
+    """name -> mindspore.Parameter for a plain .ckpt, like `mindspore.load_checkpoint(path)`, but read one
+    tensor at a time: peak memory is the weights once plus one tensor. (load_checkpoint reads the whole file
+    into memory and then copies every tensor out of it: about twice the checkpoint size at its peak.)"""
+    import mindspore as ms
+    tensors = scan_ckpt(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, t in tensors.items():
+            if names is not None and name not in names:
+                continue
+            dtype = MS_TO_DTYPE.get(t.dtype)
+            if dtype is None:
+                raise LlavaError(f"{path}: {name} has dtype {t.dtype}; only float tensors are supported")
+            buf = bytearray(t.nbytes)
+            view, pos = memoryview(buf), 0
+            for offset, nbytes in t.segments:
+                f.seek(offset)
+                if f.readinto(view[pos:pos + nbytes]) != nbytes:
+                    raise LlavaError(f"{path} is truncated")
+                pos += nbytes
+            if dtype == "bfloat16":
+                array = _to_f32(buf, "bfloat16").reshape(t.shape)
+                tensor = ms.Tensor(array).astype(ms.bfloat16)
+            else:
+                tensor = ms.Tensor.from_numpy(np.frombuffer(buf, dtype="<f4" if dtype == "float32" else "<f2")
+                                              .reshape(t.shape))
+            out[name] = ms.Parameter(tensor, name=name)
+            del buf, view
+    return out
+
+
 def check_ckpt_crc(path):
     """If the checkpoint ends with MindSpore's 'crc_num' footer, check it (streaming); True if one was checked."""
     import binascii
@@ -507,7 +539,25 @@ def check_output_file(path, suffix):
         os.unlink(probe)
     except OSError as e:
         raise LlavaError(f"output folder {folder} is not writable ({e.strerror or e})") from e
+    _warn_stale_temp_files(path)
     return folder
+
+
+def _warn_stale_temp_files(path):
+    """A killed run (SIGKILL, power loss) cannot clean up; point at its temp file instead of deleting it."""
+    folder, base = os.path.split(os.path.abspath(path))
+    stale = []
+    for name in os.listdir(folder):
+        pid = name[len(base) + 5:] if name.startswith(base + ".tmp-") else ""
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                stale.append(name)
+            except OSError:
+                pass
+    if stale:
+        _warn(f"{folder} holds temporary file(s) of an interrupted run, safe to delete: {_names(sorted(stale))}")
 
 
 def check_free_space(folder, nbytes):
@@ -711,7 +761,7 @@ def convert_hf_to_ms(input_path, output_path, dtype=None, quiet=False):
         _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
               f"{_names(sorted(overflows))}")
     _done(quiet, f"{PROG}: wrote {output_path} ({len(plan)} tensors, {_mb(total)}, "
-                f"{seconds:.1f} s, {total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
+                f"{seconds:.2f} s, {total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
     return output_path
 
 
@@ -802,7 +852,7 @@ def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quie
     if overflows:
         _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
               f"{_names(sorted(overflows))}")
-    _done(quiet, f"{PROG}: wrote {out_file} ({len(rows)} tensors, {_mb(total)}, {seconds:.1f} s)")
+    _done(quiet, f"{PROG}: wrote {out_file} ({len(rows)} tensors, {_mb(total)}, {seconds:.2f} s)")
     return out_file
 
 

@@ -248,6 +248,18 @@ def test_tiny_is_byte_identical_to_mindspore_save_checkpoint(tiny_ckpts, tmp_pat
             assert a.read() == b.read(), path
 
 
+def test_load_ckpt_lean_equals_load_checkpoint(tiny_ckpts):
+    import mindspore as ms
+    paths, _ = tiny_ckpts
+    for path in paths.values():
+        lean, ref = cw.load_ckpt_lean(path), ms.load_checkpoint(path)
+        assert list(lean) == list(ref)
+        for k, p in ref.items():
+            q = lean[k]
+            assert isinstance(q, ms.Parameter) and q.name == k and q.dtype == p.dtype and q.shape == p.shape
+            assert q.astype(ms.float32).asnumpy().tobytes() == p.astype(ms.float32).asnumpy().tobytes(), k
+
+
 def test_tiny_float16_and_bfloat16(tiny_hf_dir, tiny_ckpts):
     import mindspore as ms
     import torch
@@ -334,6 +346,16 @@ def test_old_buffers_are_skipped(tiny_hf_dir, tmp_path):
     out = str(tmp_path / "o.ckpt")
     cw.convert_hf_to_ms(str(src), out, quiet=True)
     assert sorted(cw.scan_ckpt(out)) == sorted(weight_map.expected_params(config_of(tiny_hf_dir)))
+
+
+def test_stale_temp_file_of_a_killed_run_is_reported(tiny_hf_dir, tmp_path, capsys):
+    stale = tmp_path / "o.ckpt.tmp-99999999"      # no such pid: a run killed with SIGKILL
+    stale.write_bytes(b"partial")
+    out = str(tmp_path / "o.ckpt")
+    cw.convert_hf_to_ms(tiny_hf_dir, out, quiet=True)
+    err = capsys.readouterr().err
+    assert "warning" in err and "o.ckpt.tmp-99999999" in err and "safe to delete" in err
+    assert stale.read_bytes() == b"partial" and os.path.exists(out)
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
