@@ -587,6 +587,8 @@ def _import_model_modules():
             sys.stderr.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
+    except KeyboardInterrupt:
+        raise
     except BaseException:
         log.seek(0)
         sys.stderr.write(log.read().decode("utf-8", "replace"))
