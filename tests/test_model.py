@@ -175,7 +175,7 @@ def test_7b_config_builds_without_weights_and_matches_the_real_listing(real_7b_k
     assert all(p.has_init for p in model.get_parameters())          # nothing was allocated
     cache = model.language_model.model.layers[31].self_attn.k_cache
     assert cache.name == "language_model.model.layers.31.self_attn.k_cache"
-    assert list(cache.shape) == [2048, 1, 32, 128] and cache.dtype == ms.float16
+    assert list(cache.shape) == [1 * 32 * 2048, 128] and cache.dtype == ms.float16    # [B*kv*seq, head_dim]
 
 
 def test_load_weights_is_strict(pynative_mode, sides):

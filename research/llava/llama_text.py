@@ -2,15 +2,18 @@
 parameter names equal llava-hf's `language_model.*` keys.
 
 KV cache: one `k_cache` / `v_cache` Parameter per layer (`language_model.model.layers.N.self_attn.k_cache`),
-shape [seq_length, batch, n_kv_heads, head_dim] — position first, so one `ops.scatter_update` along axis 0
-writes a step (prefill: slots 0..L-1; decode: one slot) in PyNative and Graph mode alike. They are not
-checkpoint weights (`is_cache_param`).
+2-D [batch * n_kv_heads * seq_length, head_dim], row (b * n_kv_heads + h) * seq_length + position. One
+`ops.scatter_update` along axis 0 writes a step (prefill: positions 0..L-1; decode: one position) in PyNative
+and Graph mode alike, and attention reads the cache as [batch, n_kv_heads, seq_length, head_dim] with a free
+reshape — no per-step transpose of the whole cache (a position-first [seq, batch, heads, head_dim] cache
+needs two full-cache transposes per layer and step; on CPU that made a decode step up to 2x slower at
+seq_length 2048). They are not checkpoint weights (`is_cache_param`).
 
 Activations are 2-D [B * L, hidden]; every text cell's construct takes the same step arguments:
     cos, sin      [B * L, 1, head_dim]  rotary tables for the positions of the L new tokens
     mask          [B, L, T] int32    1 = query may attend key (causal + padding); T = L (fresh keys) or
                                      seq_length (the cache)
-    slots         [L] int32          cache rows the new keys/values go to
+    slots         [L] int32          cache positions the new keys/values go to
     b, l          python ints        batch and number of new tokens (graph constants)
     write_cache   python bool        write the new keys/values into the cache
     read_cache    python bool        attend over the whole cache (decode) instead of the fresh keys
@@ -26,6 +29,11 @@ CACHE_NAMES = ("k_cache", "v_cache")
 
 def is_cache_param(name):
     return name.rsplit(".", 1)[-1] in CACHE_NAMES
+
+
+def cache_shape(config, batch):
+    tc = config.text_config
+    return (batch * tc.n_kv_heads * config.seq_length, tc.head_dim)
 
 
 def _mask_value(dtype):
@@ -62,7 +70,7 @@ class LlamaAttention(nn.Cell):
         self.k_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, False, dt.param, dt.compute)
-        shape = (config.seq_length, config.batch_size, self.n_kv, self.head_dim)
+        shape = cache_shape(config, config.batch_size)
         self.k_cache = new_param(shape, dt.compute, "zeros", name="k_cache", requires_grad=False)
         self.v_cache = new_param(shape, dt.compute, "zeros", name="v_cache", requires_grad=False)
         self.bmm = ops.BatchMatMul()
@@ -78,10 +86,16 @@ class LlamaAttention(nn.Cell):
         k = ops.reshape(k * cos + rotate_half(k, half) * sin, (b, l, self.n_kv, self.head_dim))
 
         if write_cache:
-            k_all = ops.scatter_update(self.k_cache, slots, ops.transpose(k, (1, 0, 2, 3)))
-            v_all = ops.scatter_update(self.v_cache, slots, ops.transpose(v, (1, 0, 2, 3)))
+            # rows (b * n_kv + h) * seq_length + slot, in the (b, h, l) order of the updates
+            base = ops.arange(0, b * self.n_kv * self.seq_length, self.seq_length, dtype=ms.int32)
+            rows = ops.reshape(ops.expand_dims(base, 1) + ops.expand_dims(slots, 0), (b * self.n_kv * l,))
+            k_rows = ops.reshape(ops.transpose(k, (0, 2, 1, 3)), (b * self.n_kv * l, self.head_dim))
+            v_rows = ops.reshape(ops.transpose(v, (0, 2, 1, 3)), (b * self.n_kv * l, self.head_dim))
+            k_all = ops.scatter_update(self.k_cache, rows, k_rows)
+            v_all = ops.scatter_update(self.v_cache, rows, v_rows)
             if read_cache:
-                out = self._attend(q, ops.transpose(k_all, (1, 2, 0, 3)), ops.transpose(v_all, (1, 2, 0, 3)),
+                cache_4d = (b, self.n_kv, self.seq_length, self.head_dim)
+                out = self._attend(q, ops.reshape(k_all, cache_4d), ops.reshape(v_all, cache_4d),
                                    mask, b, l, self.seq_length)
             else:
                 out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)),

@@ -10,8 +10,8 @@ Execution is split into steps, each its own cell (compiled as one graph in GRAPH
 
 * vision   pixel_values [N, 3, H, W] -> image features [N, num_image_tokens, text_hidden]
 * prefill  merged prompt embeddings [B, L] -> logits of the last position (or of all positions); writes the
-           prompt's keys/values into cache rows 0..L-1
-* decode   one token per row [B, 1] -> logits [B, V]; writes cache row `slot`, attends over the whole
+           prompt's keys/values into cache positions 0..L-1
+* decode   one token per row [B, 1] -> logits [B, V]; writes cache position `slot`, attends over the whole
            (masked) cache; fixed shapes, so it compiles once per batch size
 * forward  the full sequence without the cache -> logits [B, L, V] (reference / tests)
 
@@ -27,7 +27,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from clip_vision import CLIPVisionModel, LlavaMultiModalProjector
 from generation import GenerationSettings, TokenSelector
-from llama_text import CACHE_NAMES, LlamaForCausalLM, is_cache_param
+from llama_text import CACHE_NAMES, LlamaForCausalLM, cache_shape, is_cache_param
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 
@@ -95,8 +95,8 @@ class DecodeState:
     """Host-side bookkeeping between prefill and decode steps of one request."""
     batch: int
     prompt_length: int
-    kv_mask: np.ndarray        # [B, seq_length] int32: 1 = cache row holds a real token of that row
-    next_slot: int             # cache row the next decode step writes
+    kv_mask: np.ndarray        # [B, seq_length] int32: 1 = cache position holds a real token of that row
+    next_slot: int             # cache position the next decode step writes
 
     @property
     def positions(self):
@@ -142,34 +142,32 @@ class LlavaModel(nn.Cell):
     def _attention_cells(self):
         return [layer.self_attn for layer in self.language_model.model.layers]
 
+    def _cache_batch(self):
+        rows = self._attention_cells()[0].k_cache.shape[0]
+        return rows // cache_shape(self.config, 1)[0]
+
     def _ensure_cache(self, batch):
         """Make the KV caches hold `batch` rows. Caches per batch size are kept (a compiled graph refers to
         the Parameter objects it was built with), so switching back reuses the same objects."""
         cells = self._attention_cells()
-        current = cells[0].k_cache.shape[1]
+        current = self._cache_batch()
         pool = self._cache_pool
         if current not in pool:
             pool[current] = [(c.k_cache, c.v_cache) for c in cells]
         if current == batch:
             return
         if batch not in pool:
-            tc = self.config.text_config
             dtype = cells[0].k_cache.dtype
-            shape = (self.config.seq_length, batch, tc.n_kv_heads, tc.head_dim)
-            entry = []
-            for c, (k, v) in zip(cells, pool[current]):
-                pair = tuple(Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=old.name,
-                                       requires_grad=False) for old in (k, v))
-                entry.append(pair)
-            pool[batch] = entry
+            shape = cache_shape(self.config, batch)
+            pool[batch] = [tuple(Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=old.name,
+                                           requires_grad=False) for old in pair) for pair in pool[current]]
         for c, (k, v) in zip(cells, pool[batch]):
             c.k_cache = k
             c.v_cache = v
 
     def release_caches(self):
         """Drop KV caches of batch sizes other than the current one."""
-        cells = self._attention_cells()
-        current = cells[0].k_cache.shape[1]
+        current = self._cache_batch()
         for b in [b for b in self._cache_pool if b != current]:
             del self._cache_pool[b]
 
@@ -306,8 +304,8 @@ class LlavaModel(nn.Cell):
 
     def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False,
                 reserve=0):
-        """Run the prompt, filling the KV cache rows 0..L-1. Returns (float32 numpy logits, DecodeState):
-        logits [B, V] of the last position, or [B, L, V] with return_all_logits. `reserve` cache rows are
+        """Run the prompt, filling the KV cache positions 0..L-1. Returns (float32 numpy logits, DecodeState):
+        logits [B, V] of the last position, or [B, L, V] with return_all_logits. `reserve` cache positions are
         kept free for decoding when the prompt is padded up to its bucket."""
         feats, n_images = self._image_features_or_dummy(pixel_values)
         length = np.shape(input_ids)[-1]
