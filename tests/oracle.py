@@ -1,0 +1,47 @@
+"""The Hugging Face side of end-to-end comparisons: llava-hf tokenizer + CLIPImageProcessor + generate.
+
+Only transformers/torch code runs here, so an expected value never comes from our own implementation.
+"""
+import json
+import os
+
+import numpy as np
+
+import make_tiny_llava
+from conftest import TOKENIZER_MODEL
+
+
+class HFOracle:
+    def __init__(self, hf_dir):
+        import torch
+        from transformers import LlavaForConditionalGeneration
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            self.config = json.load(f)
+        self.model = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.tokenizer = make_tiny_llava.make_hf_tokenizer(TOKENIZER_MODEL)
+        vision = self.config["vision_config"]
+        self.image_processor = make_tiny_llava.make_hf_image_processor(vision["image_size"])
+        self.num_image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+
+    def ids(self, prompt):
+        """`USER: <image>\\n{prompt} ASSISTANT:` with `<image>` expanded to the image-token count."""
+        out = []
+        for t in self.tokenizer(f"USER: <image>\n{prompt} ASSISTANT:")["input_ids"]:
+            out.extend([t] * self.num_image_tokens if t == make_tiny_llava.IMAGE_TOKEN_INDEX else [t])
+        return out
+
+    def generate(self, image_path, prompt, max_new_tokens):
+        """Greedy new ids for one (image, prompt), cut after the first EOS, and their decoded text."""
+        import torch
+        from PIL import Image
+        pixels = self.image_processor(Image.open(image_path), return_tensors="pt")["pixel_values"]
+        ids = torch.tensor([self.ids(prompt)])
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                      do_sample=False, max_new_tokens=max_new_tokens,
+                                      pad_token_id=make_tiny_llava.PAD_TOKEN_ID)
+        new = out[0, ids.shape[1]:].tolist()
+        eos = self.config["text_config"].get("eos_token_id", 2)
+        if eos in new:
+            new = new[:new.index(eos) + 1]
+        return new, self.tokenizer.decode(new, skip_special_tokens=True)
