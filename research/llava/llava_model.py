@@ -130,9 +130,17 @@ class LlavaModel(nn.Cell):
         """Generation goes through LlavaModel.generate, not MindFormers' GenerationMixin."""
         return False
 
-    def construct(self, input_ids, image_features, merge_index, position_ids, mask, slots):
-        """Cache-free full forward on prepared inputs (see `forward`); returns float32 logits [B, L, V]."""
-        return self._step("forward")(input_ids, image_features, merge_index, position_ids, mask, slots)
+    def construct(self, input_ids, image_features, merge_index, position_ids, mask):
+        """Cache-free full forward on prepared inputs -> float32 logits [B, L, V]. `forward()` prepares them
+        from ids/pixels; input_ids [B, L] int32 with image tokens replaced by any valid id, image_features
+        [M, D] (M >= 1), merge_index [B * L] int32 into concat(token embeddings, image features),
+        position_ids [B, L] int32, mask [B, L, L] int32 (causal and padding)."""
+        b, l = input_ids.shape
+        lm = self.language_model
+        emb = lm.model.embed_tokens(ops.reshape(input_ids, (b * l,)))
+        merged = ops.gather(ops.concat((emb, image_features), 0), merge_index, 0)
+        slots = ops.arange(0, l, dtype=ms.int32)
+        return lm(merged, position_ids, mask, slots, b, l, False, False, False)
 
     # ------------------------------------------------------------------ parameters
     def weight_parameters(self):
@@ -288,6 +296,9 @@ class LlavaModel(nn.Cell):
     def forward(self, input_ids, pixel_values=None, attention_mask=None):
         """Full sequence without the KV cache -> float32 numpy logits [B, L, V]."""
         feats, n_images = self._image_features_or_dummy(pixel_values)
+        return self._forward_features(input_ids, attention_mask, feats, n_images)
+
+    def _forward_features(self, input_ids, attention_mask, feats, n_images):
         _, _, clean, merge, pos, attn = self._prepare(input_ids, attention_mask, n_images)
         slots = Tensor(np.arange(clean.shape[1], dtype=np.int32))
         logits = self._step("forward")(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots)
@@ -343,7 +354,14 @@ class LlavaModel(nn.Cell):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, streamer=None, **overrides):
         """Generate after left-padded prompts whose `<image>` tokens are already expanded.
 
-        Returns one list of new token ids per row (up to and including the first EOS)."""
+        input_ids [B, L] (pad id config.text_config.pad_token_id on the left), pixel_values [N, 3, H, W] for
+        the N images in prompt order (row-major over the batch), attention_mask [B, L] (derived from the pad
+        id when None). Generation settings come from the config, `overrides` (GenerationSettings fields)
+        win. streamer.put(tokens [B]) after every step (pad id for finished rows), streamer.end() at the end.
+        Returns one list of new token ids per row, up to and including its first EOS.
+
+        With config.use_past (default) the prompt runs once and each step decodes one token from the KV
+        cache; with use_past=False every step recomputes the whole sequence (slow; for checking)."""
         settings = GenerationSettings.from_config(self.config, **overrides)
         selector = TokenSelector(settings)
         ids = np.asarray(input_ids.asnumpy() if isinstance(input_ids, Tensor) else input_ids)
@@ -353,8 +371,21 @@ class LlavaModel(nn.Cell):
         if length + settings.max_new_tokens > self.config.seq_length:
             raise LlavaError(f"prompt of {length} tokens + max_new_tokens={settings.max_new_tokens} exceeds "
                              f"seq_length={self.config.seq_length}")
-        logits, state = self.prefill(ids, pixel_values, attention_mask, reserve=settings.max_new_tokens)
-        b = state.batch
+        if self.config.use_past:
+            logits, state = self.prefill(ids, pixel_values, attention_mask, reserve=settings.max_new_tokens)
+            next_logits = lambda tokens: self.decode(state, tokens)                  # noqa: E731
+        else:
+            feats, n_images = self._image_features_or_dummy(pixel_values)
+            mask = self._prepare(ids, attention_mask, n_images)[1]
+            running = {"ids": ids.astype(np.int64), "mask": mask}
+
+            def next_logits(tokens):
+                running["ids"] = np.concatenate([running["ids"], tokens[:, None]], 1)
+                running["mask"] = np.concatenate([running["mask"], np.ones_like(tokens[:, None])], 1)
+                return self._forward_features(running["ids"], running["mask"], feats, n_images)[:, -1]
+
+            logits = self._forward_features(ids, mask, feats, n_images)[:, -1]
+        b = ids.shape[0]
         eos = np.asarray(settings.eos_token_id, dtype=np.int64)
         sequences = [list(map(int, row)) for row in ids]
         outputs = [[] for _ in range(b)]
@@ -371,7 +402,7 @@ class LlavaModel(nn.Cell):
             finished |= np.isin(tokens, eos)
             if finished.all() or step + 1 == settings.max_new_tokens:
                 break
-            logits = self.decode(state, tokens)
+            logits = next_logits(tokens)
         if streamer is not None:
             streamer.end()
         return outputs
