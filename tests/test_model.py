@@ -59,15 +59,19 @@ def trim_at_eos(tokens, eos=2, pad=make_tiny_llava.PAD_TOKEN_ID):
 class Side:
     """Everything for one preset: HF oracle, our model, tokenizer, image processor."""
 
-    def __init__(self, hf_dir):
+    def __init__(self, hf_dir, seq_length=SEQ_LENGTH):
+        import glob
         from safetensors.numpy import load_file
         from transformers import LlavaForConditionalGeneration
         with open(os.path.join(hf_dir, "config.json")) as f:
             self.hf_config = json.load(f)
-        self.config = LlavaConfig.from_hf_config(self.hf_config, seq_length=SEQ_LENGTH)
+        self.config = LlavaConfig.from_hf_config(self.hf_config, seq_length=seq_length)
         self.hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
         self.ms = LlavaModel(self.config)
-        load_weights(self.ms, load_file(os.path.join(hf_dir, "model.safetensors")))
+        weights = {}
+        for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):    # one file or shards
+            weights.update(load_file(path))
+        load_weights(self.ms, weights)
         self.tokenizer = make_tiny_llava.make_hf_tokenizer(TOKENIZER_MODEL)
         self.processor = make_tiny_llava.make_hf_image_processor(self.config.vision_config.image_size)
         self.num_image_tokens = self.config.num_image_tokens
@@ -440,3 +444,17 @@ def test_float16_compute_runs_close_to_float32(pynative_mode, sides, tiny_hf_dir
     assert logits.dtype == np.float32
     assert rel_err(logits, ref["step_logits"][:1]) <= 1e-2
     assert rel_err(model.decode(state, ref["tokens"][:1]), ref["step_logits"][1:2]) <= 1e-2
+
+
+@pytest.mark.skipif(not os.environ.get("LLAVA_SLOW_TESTS"), reason="set LLAVA_SLOW_TESTS=1 (~1 min: 175M params)")
+def test_mid_preset_336px_576_image_tokens_matches_hf(graph_mode, mid_hf_dir, image_paths):
+    """The real image geometry (336 px, 576 image tokens) and an 8-layer, 1024-wide decoder."""
+    side = Side(mid_hf_dir, seq_length=1024)
+    assert side.num_image_tokens == 576
+    ref = side.oracle("chelsea", image_paths)
+    assert rel_err(side.ms.get_image_features(ref["pixels"]).asnumpy(), ref["features"]) <= REL_TOL
+    logits, state = side.ms.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
+    assert rel_err(logits, ref["prompt_logits"]) <= REL_TOL
+    for i in range(1, 32):
+        assert rel_err(side.ms.decode(state, ref["tokens"][i - 1:i]), ref["step_logits"][None, i]) <= REL_TOL
+    assert side.ms.generate(ref["ids"], ref["pixels"], max_new_tokens=32) == [trim_at_eos(ref["tokens"])]
