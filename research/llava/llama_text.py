@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from llava_layers import Dtypes, Embedding, Linear, RMSNorm, cast, new_param
+from parallel import AllReduceSum, GatherLastDim, TensorParallel
 
 CACHE_NAMES = ("k_cache", "v_cache")
 
@@ -31,9 +32,10 @@ def is_cache_param(name):
     return name.rsplit(".", 1)[-1] in CACHE_NAMES
 
 
-def cache_shape(config, batch):
+def cache_shape(config, batch, world=1):
+    """Rows for this rank's KV heads (n_kv_heads / world under tensor parallelism)."""
     tc = config.text_config
-    return (batch * tc.n_kv_heads * config.seq_length, tc.head_dim)
+    return (batch * (tc.n_kv_heads // world) * config.seq_length, tc.head_dim)
 
 
 def _mask_value(dtype):
@@ -53,12 +55,15 @@ def inv_freq(head_dim, theta):
 
 
 class LlamaAttention(nn.Cell):
-    def __init__(self, config, dt):
+    """Multi-head attention with grouped KV heads; under tensor parallelism this rank's share of the heads
+    (q/k/v column-split, o_proj row-split, partial outputs summed over the ranks)."""
+
+    def __init__(self, config, dt, tp):
         super().__init__()
         tc = config.text_config
         d = tc.hidden_size
-        self.num_heads = tc.num_heads
-        self.n_kv = tc.n_kv_heads
+        self.num_heads = tp.part(tc.num_heads, "num_heads")
+        self.n_kv = tp.part(tc.n_kv_heads, "n_kv_heads")
         self.head_dim = tc.head_dim
         self.groups = self.num_heads // self.n_kv
         self.seq_length = config.seq_length
@@ -70,7 +75,8 @@ class LlamaAttention(nn.Cell):
         self.k_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, False, dt.param, dt.compute)
-        shape = cache_shape(config, config.batch_size)
+        self.reduce = AllReduceSum(tp)
+        shape = cache_shape(config, config.batch_size, tp.world)
         self.k_cache = new_param(shape, dt.compute, "zeros", name="k_cache", requires_grad=False)
         self.v_cache = new_param(shape, dt.compute, "zeros", name="v_cache", requires_grad=False)
         self.bmm = ops.BatchMatMul()
@@ -104,7 +110,7 @@ class LlamaAttention(nn.Cell):
             out = ops.depend(out, v_all)
         else:
             out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)), mask, b, l, l)
-        return self.o_proj(out)
+        return self.reduce(self.o_proj(out))
 
     def _attend(self, q, keys, values, mask, b, l, t):
         """q [b, l, H, hd]; keys/values [b, kv, t, hd]; mask [b, l, t] (1 = attend) -> [b * l, H * hd]."""
@@ -122,24 +128,28 @@ class LlamaAttention(nn.Cell):
 
 
 class LlamaMLP(nn.Cell):
-    def __init__(self, config, dt):
+    """SwiGLU; under tensor parallelism gate/up are column-split, down row-split, outputs summed."""
+
+    def __init__(self, config, dt, tp):
         super().__init__()
         tc = config.text_config
-        self.gate_proj = Linear(tc.hidden_size, tc.intermediate_size, False, dt.param, dt.compute)
-        self.up_proj = Linear(tc.hidden_size, tc.intermediate_size, False, dt.param, dt.compute)
-        self.down_proj = Linear(tc.intermediate_size, tc.hidden_size, False, dt.param, dt.compute)
+        inter = tp.part(tc.intermediate_size, "intermediate_size")
+        self.gate_proj = Linear(tc.hidden_size, inter, False, dt.param, dt.compute)
+        self.up_proj = Linear(tc.hidden_size, inter, False, dt.param, dt.compute)
+        self.down_proj = Linear(inter, tc.hidden_size, False, dt.param, dt.compute)
+        self.reduce = AllReduceSum(tp)
 
     def construct(self, x):
         gate = self.gate_proj(x)
-        return self.down_proj(gate * ops.sigmoid(gate) * self.up_proj(x))
+        return self.reduce(self.down_proj(gate * ops.sigmoid(gate) * self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Cell):
-    def __init__(self, config, dt):
+    def __init__(self, config, dt, tp):
         super().__init__()
         tc = config.text_config
-        self.self_attn = LlamaAttention(config, dt)
-        self.mlp = LlamaMLP(config, dt)
+        self.self_attn = LlamaAttention(config, dt, tp)
+        self.mlp = LlamaMLP(config, dt, tp)
         self.input_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm,
                                                 dt.compute)
@@ -152,14 +162,14 @@ class LlamaDecoderLayer(nn.Cell):
 class LlamaModel(nn.Cell):
     """`language_model.model`: embed_tokens, layers, norm (+ rotary tables computed from position ids)."""
 
-    def __init__(self, config, dt):
+    def __init__(self, config, dt, tp):
         super().__init__()
         tc = config.text_config
         self.head_dim = tc.head_dim
         self.compute_dtype = dt.compute
         self.rotary_dtype = dt.rotary
-        self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dt.param, dt.compute)
-        self.layers = nn.CellList([LlamaDecoderLayer(config, dt) for _ in range(tc.num_layers)])
+        self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dt.param, dt.compute, tp)
+        self.layers = nn.CellList([LlamaDecoderLayer(config, dt, tp) for _ in range(tc.num_layers)])
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
         self.inv_freq = Tensor(inv_freq(tc.head_dim, tc.theta), ms.float32)
 
@@ -184,20 +194,25 @@ class LlamaModel(nn.Cell):
 class LlamaForCausalLM(nn.Cell):
     """`language_model`: model + lm_head. Returns float32 logits [b, V] (last position) or [b, l, V]."""
 
-    def __init__(self, config):
+    def __init__(self, config, tp=None):
         super().__init__()
+        tp = tp or TensorParallel()
         dt = Dtypes(config)
         tc = config.text_config
         self.hidden_size = tc.hidden_size
         self.vocab_size = tc.vocab_size
+        self.vocab_part = tp.part(tc.vocab_size, "vocab_size")
         self.compute_dtype = dt.compute
-        self.model = LlamaModel(config, dt)
-        self.lm_head = Linear(tc.hidden_size, tc.vocab_size, False, dt.param, dt.compute)
+        self.model = LlamaModel(config, dt, tp)
+        # vocabulary-split under tensor parallelism; the logits of all ranks are gathered
+        self.lm_head = Linear(tc.hidden_size, self.vocab_part, False, dt.param, dt.compute)
+        self.gather = GatherLastDim(tp)
 
     def construct(self, inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache, last_only):
         h = self.model(inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache)
         if last_only:
             h = ops.reshape(h, (b, l, self.hidden_size))[:, -1, :]
-            return cast(self.lm_head(h), self.compute_dtype, ms.float32)
-        logits = cast(self.lm_head(h), self.compute_dtype, ms.float32)
+            logits = cast(self.lm_head(h), self.compute_dtype, ms.float32)
+            return self.gather(logits, b, self.vocab_part)
+        logits = self.gather(cast(self.lm_head(h), self.compute_dtype, ms.float32), b * l, self.vocab_part)
         return ops.reshape(logits, (b, l, self.vocab_size))

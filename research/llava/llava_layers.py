@@ -13,6 +13,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
+from parallel import AllReduceSum, mask_to_range, vocab_range
+
 DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
@@ -106,15 +108,26 @@ class RMSNorm(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    """Row lookup in `weight` [num, dim]."""
+    """Row lookup in `weight` [num, dim]. With tensor parallelism (`tp`), this rank holds rows
+    [rank * num / N, (rank + 1) * num / N): ids outside that range give zeros and the ranks' rows are summed."""
 
-    def __init__(self, num, dim, param_dtype=ms.float32, compute_dtype=ms.float32):
+    def __init__(self, num, dim, param_dtype=ms.float32, compute_dtype=ms.float32, tp=None):
         super().__init__()
         self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
+        self.split = tp is not None and tp.enabled
+        if self.split:
+            self.start, self.end = vocab_range(tp, num)
+            self.reduce = AllReduceSum(tp)
+            num = self.end - self.start
         self.weight = new_param((num, dim), param_dtype, "normal", name="weight")
 
     def construct(self, ids):
+        if self.split:
+            local, valid = mask_to_range(ids, self.start, self.end)
+            rows = ops.gather(self.weight, local, 0) * cast(ops.expand_dims(valid, -1), ms.float32,
+                                                            self.param_dtype)
+            return cast(self.reduce(rows), self.param_dtype, self.compute_dtype)
         return cast(ops.gather(self.weight, ids, 0), self.param_dtype, self.compute_dtype)
 
 

@@ -36,6 +36,7 @@ from generation import GenerationSettings, TokenSelector
 from llama_text import CACHE_NAMES, LlamaForCausalLM, cache_shape, is_cache_param
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
+from parallel import TensorParallel
 
 _LIST_LIMIT = 10
 
@@ -121,9 +122,11 @@ class LlavaModel(nn.Cell):
         elif not isinstance(config, LlavaConfig):
             config = LlavaConfig(**dict(config))
         self.config = config
+        # tensor parallelism: the language model is split over the ranks (parallel.py); vision is replicated
+        self.tp = kwargs.pop("tensor_parallel", None) or TensorParallel()
         self.vision_tower = CLIPVisionModel(config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = LlamaForCausalLM(config)
+        self.language_model = LlamaForCausalLM(config, self.tp)
         # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
         self.jit_steps = bool(kwargs.pop("jit_steps", False))
         # Prompts are left-padded to a multiple of this many tokens (0 = exact length).
@@ -158,7 +161,7 @@ class LlavaModel(nn.Cell):
 
     def _cache_batch(self):
         rows = self._attention_cells()[0].k_cache.shape[0]
-        return rows // cache_shape(self.config, 1)[0]
+        return rows // cache_shape(self.config, 1, self.tp.world)[0]
 
     def _ensure_cache(self, batch):
         """Make the KV caches hold `batch` rows. Caches per batch size are kept (a compiled graph refers to
@@ -172,7 +175,7 @@ class LlavaModel(nn.Cell):
             return
         if batch not in pool:
             dtype = cells[0].k_cache.dtype
-            shape = cache_shape(self.config, batch)
+            shape = cache_shape(self.config, batch, self.tp.world)
             pool[batch] = [tuple(Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=old.name,
                                            requires_grad=False) for old in pair) for pair in pool[current]]
         for c, (k, v) in zip(cells, pool[batch]):

@@ -171,14 +171,105 @@ def find_checkpoint(path, rank=0):
     return os.path.join(rank_dir, files[0])
 
 
+def _checkpoint_io():
+    """convert_weight.py's streaming .ckpt reader/writer (one tensor in memory at a time)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if root not in sys.path:
+        sys.path.append(root)
+    import convert_weight
+    return convert_weight
+
+
 def read_checkpoint(path):
-    """name -> Parameter from a MindSpore checkpoint (protobuf; never a pickle)."""
-    import mindspore as ms
+    """name -> Parameter from a MindSpore checkpoint (protobuf; never a pickle), one tensor at a time, so
+    loading peaks near the checkpoint's size rather than twice it."""
+    io = _checkpoint_io()
     try:
-        return ms.load_checkpoint(path)
-    except Exception as e:  # MindSpore raises ValueError/RuntimeError/TypeError for unreadable files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LlavaError(f"--load_checkpoint {path}: not a readable MindSpore checkpoint ({first[:200]})") from None
+        return io.load_ckpt_lean(path)
+    except LlavaError as e:
+        raise LlavaError(f"--load_checkpoint {path}: not a readable MindSpore checkpoint ({e})") from None
+
+
+def slice_checkpoint(src, dst, tp, expected):
+    """Write this rank's share of the complete checkpoint `src` to `dst` (atomically), reading one tensor
+    at a time: memory stays at one full tensor, the output holds 1/N of every split weight."""
+    import numpy as np
+    import weight_map
+    io = _checkpoint_io()
+    try:
+        tensors = io.scan_ckpt(src)
+    except LlavaError as e:
+        raise LlavaError(f"--load_checkpoint {src}: not a readable MindSpore checkpoint ({e})") from None
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise LlavaError(f"--load_checkpoint {src} does not match the model: {len(missing)} missing "
+                         f"({', '.join(missing[:5])}), {len(unknown)} unknown ({', '.join(unknown[:5])})")
+    raw_dtype = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with io.AtomicFile(dst) as out, open(src, "rb") as f:
+        writer = io.CkptWriter(out.f)
+        for name, t in tensors.items():
+            dtype = io.MS_TO_DTYPE.get(t.dtype)
+            if dtype is None:
+                raise LlavaError(f"--load_checkpoint {src}: {name} has dtype {t.dtype}, not a float weight")
+            if tuple(t.shape) != tuple(expected[name][0]):
+                raise LlavaError(f"--load_checkpoint {src}: {name} has shape {list(t.shape)}, the model "
+                                 f"expects {list(expected[name][0])}")
+            buf = bytearray(t.nbytes)
+            pos = 0
+            for offset, nbytes in t.segments:
+                f.seek(offset)
+                f.readinto(memoryview(buf)[pos:pos + nbytes])
+                pos += nbytes
+            part = np.ascontiguousarray(weight_map.shard(
+                name, np.frombuffer(buf, dtype=raw_dtype[dtype]).reshape(t.shape), tp.rank, tp.world))
+            writer.write_tensor(name, list(part.shape), dtype, part.nbytes, [part.data])
+            del buf, part
+        out.commit()
+    return dst
+
+
+def rank_checkpoint(config, tp, expected):
+    """The checkpoint file this rank loads (a complete file, its rank_K slice, or a freshly sliced one)."""
+    path = config.load_checkpoint
+    if not path:
+        raise LlavaError("--load_checkpoint is required: a complete .ckpt file or a model_dir/rank_K/ folder")
+    if os.path.isfile(path):
+        if tp.world == 1:
+            return path
+        if not config.auto_trans_ckpt:
+            raise LlavaError(f"--load_checkpoint {path} is a complete checkpoint: pass --auto_trans_ckpt True "
+                             f"to slice it for {tp.world} ranks, or give a folder with rank_0..rank_{tp.world - 1}")
+        dst = os.path.join(config.output_dir, "transformed_checkpoint", f"rank_{tp.rank}",
+                           f"checkpoint_{tp.rank}.ckpt")
+        return slice_checkpoint(path, dst, tp, expected)
+    if not os.path.isdir(path):
+        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
+    ranks = sorted(d for d in os.listdir(path) if d.startswith("rank_") and os.path.isdir(os.path.join(path, d)))
+    want = [f"rank_{k}" for k in range(tp.world)]
+    if sorted(ranks, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1) != want:
+        raise LlavaError(f"--load_checkpoint {path}: has {len(ranks)} rank folder(s) ({', '.join(ranks[:8]) or 'none'}) "
+                         f"but the job runs {tp.world} rank(s): expected {', '.join(want)}")
+    return find_checkpoint(path, tp.rank)
+
+
+def setup_parallel(config, model_config):
+    """The tensor-parallel group of this process, checked against the yaml and the model's shapes."""
+    import weight_map
+    from parallel import TensorParallel
+    mp = int((config.get("parallel_config") or {}).get("model_parallel", 1) or 1)
+    if not config.use_parallel:
+        if mp > 1:
+            raise LlavaError(f"parallel_config.model_parallel={mp} needs --use_parallel True under "
+                             f"scripts/msrun_launcher.sh with {mp} workers")
+        return TensorParallel()
+    tp = TensorParallel.from_communication()
+    if tp.world != mp:
+        raise LlavaError(f"parallel_config.model_parallel={mp} but the job was launched with {tp.world} "
+                         f"rank(s); set model_parallel to the launcher's worker count")
+    weight_map.check_parallel(model_config, tp.world)
+    return tp
 
 
 def build_components(config):
@@ -245,15 +336,27 @@ def run(args, root):
         settings = GenerationSettings.from_config(model_config)
         # loads and checks every image, and the length budget, before the model is built
         inputs = processor.process(pairs, max_new_tokens=settings.max_new_tokens)
-        ckpt = find_checkpoint(config.load_checkpoint)
-        model = model_cls(config=model_config)
+        tp = setup_parallel(config, model_config)
         import llava_model
+        import weight_map
+        ckpt = rank_checkpoint(config, tp, weight_map.expected_params(model_config))
+        from mindspore.nn.utils import no_init_parameters
+        with no_init_parameters():  # weights come from the checkpoint: never allocate them twice
+            model = model_cls(config=model_config, tensor_parallel=tp)
         llava_model.load_weights(model, read_checkpoint(ckpt))
         _touch_device()
+        if tp.enabled:
+            nbytes = sum(p.nbytes for p in model.weight_parameters().values())
+            lm = sum(p.nbytes for n, p in model.weight_parameters().items() if n.startswith("language_model."))
+            print(f"[rank {tp.rank}/{tp.world}] loaded {ckpt}: {nbytes} weight bytes "
+                  f"({lm} in the language model)", file=sys.stderr)
 
-    streamer = TextStreamer(tokenizer, stream=sys.stdout)
+    # every rank computes the same tokens (logits are gathered); rank 0 alone speaks and writes
+    streamer = TextStreamer(tokenizer, stream=sys.stdout) if tp.rank == 0 else None
     outputs = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
                              streamer=streamer)
+    if tp.rank != 0:
+        return 0
     records = [{"image": image, "prompt": prompt, "output_text": tokenizer.decode(ids, skip_special_tokens=True),
                 "output_ids": [int(t) for t in ids]} for (image, prompt), ids in zip(pairs, outputs)]
     path = write_results(output_dir, records)
