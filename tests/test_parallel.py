@@ -1,0 +1,223 @@
+"""[F] Tensor-parallel prediction over 2 ranks with scripts/msrun_launcher.sh (msrun on CPU, loopback)."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import IMAGES, ROOT
+from test_predict import MAX_NEW, PAIRS, check_records, convert, run_cli, yaml_for
+
+LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
+
+
+def launch(yaml_path, ckpt, out_dir, pairs, port, *extra, workers=2, timeout_s=120, auto_trans=True):
+    items = " ".join(f"'{x}'" for pair in pairs for x in pair)
+    order = (f"run_mindformer.py --config {yaml_path} --register_path research/llava --run_mode predict "
+             f"--predict_data {items} --modal_type image text --load_checkpoint {ckpt} "
+             f"--use_parallel True --auto_trans_ckpt {auto_trans} --output_dir {out_dir} "
+             f"--max_new_tokens {MAX_NEW} " + " ".join(extra))
+    log_dir = os.path.join(out_dir, "msrun_log")
+    args = ["bash", LAUNCHER, order, str(workers), str(port), log_dir, "True", str(timeout_s)]
+    return subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True), log_dir
+
+
+def finish(proc, limit=900):
+    out, err = proc.communicate(timeout=limit)
+    return proc.returncode, out, err
+
+
+def results(out_dir):
+    with open(os.path.join(out_dir, "predict_results.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def worker_log(log_dir, rank):
+    with open(os.path.join(log_dir, f"worker_{rank}.log"), errors="replace") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def tp_setups(tmp_path_factory, tiny_hf_dir, mid_hf_dir):
+    from oracle import HFOracle
+    base = tmp_path_factory.mktemp("parallel")
+    out = {}
+    for name, hf_dir, seq in (("tiny", tiny_hf_dir, 256), ("mid", mid_hf_dir, 1024)):
+        oracle = HFOracle(hf_dir)
+        out[name] = dict(
+            hf_dir=hf_dir, ckpt=convert(hf_dir, str(base / f"{name}.ckpt")),
+            yaml=yaml_for(hf_dir, str(base / f"{name}.yaml"), seq_length=seq),
+            expected=[oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS])
+        with open(out[name]["yaml"]) as f:
+            text = f.read()
+        with open(out[name]["yaml"], "w") as f:
+            f.write(text.replace("model_parallel: 1", "model_parallel: 2"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tp_setups, tmp_path_factory):
+    """One 2-rank run on tiny from the complete checkpoint (sliced on the fly)."""
+    s = tp_setups["tiny"]
+    out_dir = str(tmp_path_factory.mktemp("tiny_tp"))
+    proc, log_dir = launch(s["yaml"], s["ckpt"], out_dir, PAIRS, 8311)
+    code, out, err = finish(proc)
+    assert code == 0, err[-3000:] + worker_log(log_dir, 0)[-3000:]
+    return dict(out_dir=out_dir, log_dir=log_dir, stdout=out)
+
+
+def test_two_ranks_give_the_single_process_and_hf_answers(tp_setups, tiny_run):
+    check_records(results(tiny_run["out_dir"]), PAIRS, tp_setups["tiny"]["expected"])
+    for rank in (0, 1):
+        assert os.path.isfile(os.path.join(tiny_run["out_dir"], "transformed_checkpoint", f"rank_{rank}",
+                                           f"checkpoint_{rank}.ckpt"))
+    # rank 0 alone streams: its answer lines reach the console through the launcher
+    for i, (_, text) in enumerate(tp_setups["tiny"]["expected"]):
+        assert f"[{i}] {text}" in tiny_run["stdout"]
+    assert "[0] " not in worker_log(tiny_run["log_dir"], 1)
+
+
+def test_each_rank_holds_half_of_the_language_model(tp_setups, tiny_run):
+    from safetensors import safe_open
+    with safe_open(os.path.join(tp_setups["tiny"]["hf_dir"], "model.safetensors"), "np") as f:
+        full = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith("language_model."))
+    for rank in (0, 1):
+        m = re.search(r"\[rank %d/2\] loaded .*: (\d+) weight bytes \((\d+) in the language model\)" % rank,
+                      worker_log(tiny_run["log_dir"], rank))
+        assert m, f"rank {rank} did not report its weights"
+        lm = int(m.group(2))
+        assert 0.49 * full <= lm <= 0.51 * full, (lm, full)
+
+
+def test_presliced_rank_folder_loads_directly(tp_setups, tiny_run, tmp_path):
+    s = tp_setups["tiny"]
+    sliced = os.path.join(tiny_run["out_dir"], "transformed_checkpoint")
+    proc, log_dir = launch(s["yaml"], sliced, str(tmp_path), PAIRS[:1], 8312, auto_trans=False)
+    code, _, err = finish(proc)
+    assert code == 0, err[-2000:] + worker_log(log_dir, 0)[-3000:]
+    check_records(results(str(tmp_path)), PAIRS[:1], s["expected"][:1])
+    assert not os.path.exists(tmp_path / "transformed_checkpoint")
+
+
+def test_last_step_logits_match_hf(tp_setups, tiny_run, tmp_path):
+    import torch
+    from PIL import Image
+    from oracle import HFOracle
+    s = tp_setups["tiny"]
+    image, prompt = PAIRS[0]
+    steps = 8
+    out = str(tmp_path / "logits.npy")
+    env = dict(os.environ, GLOG_v="3")
+    proc = subprocess.run(
+        ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", "--master_port=8313",
+         f"--log_dir={tmp_path / 'log'}", "--join=True", "--cluster_time_out=120",
+         os.path.join(ROOT, "tests", "tp_worker.py"), s["hf_dir"],
+         os.path.join(tiny_run["out_dir"], "transformed_checkpoint"), image, prompt, str(steps), out],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = np.load(out)
+    oracle = HFOracle(s["hf_dir"])
+    ids = torch.tensor([oracle.ids(prompt)])
+    pixels = oracle.image_processor(Image.open(image), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        gen = oracle.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                    do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
+                                    output_logits=True, return_dict_in_generate=True, pad_token_id=32001)
+    ref = torch.stack(gen.logits, 1)[0].float().numpy()
+    scale = max(float(np.abs(ref).max()), 1.0)
+    assert ours.shape == ref.shape
+    assert np.abs(ours[-1] - ref[-1]).max() / scale <= 1e-5
+    assert np.abs(ours - ref).max() / scale <= 1e-5
+
+
+def test_mid_two_ranks_equal_hf(tp_setups, tmp_path):
+    s = tp_setups["mid"]
+    proc, log_dir = launch(s["yaml"], s["ckpt"], str(tmp_path), PAIRS, 8314, timeout_s=300)
+    code, _, err = finish(proc)
+    assert code == 0, err[-2000:] + worker_log(log_dir, 0)[-3000:]
+    check_records(results(str(tmp_path)), PAIRS, s["expected"])
+
+
+def test_killed_rank_ends_the_job_within_the_time_out(tp_setups, tmp_path):
+    s = tp_setups["tiny"]
+    timeout_s = 30
+    # a long PyNative generation, so that rank 1 dies while both ranks are in the decode loop
+    long_yaml = str(tmp_path / "long.yaml")
+    with open(s["yaml"]) as f, open(long_yaml, "w") as g:
+        g.write(f.read().replace("seq_length: 256", "seq_length: 512"))
+    proc, log_dir = launch(long_yaml, s["ckpt"], str(tmp_path), PAIRS[:1], 8315, "--max_new_tokens", "380",
+                           "--mode", "1", timeout_s=timeout_s)
+    victim = None
+    deadline = time.time() + 240
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        log = os.path.join(log_dir, "worker_1.log")
+        if os.path.exists(log) and "[rank 1/2] loaded" in open(log, errors="replace").read():
+            victim = _pid_of_rank(1, str(tmp_path))
+    assert victim, "rank 1 never got going"
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    code, _, err = finish(proc, limit=timeout_s + 120)
+    assert code != 0
+    assert time.time() - killed_at < timeout_s + 120
+    assert "the distributed job failed" in err.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "predict_results.jsonl")
+
+
+def _pid_of_rank(rank, marker):
+    """The worker process of `rank` whose command line mentions `marker` (its output folder)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "run_mindformer.py" in cmd and marker in cmd and f"RANK_ID={rank}" in environ:
+            return int(pid)
+    return None
+
+
+# ------------------------------------------------------------------------- mismatches, caught early
+def test_rank_folder_of_another_world_size_is_an_error(tp_setups, tiny_run, tmp_path):
+    s = tp_setups["tiny"]
+    single_yaml = str(tmp_path / "single.yaml")
+    with open(s["yaml"]) as f, open(single_yaml, "w") as g:
+        g.write(f.read().replace("model_parallel: 2", "model_parallel: 1"))
+    proc = run_cli(["run_mindformer.py", "--config", single_yaml, "--predict_data", *PAIRS[0],
+                    "--load_checkpoint", os.path.join(tiny_run["out_dir"], "transformed_checkpoint"),
+                    "--output_dir", str(tmp_path / "o")])
+    assert proc.returncode == 2
+    assert "2 rank folder(s)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_model_parallel_without_use_parallel_is_an_error(tp_setups, tmp_path):
+    s = tp_setups["tiny"]
+    proc = run_cli(["run_mindformer.py", "--config", s["yaml"], "--predict_data", *PAIRS[0],
+                    "--load_checkpoint", s["ckpt"], "--output_dir", str(tmp_path / "o")])
+    assert proc.returncode == 2
+    assert "model_parallel=2 needs --use_parallel True" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_heads_not_divisible_by_ranks_is_an_error_before_loading(tp_setups, tmp_path):
+    s = tp_setups["tiny"]
+    three = str(tmp_path / "three.yaml")
+    with open(s["yaml"]) as f, open(three, "w") as g:
+        g.write(f.read().replace("model_parallel: 2", "model_parallel: 3"))
+    proc, log_dir = launch(three, s["ckpt"], str(tmp_path), PAIRS[:1], 8316, workers=3, timeout_s=15)
+    code, _, err = finish(proc, limit=300)
+    assert code != 0
+    log = worker_log(log_dir, 0)
+    assert "cannot split the model over 3 tensor-parallel ranks" in log and "num_heads=4" in log
+    assert "loaded" not in log
+    assert not os.path.exists(tmp_path / "transformed_checkpoint")
