@@ -69,3 +69,12 @@ def test_second_shape_is_really_different(preset, tiny_gqa_hf_dir):
         cfg = json.load(f)
     t = cfg["text_config"]
     assert t["num_key_value_heads"] < t["num_attention_heads"] and t["rope_theta"] != 10000.0
+
+
+def test_package_and_plugin_modules_are_the_same_classes():
+    """`research.llava` re-exports the top-level plugin modules: one class, registered once."""
+    import llava_model
+    import research.llava as pkg
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    assert pkg.LlavaModel is llava_model.LlavaModel
+    assert MindFormerRegister.get_cls(MindFormerModuleType.MODELS, "LlavaModel") is llava_model.LlavaModel

@@ -14,5 +14,9 @@ if _HERE not in sys.path:
 
 from llava_config import LlavaCLIPConfig, LlavaConfig, LlavaTextConfig  # noqa: E402
 from llava_errors import LlavaError  # noqa: E402
+from llava_model import LlavaModel, load_weights  # noqa: E402
+from llava_processor import LlavaProcessor  # noqa: E402
+from llava_tokenizer import LlavaTokenizer  # noqa: E402
 
-__all__ = ["LlavaCLIPConfig", "LlavaConfig", "LlavaTextConfig", "LlavaError"]
+__all__ = ["LlavaCLIPConfig", "LlavaConfig", "LlavaTextConfig", "LlavaError", "LlavaModel", "load_weights",
+           "LlavaProcessor", "LlavaTokenizer"]
