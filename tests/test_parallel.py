@@ -209,15 +209,15 @@ def test_model_parallel_without_use_parallel_is_an_error(tp_setups, tmp_path):
     assert "model_parallel=2 needs --use_parallel True" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_heads_not_divisible_by_ranks_is_an_error_before_loading(tp_setups, tmp_path):
+def test_kv_heads_fewer_than_ranks_is_an_error_before_loading(tp_setups, tmp_path):
     s = tp_setups["tiny"]
-    three = str(tmp_path / "three.yaml")
-    with open(s["yaml"]) as f, open(three, "w") as g:
-        g.write(f.read().replace("model_parallel: 2", "model_parallel: 3"))
-    proc, log_dir = launch(three, s["ckpt"], str(tmp_path), PAIRS[:1], 8316, workers=3, timeout_s=15)
+    one_kv = str(tmp_path / "one_kv.yaml")
+    with open(s["yaml"]) as f, open(one_kv, "w") as g:
+        g.write(f.read().replace("n_kv_heads: 4", "n_kv_heads: 1"))
+    proc, log_dir = launch(one_kv, s["ckpt"], str(tmp_path), PAIRS[:1], 8316, timeout_s=15)
     code, _, err = finish(proc, limit=300)
     assert code != 0
     log = worker_log(log_dir, 0)
-    assert "cannot split the model over 3 tensor-parallel ranks" in log and "num_heads=4" in log
+    assert "cannot split the model over 2 tensor-parallel ranks" in log and "n_kv_heads=1" in log
     assert "loaded" not in log
     assert not os.path.exists(tmp_path / "transformed_checkpoint")
