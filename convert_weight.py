@@ -572,6 +572,16 @@ def check_free_space(folder, nbytes):
 
 def _import_model_modules():
     import tempfile
+    if "mindformers" not in sys.modules and not os.environ.get("LOG_MF_PATH"):
+        # MindFormers opens its log files when imported, by default under ./output/log of the current folder.
+        # This command's only output is the converted file: the log goes to a temporary folder that is removed
+        # as soon as the files are open (nothing is left behind, even after a SIGKILL).
+        log_dir = tempfile.mkdtemp(prefix="convert_weight-log-")
+        os.environ["LOG_MF_PATH"] = log_dir
+        import atexit
+        atexit.register(shutil.rmtree, log_dir, True)
+    else:
+        log_dir = None
     sys.stdout.flush()
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
@@ -597,6 +607,8 @@ def _import_model_modules():
         os.close(saved[0])
         os.close(saved[1])
         log.close()
+        if log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
     return llava_config, weight_map
 
 
@@ -604,12 +616,12 @@ def load_llava_config(path):
     """LlavaConfig from a llava-hf config.json (LlavaError naming the file when it is not one)."""
     if not os.path.isfile(path):
         raise LlavaError(f"{path} does not exist")
-    llava_config, _ = _import_model_modules()
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise LlavaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    llava_config, _ = _import_model_modules()
     try:
         return llava_config.LlavaConfig.from_hf_config(hf)
     except LlavaError as e:

@@ -71,8 +71,9 @@ def _setup_plugin(register_path):
         path = os.path.abspath(register_path)
     path = os.path.realpath(path)
     if not os.path.isfile(os.path.join(path, "llava_model.py")):
-        sys.exit(f"{PROG}: error: --register_path {register_path}: not the llava plugin folder "
-                 f"(no llava_model.py)")
+        print(f"{PROG}: error: --register_path {register_path}: not the llava plugin folder "
+              f"(no llava_model.py)", file=sys.stderr)
+        sys.exit(2)
     os.environ["REGISTER_PATH"] = path
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -37,7 +37,7 @@ case $# in
   6) WORKER_NUM=$2; LOCAL_WORKER=$2; MASTER_PORT=$3; LOG_DIR=$4; JOIN=$5; CLUSTER_TIME_OUT=$6 ;;
   9) WORKER_NUM=$2; LOCAL_WORKER=$3; MASTER_ADDR=$4; MASTER_PORT=$5; NODE_RANK=$6; LOG_DIR=$7; JOIN=$8
      CLUSTER_TIME_OUT=$9 ;;
-  *) echo "msrun_launcher.sh: error: expected 1, 2, 6 or 9 arguments, got $#" >&2; usage; exit 2 ;;
+  *) usage; echo "msrun_launcher.sh: error: expected 1, 2, 6 or 9 arguments, got $#" >&2; exit 2 ;;
 esac
 
 for pair in "WORKER_NUM=$WORKER_NUM" "LOCAL_WORKER=$LOCAL_WORKER" "MASTER_PORT=$MASTER_PORT" \
@@ -81,9 +81,22 @@ fi
 
 echo "Running Command: $MSRUN_CMD $SCRIPT$REST" >&2
 echo "Please check log files in $(realpath -m "$LOG_DIR") (worker_K.log per rank)" >&2
-eval "$MSRUN_CMD \"$SCRIPT\"$REST"
+# msrun's own Python traceback on a failed job ("Distributed job exited with exception") is noise: keep its last
+# line, drop the frames. Each rank's message is in its log; the last line below quotes them.
+eval "$MSRUN_CMD \"$SCRIPT\"$REST" \
+  2> >(awk '/^Traceback \(most recent call last\):/ {tb=1; next} tb && /^[ \t]/ {next} {tb=0; print; fflush()}' >&2)
 status=$?
+wait $! 2>/dev/null
 if [ $status -ne 0 ]; then
-  echo "msrun_launcher.sh: error: the distributed job failed (exit $status); see $(realpath -m "$LOG_DIR")/worker_*.log" >&2
+  reasons=""
+  for log in "$LOG_DIR"/worker_*.log; do
+    [ -f "$log" ] || continue
+    line=$(grep -a -E '^[A-Za-z_.]+: error: ' "$log" | tail -n 1)
+    if [ -n "$line" ] && [[ $reasons != *"${line#*: error: }"* ]]; then
+      reasons="$reasons $(basename "$log" .log): ${line#*: error: };"
+    fi
+  done
+  [ -n "$reasons" ] || reasons=" no rank reported an error (killed, or crashed: see its log);"
+  echo "msrun_launcher.sh: error: the distributed job failed (exit $status):$reasons see $(realpath -m "$LOG_DIR")/worker_*.log" >&2
 fi
 exit $status

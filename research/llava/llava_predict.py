@@ -145,15 +145,16 @@ def write_results(output_dir, records):
 
 
 def _check_output_dir(output_dir):
-    """Fail before the model is built, not after minutes of generation."""
-    probe = output_dir
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise LlavaError(f"--output_dir {output_dir}: {probe} is not a writable folder")
+    """Fail before the model is built, not after minutes of generation. The folder is created and a probe
+    file written: os.access() says yes to root on read-only places (sysfs, read-only mounts)."""
+    probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "xb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise LlavaError(f"--output_dir {output_dir}: not a writable folder ({e.strerror or e})") from None
 
 
 def find_checkpoint(path, rank=0):
@@ -188,6 +189,37 @@ def read_checkpoint(path):
         return io.load_ckpt_lean(path)
     except LlavaError as e:
         raise LlavaError(f"--load_checkpoint {path}: not a readable MindSpore checkpoint ({e})") from None
+
+
+def check_checkpoint_early(path):
+    """A missing, empty, truncated or foreign checkpoint FILE fails before the framework imports and the model
+    build (headers only: the scan seeks past the tensor data). Rank folders are checked per rank later."""
+    if not path:
+        raise LlavaError("--load_checkpoint is required: a complete .ckpt file or a model_dir/rank_K/ folder")
+    if not os.path.exists(path):
+        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
+    if os.path.isfile(path):
+        if os.path.getsize(path) == 0:
+            raise LlavaError(f"--load_checkpoint {path}: empty file")
+        try:
+            tensors = _checkpoint_io().scan_ckpt(path)
+        except LlavaError as e:
+            raise LlavaError(f"--load_checkpoint {path}: not a readable MindSpore checkpoint ({e})") from None
+        if not tensors:
+            raise LlavaError(f"--load_checkpoint {path}: holds no tensors (not a checkpoint of this model)")
+
+
+def load_weights_from(llava_model, model, path):
+    """Strict load of the checkpoint file `path`; every problem names the file."""
+    if os.path.getsize(path) == 0:
+        raise LlavaError(f"--load_checkpoint {path}: empty file")
+    params = read_checkpoint(path)
+    if not params:
+        raise LlavaError(f"--load_checkpoint {path}: holds no tensors (not a checkpoint of this model)")
+    try:
+        llava_model.load_weights(model, params)
+    except LlavaError as e:
+        raise LlavaError(f"--load_checkpoint {path}: {e}") from None
 
 
 def slice_checkpoint(src, dst, tp, expected):
@@ -318,24 +350,57 @@ def _touch_device():
     (ms.Tensor([1.0]) + 1).asnumpy()
 
 
+def load_images(pairs, processor_cfg):
+    """[(image, prompt)] -> [(decoded PIL image, prompt)], checked with the yaml's processor.timeout /
+    max_bytes / max_pixels; image_loading needs no MindSpore/MindFormers, so this runs before their imports."""
+    from image_loading import load_image
+    limits = {}
+    for key, kind in (("timeout", float), ("max_bytes", int), ("max_pixels", int)):
+        if key in processor_cfg:
+            value = processor_cfg[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise LlavaError(f"processor.{key} must be a positive number, got {value!r}")
+            limits[key] = kind(value)
+    return [(load_image(image, **limits), prompt) for image, prompt in pairs]
+
+
+def build_device_context(config, build_context):
+    """MindFormers' build_context, then one tiny op: the runtime prints its allocator banner now, to stderr
+    (after an error it would print it at exit, to stdout). MindSpore refusing the context (an unknown mode, a
+    device this installation cannot drive) is bad input: one line, no traceback."""
+    try:
+        build_context(config)
+    except (ValueError, TypeError, RuntimeError) as e:
+        with contextlib.suppress(Exception):
+            _touch_device()
+        ctx = config.context
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise LlavaError(f"MindSpore could not set up the context (device_target={ctx.get('device_target')!r}, "
+                         f"mode={ctx.get('mode')!r}, use_parallel={bool(config.use_parallel)}): {first[:300]}") from None
+    _touch_device()
+
+
 def run(args, root):
     pairs = parse_predict_data(args.predict_data, args.modal_type)
     data = read_yaml(_resolve(args.config, root))
     output_dir = os.path.abspath(args.output_dir or data.get("output_dir") or "./output")
     _check_output_dir(output_dir)
+    loaded = load_images(pairs, data["processor"])   # bad paths/URLs fail in a second, before the imports
+    check_checkpoint_early(args.load_checkpoint if args.load_checkpoint is not None else data.get("load_checkpoint"))
     # MindFormers writes its log under ./output unless told otherwise: keep it inside --output_dir.
     os.environ.setdefault("LOG_MF_PATH", os.path.join(output_dir, "log"))
+    os.environ.setdefault("LOCAL_DEFAULT_PATH", output_dir)   # MindFormers' output root (parallel: ./output/strategy)
     with stdout_to_stderr():
         from mindformers import build_context
         quiet_mindformers_console()
         config = load_config(args, root)
         config.output_dir = output_dir
-        build_context(config)
+        build_device_context(config, build_context)
 
         model_config, tokenizer, processor, model_cls = build_components(config)
         settings = GenerationSettings.from_config(model_config)
         # loads and checks every image, and the length budget, before the model is built
-        inputs = processor.process(pairs, max_new_tokens=settings.max_new_tokens)
+        inputs = processor.process(loaded, max_new_tokens=settings.max_new_tokens)
         tp = setup_parallel(config, model_config)
         import llava_model
         import weight_map
@@ -343,7 +408,7 @@ def run(args, root):
         from mindspore.nn.utils import no_init_parameters
         with no_init_parameters():  # weights come from the checkpoint: never allocate them twice
             model = model_cls(config=model_config, tensor_parallel=tp)
-        llava_model.load_weights(model, read_checkpoint(ckpt))
+        load_weights_from(llava_model, model, ckpt)
         _touch_device()
         if tp.enabled:
             nbytes = sum(p.nbytes for p in model.weight_parameters().values())
