@@ -5,7 +5,6 @@ Only transformers/torch code runs here, so an expected value never comes from ou
 import json
 import os
 
-import numpy as np
 
 import make_tiny_llava
 from conftest import TOKENIZER_MODEL

@@ -1,17 +1,17 @@
-"""[F] Tensor-parallel prediction over 2 ranks with scripts/msrun_launcher.sh (msrun on CPU, loopback)."""
-import glob
+"""[F] Tensor-parallel prediction over 2 ranks with scripts/msrun_launcher.sh (msrun on CPU, loopback).
+
+A rank killed mid-run and a folder with a missing rank are covered, with the fault suite's stricter checks
+(no stray processes, nothing outside --output_dir), by tests/test_robustness.py.
+"""
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import IMAGES, ROOT
+from conftest import ROOT
 from test_predict import MAX_NEW, PAIRS, check_records, convert, run_cli, yaml_for
 
 LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
@@ -143,49 +143,6 @@ def test_mid_two_ranks_equal_hf(tp_setups, tmp_path):
     code, _, err = finish(proc)
     assert code == 0, err[-2000:] + worker_log(log_dir, 0)[-3000:]
     check_records(results(str(tmp_path)), PAIRS, s["expected"])
-
-
-def test_killed_rank_ends_the_job_within_the_time_out(tp_setups, tmp_path):
-    s = tp_setups["tiny"]
-    timeout_s = 30
-    # a long PyNative generation, so that rank 1 dies while both ranks are in the decode loop
-    long_yaml = str(tmp_path / "long.yaml")
-    with open(s["yaml"]) as f, open(long_yaml, "w") as g:
-        g.write(f.read().replace("seq_length: 256", "seq_length: 512"))
-    proc, log_dir = launch(long_yaml, s["ckpt"], str(tmp_path), PAIRS[:1], 8315, "--max_new_tokens", "380",
-                           "--mode", "1", timeout_s=timeout_s)
-    victim = None
-    deadline = time.time() + 240
-    while victim is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        log = os.path.join(log_dir, "worker_1.log")
-        if os.path.exists(log) and "[rank 1/2] loaded" in open(log, errors="replace").read():
-            victim = _pid_of_rank(1, str(tmp_path))
-    assert victim, "rank 1 never got going"
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.time()
-    code, _, err = finish(proc, limit=timeout_s + 120)
-    assert code != 0
-    assert time.time() - killed_at < timeout_s + 120
-    assert "the distributed job failed" in err.strip().splitlines()[-1]
-    assert not os.path.exists(tmp_path / "predict_results.jsonl")
-
-
-def _pid_of_rank(rank, marker):
-    """The worker process of `rank` whose command line mentions `marker` (its output folder)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "run_mindformer.py" in cmd and marker in cmd and f"RANK_ID={rank}" in environ:
-            return int(pid)
-    return None
 
 
 # ------------------------------------------------------------------------- mismatches, caught early
