@@ -29,7 +29,7 @@ def main(hf_dir, ckpt_dir, image, prompt, steps, out):
     from llava_model import LlavaModel, load_weights
     from parallel import TensorParallel
     from oracle import HFOracle
-    import convert_weight
+    import checkpoint_io
 
     oracle = HFOracle(hf_dir)
     with open(os.path.join(hf_dir, "config.json")) as f:
@@ -37,7 +37,7 @@ def main(hf_dir, ckpt_dir, image, prompt, steps, out):
     tp = TensorParallel.from_communication()
     model = LlavaModel(config, tensor_parallel=tp)
     [ckpt] = glob.glob(os.path.join(ckpt_dir, f"rank_{tp.rank}", "*.ckpt"))
-    load_weights(model, convert_weight.load_ckpt_lean(ckpt))
+    load_weights(model, checkpoint_io.load_ckpt_lean(ckpt))
     ids = np.array([oracle.ids(prompt)], np.int32)
     pixels = oracle.image_processor(Image.open(image), return_tensors="np")["pixel_values"].astype(np.float32)
     logits, state = model.prefill(ids, pixels)

@@ -173,12 +173,9 @@ def find_checkpoint(path, rank=0):
 
 
 def _checkpoint_io():
-    """convert_weight.py's streaming .ckpt reader/writer (one tensor in memory at a time)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if root not in sys.path:
-        sys.path.append(root)
-    import convert_weight
-    return convert_weight
+    """The streaming .ckpt reader/writer (one tensor in memory at a time)."""
+    import checkpoint_io
+    return checkpoint_io
 
 
 def read_checkpoint(path):

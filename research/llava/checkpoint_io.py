@@ -1,0 +1,491 @@
+"""MindSpore .ckpt and safetensors formats, streamed: one tensor (or one chunk) in memory at a time.
+
+Used by convert_weight.py (HF safetensors <-> .ckpt) and by the predict job (lean checkpoint loading and
+per-rank slicing for tensor parallelism). No torch, no pickle: both formats are parsed from their headers.
+"""
+import json
+import math
+import os
+import signal
+import struct
+
+import numpy as np
+
+from llava_errors import LlavaError
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# safetensors dtype codes: byte size of every code the format defines; only the float ones can be weights.
+SF_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+               "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+SF_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DTYPE_TO_SF = {v: k for k, v in SF_TO_DTYPE.items()}
+# MindSpore checkpoint tensor_type strings (str(mindspore.float32) etc.).
+MS_TO_DTYPE = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16"}
+DTYPE_TO_MS = {v: k for k, v in MS_TO_DTYPE.items()}
+
+CHUNK_BYTES = 16 * 1024 * 1024          # bytes read (and converted) at a time
+CKPT_SLICE_BYTES = 512 * 1024 * 1024    # largest tensor_content per checkpoint entry, as MindSpore's SLICE_SIZE
+MAX_HEADER_BYTES = 100 * 1024 * 1024    # safetensors' own limit on the JSON header
+LIST_LIMIT = 5                          # names shown in an error message before "and N more"
+
+
+
+def _names(items, limit=LIST_LIMIT):
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _mb(nbytes):
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dtype conversion of raw little-endian chunks (no torch; bfloat16 by bit manipulation)
+
+def _to_f32(raw, src):
+    if src == "float32":
+        return np.frombuffer(raw, dtype="<f4")
+    if src == "float16":
+        return np.frombuffer(raw, dtype="<f2").astype("<f4")
+    if src == "bfloat16":
+        return (np.frombuffer(raw, dtype="<u2").astype("<u4") << 16).view("<f4")
+    raise LlavaError(f"unsupported dtype {src}")
+
+
+def _from_f32(x, dst):
+    if dst == "float32":
+        return x
+    if dst == "float16":
+        with np.errstate(over="ignore"):
+            return x.astype("<f2")
+    if dst == "bfloat16":
+        # round to nearest even, NaN -> canonical quiet NaN (as torch / c10::BFloat16 do)
+        u = x.view("<u4")
+        out = ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype("<u2")
+        nan = np.isnan(x)
+        if nan.any():
+            out[nan] = 0x7FC0
+        return out
+    raise LlavaError(f"unsupported dtype {dst}")
+
+
+def convert_chunk(raw, src, dst):
+    """Raw bytes of `src` elements -> (bytes-like of `dst` elements, number of finite values that overflowed)."""
+    if src == dst:
+        return raw, 0
+    x = _to_f32(raw, src)
+    y = _from_f32(x, dst)
+    overflow = 0
+    if dst == "float16":
+        overflow = int(np.count_nonzero(np.isinf(y) & np.isfinite(x)))
+    elif dst == "bfloat16":
+        overflow = int(np.count_nonzero(((y & 0x7FFF) == 0x7F80) & np.isfinite(x)))
+    return memoryview(np.ascontiguousarray(y)).cast("B"), overflow
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors: header parsing and streaming reads (the format is an 8-byte length, a JSON header, raw data)
+
+class TensorInfo:
+    """One tensor in a file: where its bytes are, and what they are."""
+    __slots__ = ("name", "path", "dtype", "shape", "offset", "nbytes", "segments")
+
+    def __init__(self, name, path, dtype, shape, offset, nbytes, segments=None):
+        self.name, self.path, self.dtype, self.shape = name, path, dtype, tuple(shape)
+        self.offset, self.nbytes = offset, nbytes
+        self.segments = segments if segments is not None else [(offset, nbytes)]
+
+
+def read_safetensors_header(path):
+    """name -> TensorInfo for every tensor of a .safetensors file, from its header; no tensor data is read.
+
+    Checks that the file is complete: a truncated file (its header promises more bytes than it holds) is a
+    LlavaError naming the file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LlavaError(f"{path} is not a safetensors file or is truncated ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise LlavaError(f"{path} is not a safetensors file or is truncated "
+                                 f"(header length {n}, file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LlavaError(f"{path} is not a safetensors file (its header is not JSON)") from e
+    if not isinstance(header, dict):
+        raise LlavaError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors, end = {}, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in list(shape) + [begin, stop]):
+                raise TypeError
+        except (KeyError, TypeError, ValueError) as e:
+            raise LlavaError(f"{path}: malformed header entry for {name!r}") from e
+        if dtype not in SF_ITEMSIZE:
+            raise LlavaError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
+        nbytes = math.prod(shape) * SF_ITEMSIZE[dtype]
+        if stop - begin != nbytes:
+            raise LlavaError(f"{path}: tensor {name} has {stop - begin} bytes for shape {list(shape)} "
+                             f"of {dtype} ({nbytes} expected); the header is corrupt")
+        end = max(end, stop)
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, nbytes)
+    if end > data_size:
+        raise LlavaError(f"{path} is truncated: its header describes {end} bytes of tensor data, "
+                         f"the file holds {max(data_size, 0)}")
+    return tensors
+
+
+def iter_chunks(f, segments, itemsize, chunk_bytes=None):
+    """Yield the bytes of (offset, nbytes) segments of open file `f`, in pieces of whole elements."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
+    carry = b""
+    for offset, nbytes in segments:
+        f.seek(offset)
+        left = nbytes
+        while left:
+            data = f.read(min(step, left))
+            if not data:
+                raise LlavaError(f"{f.name} ended early (truncated while reading)")
+            left -= len(data)
+            if carry:
+                data, carry = carry + data, b""
+            cut = len(data) - len(data) % itemsize
+            if cut < len(data):
+                carry = data[cut:]
+                data = data[:cut]
+            if data:
+                yield data
+    if carry:
+        raise LlavaError(f"{f.name}: tensor data is not a whole number of elements")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MindSpore .ckpt: protobuf `Checkpoint { repeated Value value = 1; }`, written one entry at a time.
+#   Value { required string tag = 1; oneof { TensorProto tensor = 2; MapTensorProto maptensor = 3; } }
+#   TensorProto { repeated int64 dims = 1; required string tensor_type = 2; required bytes tensor_content = 3; }
+# Concatenated serialized `Checkpoint` messages parse as one message whose `value` list is their union, which is
+# how mindspore.save_checkpoint itself writes (one message per slice of at most SLICE_SIZE); load_checkpoint
+# joins consecutive entries with the same tag. Nothing follows the entries (MindSpore's optional CRC footer
+# 'crc_num'+10 bytes is only written with crc_check=True and is optional on load).
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def ckpt_entry_header(tag, dims, tensor_type, content_len):
+    """Serialized bytes of `Checkpoint{value: [Value{tag, tensor{dims, tensor_type, tensor_content}}]}`
+    up to (not including) the `content_len` bytes of tensor_content, which the caller writes next."""
+    tag_b = tag.encode("utf-8")
+    type_b = tensor_type.encode("ascii")
+    tensor_head = b"".join(b"\x08" + _varint(int(d)) for d in dims)
+    tensor_head += b"\x12" + _varint(len(type_b)) + type_b + b"\x1a" + _varint(content_len)
+    tensor_len = len(tensor_head) + content_len
+    value_head = b"\x0a" + _varint(len(tag_b)) + tag_b + b"\x12" + _varint(tensor_len)
+    value_len = len(value_head) + tensor_len
+    return b"\x0a" + _varint(value_len) + value_head + tensor_head
+
+
+class CkptWriter:
+    """Appends tensors to an open binary file in MindSpore's .ckpt format, streaming their bytes."""
+
+    def __init__(self, f, slice_bytes=CKPT_SLICE_BYTES):
+        self.f = f
+        self.slice_bytes = slice_bytes
+        self.written = 0
+
+    def write_tensor(self, name, dims, dtype, nbytes, chunks, progress=None):
+        """`chunks` yields bytes-like pieces (whole elements) that add up to `nbytes`."""
+        itemsize = ITEMSIZE[dtype]
+        per_slice = max(itemsize, self.slice_bytes - self.slice_bytes % itemsize)
+        tag = DTYPE_TO_MS[dtype]
+        left_total = nbytes
+        left_slice = 0
+        if nbytes == 0:
+            self._write(ckpt_entry_header(name, dims, tag, 0))
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            while len(view):
+                if left_slice == 0:
+                    left_slice = min(per_slice, left_total)
+                    self._write(ckpt_entry_header(name, dims, tag, left_slice))
+                piece = view[:left_slice]
+                self._write(piece)
+                n = len(piece)
+                view = view[n:]
+                left_slice -= n
+                left_total -= n
+                if progress is not None:
+                    progress.update(n)
+        if left_total or left_slice:
+            raise LlavaError(f"internal error: {name} got {nbytes - left_total} of {nbytes} bytes")
+
+    def _write(self, data):
+        self.f.write(data)
+        self.written += len(data)
+
+
+def _read_varint(f, where):
+    shift = result = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise LlavaError(f"{where} is not a MindSpore checkpoint (bad varint)")
+
+
+def _skip_field(f, wire, end, where):
+    if wire == 0:
+        _read_varint(f, where)
+    elif wire == 1:
+        f.seek(8, 1)
+    elif wire == 2:
+        f.seek(_read_varint(f, where), 1)
+    elif wire == 5:
+        f.seek(4, 1)
+    else:
+        raise LlavaError(f"{where} is not a MindSpore checkpoint (wire type {wire})")
+    if f.tell() > end:
+        raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+
+
+def scan_ckpt(path):
+    """name -> TensorInfo (dtype name, dims, content segments) of a MindSpore .ckpt, without reading tensor data.
+
+    Entries split into several slices (consecutive entries with the same tag) are joined. String entries
+    (save_checkpoint's append_dict) are skipped; map tensors are refused.
+    """
+    where = path
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
+    with f:
+        end = size
+        if size >= 17:
+            f.seek(size - 17)
+            if f.read(7) == b"crc_num":
+                end = size - 17
+        f.seek(0)
+        tensors, order, last = {}, [], None
+        while f.tell() < end:
+            key = _read_varint(f, where)
+            if key != 0x0A:
+                raise LlavaError(f"{where} is not a MindSpore checkpoint (unexpected field {key >> 3})")
+            value_end = _read_varint(f, where) + f.tell()
+            if value_end > end:
+                raise LlavaError(f"{where} is truncated (an entry runs past the end of the file)")
+            tag, dims, ttype, content, is_map = None, [], None, None, False
+            while f.tell() < value_end:
+                key = _read_varint(f, where)
+                field, wire = key >> 3, key & 7
+                if field == 1 and wire == 2:
+                    tag = f.read(_read_varint(f, where)).decode("utf-8", "replace")
+                elif field == 2 and wire == 2:
+                    tensor_end = _read_varint(f, where) + f.tell()
+                    while f.tell() < tensor_end:
+                        key = _read_varint(f, where)
+                        field, wire = key >> 3, key & 7
+                        if field == 1 and wire == 0:
+                            dims.append(_read_varint(f, where))
+                        elif field == 1 and wire == 2:       # packed dims
+                            packed_end = _read_varint(f, where) + f.tell()
+                            while f.tell() < packed_end:
+                                dims.append(_read_varint(f, where))
+                        elif field == 2 and wire == 2:
+                            ttype = f.read(_read_varint(f, where)).decode("ascii", "replace")
+                        elif field == 3 and wire == 2:
+                            n = _read_varint(f, where)
+                            content = (f.tell(), n)
+                            f.seek(n, 1)
+                        else:
+                            _skip_field(f, wire, tensor_end, where)
+                    if f.tell() != tensor_end:
+                        raise LlavaError(f"{where} is not a MindSpore checkpoint (malformed tensor entry)")
+                elif field == 3 and wire == 2:
+                    is_map = True
+                    _skip_field(f, wire, value_end, where)
+                else:
+                    _skip_field(f, wire, value_end, where)
+            if f.tell() != value_end or tag is None:
+                raise LlavaError(f"{where} is not a MindSpore checkpoint (malformed entry)")
+            if is_map:
+                raise LlavaError(f"{where}: entry {tag} is a map tensor, which is not a model weight")
+            if ttype == "str":
+                last = None
+                continue
+            if ttype is None or content is None:
+                raise LlavaError(f"{where}: entry {tag} has no tensor data")
+            if tag == last:
+                t = tensors[tag]
+                if list(t.shape) != dims or t.dtype != ttype:
+                    raise LlavaError(f"{where}: slices of {tag} disagree on shape or dtype")
+                t.segments.append(content)
+                t.nbytes += content[1]
+                continue
+            if tag in tensors:
+                raise LlavaError(f"{where}: {tag} appears twice")
+            tensors[tag] = TensorInfo(tag, path, ttype, dims, content[0], content[1], [content])
+            order.append(tag)
+            last = tag
+        if f.tell() != end:
+            raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+    for t in tensors.values():
+        if t.dtype in MS_TO_DTYPE:
+            expect = math.prod(t.shape) * ITEMSIZE[MS_TO_DTYPE[t.dtype]]
+            if expect != t.nbytes:
+                raise LlavaError(f"{where}: {t.name} holds {t.nbytes} bytes, its shape {list(t.shape)} "
+                                 f"of {t.dtype} needs {expect}")
+    return tensors
+
+
+def load_ckpt_lean(path, names=None):
+    """name -> mindspore.Parameter for a plain .ckpt, like `mindspore.load_checkpoint(path)`, but read one
+    tensor at a time: peak memory is the weights once plus one tensor. (load_checkpoint reads the whole file
+    into memory and then copies every tensor out of it: about twice the checkpoint size at its peak.)"""
+    import mindspore as ms
+    tensors = scan_ckpt(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, t in tensors.items():
+            if names is not None and name not in names:
+                continue
+            dtype = MS_TO_DTYPE.get(t.dtype)
+            if dtype is None:
+                raise LlavaError(f"{path}: {name} has dtype {t.dtype}; only float tensors are supported")
+            buf = bytearray(t.nbytes)
+            view, pos = memoryview(buf), 0
+            for offset, nbytes in t.segments:
+                f.seek(offset)
+                if f.readinto(view[pos:pos + nbytes]) != nbytes:
+                    raise LlavaError(f"{path} is truncated")
+                pos += nbytes
+            if dtype == "bfloat16":
+                array = _to_f32(buf, "bfloat16").reshape(t.shape)
+                tensor = ms.Tensor(array).astype(ms.bfloat16)
+            else:
+                tensor = ms.Tensor.from_numpy(np.frombuffer(buf, dtype="<f4" if dtype == "float32" else "<f2")
+                                              .reshape(t.shape))
+            out[name] = ms.Parameter(tensor, name=name)
+            del buf, view
+    return out
+
+
+def check_ckpt_crc(path):
+    """If the checkpoint ends with MindSpore's 'crc_num' footer, check it (streaming); True if one was checked."""
+    import binascii
+    size = os.path.getsize(path)
+    if size < 17:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 17)
+        tail = f.read(17)
+        if tail[:7] != b"crc_num":
+            return False
+        want = int.from_bytes(tail[7:], "big")
+        f.seek(0)
+        crc, left = 0, size - 17
+        while left:
+            data = f.read(min(CHUNK_BYTES, left))
+            if not data:
+                break
+            crc = binascii.crc32(data, crc)
+            left -= len(data)
+    if crc != want:
+        raise LlavaError(f"{path} is damaged: its CRC footer does not match its content")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors writer (reversed direction)
+
+def safetensors_header(entries, metadata=None):
+    """Header bytes (length prefix + JSON padded to 8 bytes) for [(name, sf_dtype, shape, nbytes)] in order."""
+    header = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, sf_dtype, shape, nbytes in entries:
+        header[name] = {"dtype": sf_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# atomic output
+
+class AtomicFile:
+    """Write `path` through `path.tmp-<pid>`; `commit()` fsyncs and renames; otherwise the temp file is removed."""
+
+    def __init__(self, path):
+        self.path = path
+        self.tmp = f"{path}.tmp-{os.getpid()}"
+        self.f = None
+        self.committed = False
+
+    def __enter__(self):
+        try:
+            self.f = open(self.tmp, "wb")
+        except OSError as e:
+            raise LlavaError(f"cannot write {self.tmp}: {e.strerror or e}") from e
+        return self
+
+    def commit(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        self.committed = True
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def __exit__(self, *exc):
+        if not self.committed:
+            # a second Ctrl-C must not stop the cleanup half-way
+            old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                if self.f is not None:
+                    self.f.close()
+                try:
+                    os.unlink(self.tmp)
+                except FileNotFoundError:
+                    pass
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        return False
