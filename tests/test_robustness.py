@@ -446,23 +446,9 @@ def _convert_and_signal(mid_hf_dir, work, signum):
     target = os.path.join(out, "mid.ckpt")
     env = dict(os.environ, GLOG_v="3", TMPDIR=tmp)
     env.pop("LOG_MF_PATH", None)
-    proc = subprocess.Popen([sys.executable, CONVERT, "--model", "llava", "--input_path", mid_hf_dir,
-                             "--output_path", target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                            env=env)
-    temp = f"{target}.tmp-{proc.pid}"
-    seen, deadline = b"", time.monotonic() + 180
-    while b"hf -> ckpt" not in seen and time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-    assert b"hf -> ckpt" in seen, seen
-    while not (os.path.exists(temp) and os.path.getsize(temp) > 0) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    size = os.path.getsize(temp)
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
-    return dict(rc=proc.returncode, stderr=(seen + stderr).decode(), stdout=stdout.decode(), temp=temp,
+    from test_convert import _interrupt
+    rc, stderr, stdout, temp, size = _interrupt(mid_hf_dir, target, signum, cwd, env=env)
+    return dict(rc=rc, stderr=stderr, stdout=stdout, temp=temp,
                 size=size, target=target, cwd=cwd, out=out, tmp=tmp,
                 after=dict(target=os.path.exists(target), temp=os.path.exists(temp), cwd=sorted(os.listdir(cwd)),
                            tmp=sorted(os.listdir(tmp)), out=sorted(os.listdir(out))))
@@ -549,18 +535,21 @@ NOT_PARALLEL = "tensor-parallel predict has not landed yet (research/llava/paral
 CLUSTER_TIME_OUT = 30
 
 
-def _parallel_order(e, out, ckpt, auto_trans):
-    cfg = os.path.join(e["inp"], "tp2.yaml")
+def _parallel_order(e, out, ckpt, auto_trans, long_run=False):
+    """The 2-rank predict command; `long_run`: a long PyNative generation (seconds, not milliseconds, of
+    decoding), so that a rank can be killed while both ranks are in the decode loop."""
+    cfg = os.path.join(e["inp"], "tp2_long.yaml" if long_run else "tp2.yaml")
     if not os.path.exists(cfg):
-        tiny_yaml(cfg, e["hf"], top={"parallel_config": {"data_parallel": 1, "model_parallel": 2,
-                                                          "pipeline_stage": 1}})
+        tiny_yaml(cfg, e["hf"], model={"seq_length": 512} if long_run else None,
+                  top={"parallel_config": {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1}})
+    new = "--max_new_tokens 380 --mode 1" if long_run else "--max_new_tokens 4"
     return (f"{RUN} --config {cfg} --register_path {PLUGIN} --run_mode predict --predict_data {CAT} Describe: "
             f"--modal_type image text --load_checkpoint {ckpt} --use_parallel True --auto_trans_ckpt {auto_trans} "
-            f"--output_dir {out} --max_new_tokens 4")
+            f"--output_dir {out} {new}")
 
 
-def _launch(e, out, ckpt, auto_trans):
-    return ["bash", LAUNCHER, _parallel_order(e, out, ckpt, auto_trans), "2", str(ri.free_port()),
+def _launch(e, out, ckpt, auto_trans, long_run=False):
+    return ["bash", LAUNCHER, _parallel_order(e, out, ckpt, auto_trans, long_run), "2", str(ri.free_port()),
             os.path.join(out, "msrun_log"), "True", str(CLUSTER_TIME_OUT)]
 
 
@@ -617,17 +606,19 @@ def tp_rank_killed_job(e):
     environ = dict(os.environ, GLOG_v="3", TMPDIR=tmp)
     environ.pop("LOG_MF_PATH", None)
     start = time.monotonic()
-    proc = subprocess.Popen(_launch(e, out, e["ckpt"], "True"), cwd=cwd, env=environ, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_launch(e, out, e["ckpt"], "True", long_run=True), cwd=cwd, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = killed_at = None
+    rank1_log = os.path.join(out, "msrun_log", "worker_1.log")
     try:
         while proc.poll() is None and time.monotonic() - start < 180:
-            pids = _worker_pids(out)
-            if len(pids) >= 2 and time.monotonic() - start > 4:
-                victim = {r: p for p, r in pids.items()}.get("1", max(pids))
-                os.kill(victim, signal.SIGKILL)
-                killed_at = time.monotonic()
-                break
+            # rank 1 has its weights (so both ranks are past start-up): kill exactly that worker
+            if os.path.exists(rank1_log) and "[rank 1/2] loaded" in open(rank1_log, errors="replace").read():
+                victim = {r: p for p, r in _worker_pids(out).items()}.get("1")
+                if victim:
+                    os.kill(victim, signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    break
             time.sleep(0.2)
         stdout, stderr = proc.communicate(timeout=CLUSTER_TIME_OUT + 180)
     finally:
