@@ -29,9 +29,10 @@ OMP_NUM_THREADS does not change MindSpore's kernels). Both children also get OMP
 (seeded, one tensor at a time, ~2 GB shards, llava-hf key names), converts them with convert_weight.py,
 builds LlavaModel (float16) under mindspore.nn.utils.no_init_parameters(), loads with
 convert_weight.load_ckpt_lean + llava_model.load_weights and generates --new-tokens tokens. It runs in
-PyNative mode (see README "Benchmark": in Graph mode MindSpore's CPU float16 MatMul keeps a float32 copy of
-every weight, which needs 27 GB more than the weights). Files go to --workdir (default .cache/bench7b) and
-are deleted at the end unless --keep.
+PyNative mode by default (README "Benchmark": in Graph mode every float16 MatMul on CPU keeps a float32 copy
+of its weight and the prefill graph keeps its activations, ~59 GB above the weights for the 7B; `--probe-only
+--mode 0` measures it on 1- and 2-layer models). Files go to --workdir (default .cache/bench7b) and are
+deleted at the end unless --keep.
 
 Results: OUT/<preset>.json and OUT/<preset>.md (the table is printed too).
 """
@@ -732,8 +733,9 @@ def run_7b_child(args):
 
 
 def run_probe_7b_child(args):
-    """Child: 7B-shaped model with 1 text layer and 1 vision layer (random float16 weights): per-layer
-    time of the vision tower, the image prefill and a decode step, to estimate the full run."""
+    """Child: 7B-shaped model with --probe-layers text and vision layers (random float16 weights): time of the
+    vision tower, a text-only and an image prefill and a decode step, and the RSS after each (one process per
+    layer count: MindSpore does not give memory back when a model is deleted)."""
     proto = Protocol()
     import numpy as np
     import mindspore as ms
@@ -746,47 +748,56 @@ def run_probe_7b_child(args):
     from llava_tokenizer import LlavaTokenizer
     with open(KEYS_7B) as f:
         hf_cfg = json.load(f)["config"]
-    out = {}
-    for layers in (1, 2):
-        hf_cfg["text_config"]["num_hidden_layers"] = layers
-        hf_cfg["vision_config"]["num_hidden_layers"] = layers
-        config = LlavaConfig.from_hf_config(hf_cfg, compute_dtype="float16", param_init_type="float16")
-        with ms.nn.utils.no_init_parameters():
-            model = LlavaModel(config)
-        rng = np.random.default_rng(0)
-        load_weights(model, {n: _np_init(rng, n, tuple(p.shape)) for n, p in model.weight_parameters().items()})
-        processor = LlavaProcessor(config, LlavaTokenizer(vocab_file=TOKENIZER_MODEL))
-        inputs = processor.process([(IMAGE, PROMPT)], max_new_tokens=args.new_tokens)
-        ids, mask, pix = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
-        text_ids = np.array([processor.encode_prompt(PROMPT, 0)], np.int32)
-        t = {"vision": [], "prefill": [], "prefill_text": [], "decode": []}
+    layers = args.probe_layers
+    hf_cfg["text_config"]["num_hidden_layers"] = layers
+    hf_cfg["vision_config"]["num_hidden_layers"] = layers
+    config = LlavaConfig.from_hf_config(hf_cfg, compute_dtype="float16", param_init_type="float16")
+    with ms.nn.utils.no_init_parameters():
+        model = LlavaModel(config)
+    rng = np.random.default_rng(0)
+    load_weights(model, {n: _np_init(rng, n, tuple(p.shape)) for n, p in model.weight_parameters().items()})
+    processor = LlavaProcessor(config, LlavaTokenizer(vocab_file=TOKENIZER_MODEL))
+    inputs = processor.process([(IMAGE, PROMPT)], max_new_tokens=args.new_tokens)
+    ids, mask, pix = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    text_ids = np.array([processor.encode_prompt(PROMPT, 0)], np.int32)
+    t = {"vision": [], "prefill": [], "prefill_text": [], "decode": []}
+    rss = {"loaded": rss_mb()}
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model.get_image_features(pix).asnumpy()
+        t["vision"].append(time.perf_counter() - t0)
+        rss["vision"] = rss_mb()
+        t0 = time.perf_counter()
+        model.prefill(text_ids, None, None)
+        t["prefill_text"].append(time.perf_counter() - t0)
+        rss["prefill_text"] = rss_mb()
+        t0 = time.perf_counter()
+        logits, state = model.prefill(ids, pix, mask, reserve=args.new_tokens)
+        t["prefill"].append(time.perf_counter() - t0)
+        rss["prefill_image"] = rss_mb()
         for _ in range(2):
             t0 = time.perf_counter()
-            model.get_image_features(pix).asnumpy()
-            t["vision"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            model.prefill(text_ids, None, None)
-            t["prefill_text"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            logits, state = model.prefill(ids, pix, mask, reserve=args.new_tokens)
-            t["prefill"].append(time.perf_counter() - t0)
-            for _ in range(2):
-                t0 = time.perf_counter()
-                model.decode(state, np.argmax(logits, -1))
-                t["decode"].append(time.perf_counter() - t0)
-        out[layers] = {k: min(v) for k, v in t.items()}
-        out[layers]["rss_mb"] = rss_mb()
-        del model
-    per = {k: out[2][k] - out[1][k] for k in ("vision", "prefill", "prefill_text", "decode")}
-    per["prefill_text_layer_with_image"] = per["prefill"] - per["vision"]   # prefill runs the vision tower too
-    one, tl, vl = out[1], 32, 24
-    est = {"vision_s": one["vision"] + (vl - 1) * per["vision"],
-           "prefill_image_s": one["prefill"] + (tl - 1) * per["prefill_text_layer_with_image"]
-           + (vl - 1) * per["vision"],
-           "prefill_text_s": one["prefill_text"] + (tl - 1) * per["prefill_text"],
-           "decode_s": one["decode"] + (tl - 1) * per["decode"]}
-    proto.send({"event": "probe", "measured": out, "per_layer": per, "estimate_7b": est})
+            model.decode(state, np.argmax(logits, -1))
+            t["decode"].append(time.perf_counter() - t0)
+        rss["decode"] = rss_mb()
+    out = {k: min(v) for k, v in t.items()}
+    out["rss_mb"] = rss
+    proto.send({"event": "probe", "layers": layers, "measured": out})
     return 0
+
+
+def estimate_7b(one, two, text_layers=32, vision_layers=24):
+    """Scale the 1- and 2-layer measurements to the real layer counts."""
+    per = {k: two[k] - one[k] for k in ("vision", "prefill", "prefill_text", "decode")}
+    text_with_image = per["prefill"] - per["vision"]                # prefill runs the vision tower too
+    grow = lambda m: m["rss_mb"]["decode"] - m["rss_mb"]["loaded"]   # noqa: E731
+    return {"vision_s": one["vision"] + (vision_layers - 1) * per["vision"],
+            "prefill_image_s": one["prefill"] + (text_layers - 1) * text_with_image
+            + (vision_layers - 1) * per["vision"],
+            "prefill_text_s": one["prefill_text"] + (text_layers - 1) * per["prefill_text"],
+            "decode_s": one["decode"] + (text_layers - 1) * per["decode"],
+            "step_memory_mb_per_layer": grow(two) - grow(one),
+            "step_memory_mb_7b": grow(one) + (text_layers - 1) * (grow(two) - grow(one))}
 
 
 def _spawn_json(argv, log_path, on_event=None):
@@ -853,16 +864,22 @@ def bench_7b(args):
 
     try:
         if args.probe:
-            ev = step("probe (1 and 2 layers)", [py, me, "--side", "probe7b", "--threads", str(args.threads),
-                                                 "--new-tokens", str(args.new_tokens), "--mode", str(args.mode)])
-            result["probe"] = [x for x in ev if x.get("event") == "probe"][-1]
-            e = result["probe"]["estimate_7b"]
+            measured = {}
+            for layers in (1, 2):
+                ev = step(f"probe ({layers} layer{'s' if layers > 1 else ''})",
+                          [py, me, "--side", "probe7b", "--threads", str(args.threads), "--new-tokens",
+                           str(args.new_tokens), "--mode", str(args.mode), "--probe-layers", str(layers)])
+                measured[layers] = [x for x in ev if x.get("event") == "probe"][-1]["measured"]
+            e = estimate_7b(measured[1], measured[2])
+            result["probe"] = {"measured": measured, "estimate_7b": e}
             total = e["prefill_image_s"] + args.new_tokens * e["decode_s"]
             say(f"estimate: {json.dumps(e)}; image request ~{total / 60:.0f} min")
             if not args.text_only and total > args.max_minutes * 60:
                 say(f"more than {args.max_minutes} min: using a text-only prompt")
                 args.text_only = True
                 result["text_only_because"] = f"estimated {total / 60:.0f} min with the image"
+        if args.probe_only:
+            return result
         if not os.path.exists(ckpt):
             if free < 30 and not os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json")):
                 raise SystemExit(f"[7b] {free:.0f} GB free on {work}: need ~30 GB")
@@ -895,10 +912,8 @@ def bench_7b(args):
 
 
 def render_7b(r):
-    m, run = r["machine"], r["run"]
-    st = r["steps"]
+    m = r["machine"]
     mode = "Graph" if r["mode"] == 0 else "PyNative (pynative_synchronize)"
-    prompt = ("text-only prompt" if run["text_only"] else "chelsea.jpg + prompt") + f", {run['prompt_tokens']} tokens"
     lines = [
         f"### `7b` ({r['time']})",
         "",
@@ -909,25 +924,32 @@ def render_7b(r):
         "| step | wall (s) | peak RSS (MB) | other processes' CPU meanwhile (cores) |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for name, s in st.items():
-        lines.append(f"| {name} | {s['wall_s']:.0f} | {s['peak_rss_mb']:.0f} | {s.get('background_cores', float('nan')):.2f} |")
-    lines += [
-        "",
-        "| generate | value |",
-        "| --- | ---: |",
-        f"| prompt | {prompt} |",
-        f"| load (load_ckpt_lean + load_weights), s | {run['load_s']:.1f} |",
-        f"| RSS after imports / after load / peak (MB) | {run['baseline_rss_mb']:.0f} / {run['loaded_rss_mb']:.0f}"
-        f" / {run['peak_rss_mb']:.0f} |",
-        f"| time to first token (image encode + prefill), s | {run['ttft_s']:.1f} |",
-        f"| decode, s/token (median of {len(run['decode_gaps_s'])}) | {run['decode_s_per_token']:.2f} |",
-        f"| {len(run['tokens'])} tokens in total, s | {run['total_s']:.1f} |",
-    ]
+    for name, s in r["steps"].items():
+        lines.append(f"| {name} | {s['wall_s']:.0f} | {s['peak_rss_mb']:.0f} | "
+                     f"{s.get('background_cores', float('nan')):.2f} |")
+    run = r.get("run")
+    if run:
+        prompt = ("text-only prompt" if run["text_only"] else "chelsea.jpg + prompt") + \
+            f", {run['prompt_tokens']} tokens"
+        lines += [
+            "",
+            "| generate | value |",
+            "| --- | ---: |",
+            f"| prompt | {prompt} |",
+            f"| load (load_ckpt_lean + load_weights), s | {run['load_s']:.1f} |",
+            f"| RSS after imports / after load / peak (MB) | {run['baseline_rss_mb']:.0f} / "
+            f"{run['loaded_rss_mb']:.0f} / {run['peak_rss_mb']:.0f} |",
+            f"| time to first token (image encode + prefill), s | {run['ttft_s']:.1f} |",
+            f"| decode, s/token (median of {len(run['decode_gaps_s'])}) | {run['decode_s_per_token']:.2f} |",
+            f"| {len(run['tokens'])} tokens in total, s | {run['total_s']:.1f} |",
+        ]
     if r.get("probe"):
         e = r["probe"]["estimate_7b"]
-        lines += ["", f"Estimate from a 1- and 2-layer probe: vision {e['vision_s']:.0f} s, image prefill "
-                  f"{e['prefill_image_s']:.0f} s, text-only prefill {e['prefill_text_s']:.0f} s, decode "
-                  f"{e['decode_s']:.1f} s/token."]
+        lines += ["", f"Estimate from 1- and 2-layer models ({mode}): vision {e['vision_s']:.0f} s, image prefill "
+                  f"{e['prefill_image_s']:.0f} s (incl. vision), text-only prefill {e['prefill_text_s']:.0f} s, "
+                  f"decode {e['decode_s']:.1f} s/token; running the steps adds {e['step_memory_mb_per_layer']:.0f} MB "
+                  f"per layer (text + vision) on top of the weights, {e['step_memory_mb_7b'] / 1024:.1f} GB "
+                  f"for the 7B."]
     return "\n".join(lines) + "\n"
 
 
@@ -948,6 +970,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None, help="7b: where the HF files and the ckpt go")
     ap.add_argument("--keep", action="store_true", help="7b: keep the HF files and the ckpt")
     ap.add_argument("--probe", action="store_true", help="7b: first time 1- and 2-layer models to estimate")
+    ap.add_argument("--probe-only", action="store_true", help="7b: only the 1-/2-layer probe (implies --probe)")
     ap.add_argument("--text-only", action="store_true", help="7b: prompt without the image")
     ap.add_argument("--max-minutes", type=float, default=40.0,
                     help="7b with --probe: use a text-only prompt if the image request would take longer")
@@ -956,6 +979,7 @@ def main(argv=None):
     ap.add_argument("--wait-s", type=int, default=1800, help="7b: how long to wait for that memory")
     ap.add_argument("--side", choices=("ours", "hf", "write7b", "ours7b", "probe7b"), help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-layers", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.new_tokens is None:
@@ -971,6 +995,8 @@ def main(argv=None):
         return run_probe_7b_child(args)
     if not args.preset:
         ap.error("--preset is required")
+    if args.probe_only:
+        args.probe = True
     if args.max_background is None:
         args.max_background = max(0, (os.cpu_count() or 1) - args.threads) + 0.25
     if args.new_tokens < 2:
@@ -978,9 +1004,10 @@ def main(argv=None):
     result = bench_7b(args) if args.preset == "7b" else bench_preset(args)
     table = render_7b(result) if args.preset == "7b" else render_preset(result)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.preset}.json"), "w") as f:
+    name = f"7b_probe_mode{args.mode}" if args.probe_only else args.preset
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, f"{args.preset}.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table)
     print(table)
     return 0
