@@ -16,6 +16,7 @@ import pytest
 import mindspore as ms
 
 from conftest import TOKENIZER_MODEL
+from llama_text import QUERY_BLOCK, query_blocks
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 from llava_model import LlavaModel, load_weights
@@ -341,6 +342,39 @@ def test_left_padded_batch_equals_each_prompt_alone_and_hf(preset, graph_mode, s
     # prompt logits of the real positions match HF's batched forward
     logits, _ = side.ms.prefill(ids, pixels, attention_mask=mask)
     assert rel_err(logits, hf_logits[:, 0]) <= REL_TOL
+
+
+def test_query_blocks_split_prompts_causally():
+    """Hand-computed: a prompt step of l queries is cut into ceil(l / QUERY_BLOCK) nearly equal blocks,
+    block [s, e) attending to keys [0, e); decode steps and short prompts are one block."""
+    assert QUERY_BLOCK == 128
+    assert query_blocks(1, 2048) == ((0, 1, 2048),)
+    assert query_blocks(128, 128) == ((0, 128, 128),)
+    assert query_blocks(129, 129) == ((0, 64, 64), (64, 129, 129))
+    assert query_blocks(300, 300) == ((0, 100, 100), (100, 200, 200), (200, 300, 300))
+    assert query_blocks(595, 595) == ((0, 119, 119), (119, 238, 238), (238, 357, 357), (357, 476, 476),
+                                      (476, 595, 595))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_long_left_padded_prompts_in_query_blocks_match_hf(preset, mode, sides, image_paths):
+    """Prompts longer than QUERY_BLOCK attend block by block; a left-padded batch of two such prompts
+    gives HF's logits at every real position, then HF's greedy tokens."""
+    side = sides[preset]
+    story = " ".join(["The cat sat on the warm mat and watched the birds in the garden."] * 14)
+    prompts = [side.ids(story + " What happened?"), side.ids(story + " Why did the cat stay inside all day?")]
+    ids, mask = _left_pad(prompts)
+    pixels = side.pixels([image_paths["chelsea"], image_paths["coffee"]])
+    assert len(query_blocks(ids.shape[1], ids.shape[1])) == 3 and len(prompts[0]) != len(prompts[1])
+    with torch.no_grad():
+        hf_logits = side.hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                            pixel_values=torch.tensor(pixels)).logits.numpy()
+    logits, _ = side.ms.prefill(ids, pixels, attention_mask=mask, return_all_logits=True, reserve=8)
+    real = mask.astype(bool)
+    assert rel_err(logits[real], hf_logits[real]) <= REL_TOL
+    hf_new, _ = side.hf_generate(ids, pixels, mask, max_new_tokens=8)
+    assert side.ms.generate(ids, pixels, attention_mask=mask, max_new_tokens=8) == \
+        [trim_at_eos(row) for row in hf_new]
 
 
 def test_two_images_in_one_prompt_match_hf(graph_mode, sides, image_paths):

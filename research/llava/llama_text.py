@@ -12,7 +12,8 @@ seq_length 2048). They are not checkpoint weights (`is_cache_param`).
 Activations are 2-D [B * L, hidden]; every text cell's construct takes the same step arguments:
     cos, sin      [B * L, 1, head_dim]  rotary tables for the positions of the L new tokens
     mask          [B, L, T] int32    1 = query may attend key (causal + padding); T = L (fresh keys) or
-                                     seq_length (the cache)
+                                     seq_length (the cache). LlamaModel turns it once into the additive
+                                     bias [B, H, L, T] (softmax dtype) that every layer adds to its scores
     slots         [L] int32          cache positions the new keys/values go to
     b, l          python ints        batch and number of new tokens (graph constants)
     write_cache   python bool        write the new keys/values into the cache
@@ -43,6 +44,38 @@ def _mask_value(dtype):
     return -3.0e4 if dtype == ms.float16 else -1.0e30
 
 
+# Prompt steps split the queries into blocks of about this many tokens; block [s, e) attends to keys [0, e)
+# only (later keys are causally masked anyway), which skips close to half of the score matrix.
+QUERY_BLOCK = 128
+
+
+def query_blocks(l, t):
+    """Static ((start, end, keys), ...) per query block: a prompt step (t == l) in blocks of <= QUERY_BLOCK
+    queries, each over keys [0, end); a decode step (t = seq_length) is one block over the whole cache."""
+    if t != l or l <= QUERY_BLOCK:
+        return ((0, l, t),)
+    n = (l + QUERY_BLOCK - 1) // QUERY_BLOCK
+    blocks = ()
+    for i in range(n):
+        end = (i + 1) * l // n
+        blocks = blocks + ((i * l // n, end, end),)
+    return blocks
+
+
+def attention_bias(mask, heads, dtype, blocks):
+    """mask [b, l, t] int32 (1 = attend) -> per query block (s, e, k) the additive bias [b, heads, e - s, k]:
+    0 or a large negative value. Built at the full score shape once per step: on CPU, adding a bias that
+    broadcasts over the heads costs several times the whole softmax, an add of equal shapes does not.
+    Blocks are cut with ops.slice: Graph mode fuses a transpose followed by `x[..., :e, :]` into one
+    StridedSlice that is ~7x slower than the transpose and a Slice."""
+    bias = ops.expand_dims((1 - ops.cast(mask, dtype)) * _mask_value(dtype), 1)
+    b = mask.shape[0]
+    out = ()
+    for start, end, keys in blocks:
+        out = out + (ops.tile(ops.slice(bias, (0, 0, start, 0), (b, 1, end - start, keys)), (1, heads, 1, 1)),)
+    return out
+
+
 def rotate_half(x, half):
     """[x1, x2] -> [-x2, x1] along the last axis (`half` = head_dim // 2, passed to avoid a shape query)."""
     return ops.concat((-x[..., half:], x[..., :half]), -1)
@@ -70,7 +103,6 @@ class LlamaAttention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         self.compute_dtype = dt.compute
         self.softmax_dtype = dt.softmax
-        self.mask_value = _mask_value(dt.softmax)
         self.q_proj = Linear(d, self.num_heads * self.head_dim, False, dt.param, dt.compute)
         self.k_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
@@ -82,9 +114,10 @@ class LlamaAttention(nn.Cell):
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
-    def construct(self, x, cos, sin, mask, slots, b, l, write_cache, read_cache):
-        """x [b * l, D]; cos/sin [b * l, 1, head_dim] -> [b * l, D]."""
-        q = ops.reshape(self.q_proj(x), (b * l, self.num_heads, self.head_dim))
+    def construct(self, x, cos, sin, bias, blocks, slots, b, l, write_cache, read_cache):
+        """x [b * l, D]; cos/sin [b * l, 1, head_dim]; bias/blocks per query block -> [b * l, D]."""
+        # the 1/sqrt(head_dim) scale goes on q (b*l*H values), not on the b*H*l*t scores
+        q = ops.reshape(self.q_proj(x) * self.scale, (b * l, self.num_heads, self.head_dim))
         k = ops.reshape(self.k_proj(x), (b * l, self.n_kv, self.head_dim))
         v = ops.reshape(self.v_proj(x), (b, l, self.n_kv, self.head_dim))
         half = self.head_dim // 2
@@ -102,29 +135,41 @@ class LlamaAttention(nn.Cell):
             if read_cache:
                 cache_4d = (b, self.n_kv, self.seq_length, self.head_dim)
                 out = self._attend(q, ops.reshape(k_all, cache_4d), ops.reshape(v_all, cache_4d),
-                                   mask, b, l, self.seq_length)
+                                   bias, blocks, b, l)
             else:
                 out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)),
-                                   mask, b, l, l)
+                                   bias, blocks, b, l)
             out = ops.depend(out, k_all)
             out = ops.depend(out, v_all)
         else:
-            out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)), mask, b, l, l)
+            out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)), bias, blocks,
+                               b, l)
         return self.reduce(self.o_proj(out))
 
-    def _attend(self, q, keys, values, mask, b, l, t):
-        """q [b, l, H, hd]; keys/values [b, kv, t, hd]; mask [b, l, t] (1 = attend) -> [b * l, H * hd]."""
+    def _attend(self, q, keys, values, bias, blocks, b, l):
+        """q [b, l, H, hd] (scaled); keys/values [b, kv, t, hd]; bias and blocks from attention_bias and
+        query_blocks -> [b * l, H * hd]."""
         # grouped-query attention without repeating K/V: head h uses kv head h // groups
-        qg = ops.reshape(ops.transpose(q, (0, 2, 1, 3)), (b, self.n_kv, self.groups * l, self.head_dim))
-        scores = cast(self.bmm_t(qg, keys), self.compute_dtype, self.softmax_dtype) * self.scale
-        scores = ops.reshape(scores, (b, self.n_kv, self.groups, l, t))
-        bias = (1 - ops.cast(ops.reshape(mask, (b, 1, 1, l, t)), self.softmax_dtype)) * self.mask_value
-        probs = ops.softmax(scores + bias, -1)
-        probs = ops.reshape(cast(probs, self.softmax_dtype, self.compute_dtype),
-                            (b, self.n_kv, self.groups * l, t))
-        out = self.bmm(probs, values)                                   # b, kv, G*l, hd
-        out = ops.transpose(ops.reshape(out, (b, self.num_heads, l, self.head_dim)), (0, 2, 1, 3))
-        return ops.reshape(out, (b * l, self.num_heads * self.head_dim))
+        heads = ops.reshape(ops.transpose(q, (0, 2, 1, 3)), (b, self.n_kv, self.groups, l, self.head_dim))
+        outs = ()
+        for i in range(len(blocks)):
+            start, end, t = blocks[i]
+            n = end - start
+            qb = heads if n == l else ops.slice(heads, (0, 0, 0, start, 0),
+                                                (b, self.n_kv, self.groups, n, self.head_dim))
+            qb = ops.reshape(qb, (b, self.n_kv, self.groups * n, self.head_dim))
+            kb, vb = keys, values
+            if len(blocks) > 1:
+                kb = ops.slice(keys, (0, 0, 0, 0), (b, self.n_kv, t, self.head_dim))
+                vb = ops.slice(values, (0, 0, 0, 0), (b, self.n_kv, t, self.head_dim))
+            scores = cast(self.bmm_t(qb, kb), self.compute_dtype, self.softmax_dtype)
+            scores = ops.reshape(scores, (b, self.num_heads, n, t))
+            probs = ops.softmax(scores + bias[i], -1)
+            probs = ops.reshape(cast(probs, self.softmax_dtype, self.compute_dtype),
+                                (b, self.n_kv, self.groups * n, t))
+            outs = outs + (ops.reshape(self.bmm(probs, vb), (b, self.num_heads, n, self.head_dim)),)
+        out = outs[0] if len(outs) == 1 else ops.concat(outs, 2)                # b, H, l, hd
+        return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b * l, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Cell):
@@ -140,8 +185,7 @@ class LlamaMLP(nn.Cell):
         self.reduce = AllReduceSum(tp)
 
     def construct(self, x):
-        gate = self.gate_proj(x)
-        return self.reduce(self.down_proj(gate * ops.sigmoid(gate) * self.up_proj(x)))
+        return self.reduce(self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Cell):
@@ -154,8 +198,9 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm,
                                                 dt.compute)
 
-    def construct(self, x, cos, sin, mask, slots, b, l, write_cache, read_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, b, l, write_cache, read_cache)
+    def construct(self, x, cos, sin, bias, blocks, slots, b, l, write_cache, read_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, blocks, slots, b, l, write_cache,
+                               read_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,6 +213,9 @@ class LlamaModel(nn.Cell):
         self.head_dim = tc.head_dim
         self.compute_dtype = dt.compute
         self.rotary_dtype = dt.rotary
+        self.softmax_dtype = dt.softmax
+        self.local_heads = tp.part(tc.num_heads, "num_heads")
+        self.seq_length = config.seq_length
         self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dt.param, dt.compute, tp)
         self.layers = nn.CellList([LlamaDecoderLayer(config, dt, tp) for _ in range(tc.num_layers)])
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
@@ -185,9 +233,11 @@ class LlamaModel(nn.Cell):
     def construct(self, inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache):
         """inputs_embeds [b * l, D] -> final-norm hidden states [b * l, D]."""
         cos, sin = self.rotary(position_ids, b, l)
+        blocks = query_blocks(l, self.seq_length if read_cache else l)
+        bias = attention_bias(mask, self.local_heads, self.softmax_dtype, blocks)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, slots, b, l, write_cache, read_cache)
+            h = layer(h, cos, sin, bias, blocks, slots, b, l, write_cache, read_cache)
         return self.norm(h)
 
 
