@@ -62,7 +62,7 @@ class Linear(nn.Cell):
     def construct(self, x):
         y = self.matmul(x, cast(self.weight, self.param_dtype, self.compute_dtype))
         if self.has_bias:
-            y = y + cast(self.bias, self.param_dtype, self.compute_dtype)
+            y = ops.bias_add(y, cast(self.bias, self.param_dtype, self.compute_dtype))
         return y
 
 
