@@ -56,10 +56,9 @@ class CLIPVisionEmbeddings(nn.Cell):
         patches = ops.reshape(self.patch_embedding(pixel_values, n), (n, self.tokens - 1, d))
         cls = cast(self.class_embedding, self.param_dtype, self.compute_dtype)
         cls = ops.broadcast_to(ops.reshape(cls, (1, 1, d)), (n, 1, d))
-        x = ops.reshape(ops.concat((cls, patches), 1), (n * self.tokens, d))
-        # tiled to the full shape: on CPU a broadcasting add over the image axis is ~100x slower
-        pos = cast(self.position_embedding.weight, self.param_dtype, self.compute_dtype)
-        return x + (pos if n == 1 else ops.tile(pos, (n, 1)))
+        x = ops.concat((cls, patches), 1)
+        x = x + cast(self.position_embedding.weight, self.param_dtype, self.compute_dtype)
+        return ops.reshape(x, (n * self.tokens, d))
 
 
 class CLIPAttention(nn.Cell):

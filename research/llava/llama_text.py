@@ -9,11 +9,13 @@ reshape — no per-step transpose of the whole cache (a position-first [seq, bat
 needs two full-cache transposes per layer and step; on CPU that made a decode step up to 2x slower at
 seq_length 2048). They are not checkpoint weights (`is_cache_param`).
 
-Activations are 2-D [B * L, hidden]; every text cell's construct takes the same step arguments:
-    cos, sin      [B * L, 1, head_dim]  rotary tables for the positions of the L new tokens
+Activations are 2-D [B * L, hidden]; LlamaModel takes `mask` and every layer below it the step arguments:
     mask          [B, L, T] int32    1 = query may attend key (causal + padding); T = L (fresh keys) or
-                                     seq_length (the cache). LlamaModel turns it once into the additive
-                                     bias [B, H, L, T] (softmax dtype) that every layer adds to its scores
+                                     seq_length (the cache)
+    cos, sin      [B * L, 1, head_dim]  rotary tables for the positions of the L new tokens
+    blocks        python tuple       query blocks ((start, end, keys), ...) from query_blocks(L, T)
+    bias          tuple of tensors   per block the additive mask [B, H, end - start, keys] (softmax dtype),
+                                     built once per step from `mask` (attention_bias)
     slots         [L] int32          cache positions the new keys/values go to
     b, l          python ints        batch and number of new tokens (graph constants)
     write_cache   python bool        write the new keys/values into the cache
