@@ -66,22 +66,22 @@ MB = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def rss_mb():
+def _status_mb(key):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb():
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb():
     """VmHWM of this process. (getrusage's ru_maxrss is not used: Linux carries the pre-exec high-water mark
     of the forked parent into it, so a child of a big parent would report the parent's peak.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmHWM")
 
 
 def mem_available_gb():
