@@ -115,8 +115,8 @@ class CLIPEncoderLayer(nn.Cell):
         self.layer_norm2 = LayerNorm(vc.hidden_size, eps, dt.param, dt.norm, dt.compute)
 
     def construct(self, x, n, t):
-        x = x + self.self_attn(self.layer_norm1(x), n, t)
-        return x + self.mlp(self.layer_norm2(x))
+        x = x + self.self_attn(self.layer_norm1(x, n * t), n, t)
+        return x + self.mlp(self.layer_norm2(x, n * t))
 
 
 class CLIPEncoder(nn.Cell):
@@ -148,7 +148,7 @@ class CLIPVisionModel(nn.Cell):
 
     def construct(self, pixel_values, n):
         vm = self.vision_model
-        x = vm.pre_layrnorm(vm.embeddings(pixel_values, n))
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values, n), n * self.tokens)
         for i in range(self.num_used_layers):
             x = vm.encoder.layers[i](x, n, self.tokens)
         return x

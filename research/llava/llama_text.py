@@ -12,7 +12,9 @@ seq_length 2048). They are not checkpoint weights (`is_cache_param`).
 Activations are 2-D [B * L, hidden]; LlamaModel takes `mask` and every layer below it the step arguments:
     mask          [B, L, T] int32    1 = query may attend key (causal + padding); T = L (fresh keys) or
                                      seq_length (the cache)
-    cos, sin      [B * L, 1, head_dim]  rotary tables for the positions of the L new tokens
+    rope          (cos_q, sin_q, cos_k, sin_k)  rotary tables for the positions of the L new tokens, tiled
+                                     to [B * L, heads, head_dim] for q and [B * L, n_kv_heads, head_dim] for k
+                                     (rotary_tables)
     blocks        python tuple       query blocks ((start, end, keys), ...) from query_blocks(L, T)
     bias          tuple of tensors   per block the additive mask [B, H, end - start, keys] (softmax dtype),
                                      built once per step from `mask` (attention_bias)
@@ -78,9 +80,14 @@ def attention_bias(mask, heads, dtype, blocks):
     return out
 
 
-def rotate_half(x, half):
-    """[x1, x2] -> [-x2, x1] along the last axis (`half` = head_dim // 2, passed to avoid a shape query)."""
-    return ops.concat((-x[..., half:], x[..., :half]), -1)
+def swap_halves(x, half):
+    """[x1, x2] -> [x2, x1] along the last axis (`half` = head_dim // 2, passed to avoid a shape query).
+    transformers' rotate_half(x) * sin equals swap_halves(x) * concat(-sin1, sin2) (rotary_tables)."""
+    return ops.concat((x[..., half:], x[..., :half]), -1)
+
+
+def apply_rotary(x, cos, sin_signed, half):
+    return x * cos + swap_halves(x, half) * sin_signed
 
 
 def inv_freq(head_dim, theta):
@@ -102,7 +109,6 @@ class LlamaAttention(nn.Cell):
         self.head_dim = tc.head_dim
         self.groups = self.num_heads // self.n_kv
         self.seq_length = config.seq_length
-        self.scale = self.head_dim ** -0.5
         self.compute_dtype = dt.compute
         self.softmax_dtype = dt.softmax
         self.q_proj = Linear(d, self.num_heads * self.head_dim, False, dt.param, dt.compute)
@@ -116,15 +122,15 @@ class LlamaAttention(nn.Cell):
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
-    def construct(self, x, cos, sin, bias, blocks, slots, b, l, write_cache, read_cache):
-        """x [b * l, D]; cos/sin [b * l, 1, head_dim]; bias/blocks per query block -> [b * l, D]."""
-        # the 1/sqrt(head_dim) scale goes on q (b*l*H values), not on the b*H*l*t scores
-        q = ops.reshape(self.q_proj(x) * self.scale, (b * l, self.num_heads, self.head_dim))
+    def construct(self, x, rope, bias, blocks, slots, b, l, write_cache, read_cache):
+        """x [b * l, D]; rope from rotary_tables; bias/blocks per query block -> [b * l, D]."""
+        cos_q, sin_q, cos_k, sin_k = rope                     # q's tables carry the 1/sqrt(head_dim) scale
+        q = ops.reshape(self.q_proj(x), (b * l, self.num_heads, self.head_dim))
         k = ops.reshape(self.k_proj(x), (b * l, self.n_kv, self.head_dim))
         v = ops.reshape(self.v_proj(x), (b, l, self.n_kv, self.head_dim))
         half = self.head_dim // 2
-        q = ops.reshape(q * cos + rotate_half(q, half) * sin, (b, l, self.num_heads, self.head_dim))
-        k = ops.reshape(k * cos + rotate_half(k, half) * sin, (b, l, self.n_kv, self.head_dim))
+        q = ops.reshape(apply_rotary(q, cos_q, sin_q, half), (b, l, self.num_heads, self.head_dim))
+        k = ops.reshape(apply_rotary(k, cos_k, sin_k, half), (b, l, self.n_kv, self.head_dim))
 
         if write_cache:
             # rows (b * n_kv + h) * seq_length + slot, in the (b, h, l) order of the updates
@@ -200,10 +206,10 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm,
                                                 dt.compute)
 
-    def construct(self, x, cos, sin, bias, blocks, slots, b, l, write_cache, read_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, blocks, slots, b, l, write_cache,
+    def construct(self, x, rope, bias, blocks, slots, b, l, write_cache, read_cache):
+        x = x + self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, slots, b, l, write_cache,
                                read_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x, b * l))
 
 
 class LlamaModel(nn.Cell):
@@ -217,30 +223,44 @@ class LlamaModel(nn.Cell):
         self.rotary_dtype = dt.rotary
         self.softmax_dtype = dt.softmax
         self.local_heads = tp.part(tc.num_heads, "num_heads")
+        self.local_kv_heads = tp.part(tc.n_kv_heads, "n_kv_heads")
+        self.scale = tc.head_dim ** -0.5
+        half = tc.head_dim // 2
+        self.sin_sign = Tensor(np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32))
         self.seq_length = config.seq_length
         self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dt.param, dt.compute, tp)
         self.layers = nn.CellList([LlamaDecoderLayer(config, dt, tp) for _ in range(tc.num_layers)])
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
         self.inv_freq = Tensor(inv_freq(tc.head_dim, tc.theta), ms.float32)
 
-    def rotary(self, position_ids, b, l):
-        """position_ids [b, l] -> cos, sin [b * l, 1, head_dim] (float32 angles, as transformers)."""
+    def rotary_tables(self, position_ids, b, l):
+        """position_ids [b, l] -> (cos_q, sin_q, cos_k, sin_k): cos and sin of transformers' float32 angles,
+        sin with its first half negated (swap_halves), q's tables times 1/sqrt(head_dim) (so neither q nor
+        the scores need a scaling pass), tiled over the heads once per step because a multiply that
+        broadcasts over the heads is several times slower on CPU than one of equal shapes."""
         pos = ops.reshape(ops.cast(position_ids, ms.float32), (b * l, 1))
         freqs = pos * self.inv_freq                                              # b*l, hd/2
         emb = cast(ops.concat((freqs, freqs), -1), ms.float32, self.rotary_dtype)
-        cos = cast(ops.cos(emb), self.rotary_dtype, self.compute_dtype)
-        sin = cast(ops.sin(emb), self.rotary_dtype, self.compute_dtype)
-        return ops.reshape(cos, (b * l, 1, self.head_dim)), ops.reshape(sin, (b * l, 1, self.head_dim))
+        cos = cast(ops.cos(emb), self.rotary_dtype, ms.float32)
+        sin = cast(ops.sin(emb), self.rotary_dtype, ms.float32) * self.sin_sign
+        tables = ()
+        for table, heads, scale in ((cos, self.local_heads, self.scale), (sin, self.local_heads, self.scale),
+                                    (cos, self.local_kv_heads, 1.0), (sin, self.local_kv_heads, 1.0)):
+            if scale != 1.0:
+                table = table * scale
+            table = ops.tile(ops.reshape(table, (b * l, 1, self.head_dim)), (1, heads, 1))
+            tables = tables + (cast(table, ms.float32, self.compute_dtype),)
+        return tables
 
     def construct(self, inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache):
         """inputs_embeds [b * l, D] -> final-norm hidden states [b * l, D]."""
-        cos, sin = self.rotary(position_ids, b, l)
+        rope = self.rotary_tables(position_ids, b, l)
         blocks = query_blocks(l, self.seq_length if read_cache else l)
         bias = attention_bias(mask, self.local_heads, self.softmax_dtype, blocks)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, bias, blocks, slots, b, l, write_cache, read_cache)
-        return self.norm(h)
+            h = layer(h, rope, bias, blocks, slots, b, l, write_cache, read_cache)
+        return self.norm(h, b * l)
 
 
 class LlamaForCausalLM(nn.Cell):

@@ -75,22 +75,38 @@ class LayerNorm(nn.Cell):
         self.param_dtype = param_dtype
         self.norm_dtype = norm_dtype
         self.compute_dtype = compute_dtype
+        self.size = size
         self.weight = new_param((size,), param_dtype, "ones", name="weight")
         self.bias = new_param((size,), param_dtype, "zeros", name="bias")
 
-    def construct(self, x):
+    def construct(self, x, rows):
+        """x [rows, size] (`rows` static, see tile_rows)."""
+        size = self.size
         x = cast(x, self.compute_dtype, self.norm_dtype)
-        mean = ops.mean(x, -1, True)
-        centered = x - mean
+        centered = x - tile_rows(ops.mean(x, -1, True), rows, size)
         var = ops.mean(centered * centered, -1, True)
-        y = centered * ops.rsqrt(var + self.eps)
-        y = y * cast(self.weight, self.param_dtype, self.norm_dtype) + cast(self.bias, self.param_dtype,
-                                                                            self.norm_dtype)
+        y = centered * tile_rows(ops.rsqrt(var + self.eps), rows, size)
+        y = y * tile_cols(cast(self.weight, self.param_dtype, self.norm_dtype), rows, size) + \
+            tile_cols(cast(self.bias, self.param_dtype, self.norm_dtype), rows, size)
         return cast(y, self.norm_dtype, self.compute_dtype)
 
 
+# On CPU a binary op that broadcasts is ~4x slower than one of equal shapes, and tiling the small operand
+# first costs less than the difference: per-row and per-column operands of [rows, size] activations are
+# tiled when there is more than one row (`rows` is static, so no shape query).
+def tile_rows(per_row, rows, size):
+    """[rows, 1] -> [rows, size]."""
+    return ops.tile(per_row, (1, size)) if rows > 1 else per_row
+
+
+def tile_cols(per_col, rows, size):
+    """[size] -> [rows, size]."""
+    return ops.tile(ops.reshape(per_col, (1, size)), (rows, 1)) if rows > 1 else per_col
+
+
 class RMSNorm(nn.Cell):
-    """LlamaRMSNorm: x * rsqrt(mean(x^2) + eps), statistics in norm_dtype, then `weight *` in compute dtype."""
+    """LlamaRMSNorm: x * rsqrt(mean(x^2) + eps), statistics in norm_dtype, then `weight *` in compute dtype.
+    construct(x [rows, size], rows): `rows` is the static row count (no shape query)."""
 
     def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
@@ -98,13 +114,14 @@ class RMSNorm(nn.Cell):
         self.param_dtype = param_dtype
         self.norm_dtype = norm_dtype
         self.compute_dtype = compute_dtype
+        self.size = size
         self.weight = new_param((size,), param_dtype, "ones", name="weight")
 
-    def construct(self, x):
+    def construct(self, x, rows):
         x = cast(x, self.compute_dtype, self.norm_dtype)
         var = ops.mean(x * x, -1, True)
-        y = cast(x * ops.rsqrt(var + self.eps), self.norm_dtype, self.compute_dtype)
-        return cast(self.weight, self.param_dtype, self.compute_dtype) * y
+        y = cast(x * tile_rows(ops.rsqrt(var + self.eps), rows, self.size), self.norm_dtype, self.compute_dtype)
+        return tile_cols(cast(self.weight, self.param_dtype, self.compute_dtype), rows, self.size) * y
 
 
 class Embedding(nn.Cell):
