@@ -20,8 +20,13 @@ Activations are 2-D [B * L, hidden]; LlamaModel takes `mask` and every layer bel
                                      built once per step from `mask` (attention_bias)
     slots         [L] int32          cache positions the new keys/values go to
     b, l          python ints        batch and number of new tokens (graph constants)
-    write_cache   python bool        write the new keys/values into the cache
-    read_cache    python bool        attend over the whole cache (decode) instead of the fresh keys
+    decode        python bool        write the new keys/values into the cache at `slots` and attend over the
+                                     whole cache; otherwise (a prompt) attend over the fresh keys only
+
+Every step also returns its keys/values. A prompt step does not write them into the cache itself:
+`LlamaModel.write_cache` does that as a separate step, which LlavaModel runs just before the first decode
+step, so the prompt's logits (the first token) are out before the cache copy is paid (a ScatterUpdate of
+~1.3 ms per layer and tensor for the 600-token prompt of `mid`).
 """
 import numpy as np
 import mindspore as ms
@@ -122,8 +127,11 @@ class LlamaAttention(nn.Cell):
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
-    def construct(self, x, rope, bias, blocks, slots, b, l, write_cache, read_cache):
-        """x [b * l, D]; rope from rotary_tables; bias/blocks per query block -> [b * l, D]."""
+    def construct(self, x, rope, bias, blocks, slots, b, l, decode):
+        """x [b * l, D]; rope from rotary_tables; bias/blocks per query block -> (y [b * l, D], keys, values)
+        with this step's keys/values [b, n_kv, l, head_dim]. A decode step (`decode`) first writes them into
+        the cache at `slots` and attends over the whole cache; a prompt step attends over its own keys and
+        leaves the cache alone (the caller writes them with `write_cache`)."""
         cos_q, sin_q, cos_k, sin_k = rope                     # q's tables carry the 1/sqrt(head_dim) scale
         q = ops.reshape(self.q_proj(x), (b * l, self.num_heads, self.head_dim))
         k = ops.reshape(self.k_proj(x), (b * l, self.n_kv, self.head_dim))
@@ -131,28 +139,24 @@ class LlamaAttention(nn.Cell):
         half = self.head_dim // 2
         q = ops.reshape(apply_rotary(q, cos_q, sin_q, half), (b, l, self.num_heads, self.head_dim))
         k = ops.reshape(apply_rotary(k, cos_k, sin_k, half), (b, l, self.n_kv, self.head_dim))
-
-        if write_cache:
-            # rows (b * n_kv + h) * seq_length + slot, in the (b, h, l) order of the updates
-            base = ops.arange(0, b * self.n_kv * self.seq_length, self.seq_length, dtype=ms.int32)
-            rows = ops.reshape(ops.expand_dims(base, 1) + ops.expand_dims(slots, 0), (b * self.n_kv * l,))
-            k_rows = ops.reshape(ops.transpose(k, (0, 2, 1, 3)), (b * self.n_kv * l, self.head_dim))
-            v_rows = ops.reshape(ops.transpose(v, (0, 2, 1, 3)), (b * self.n_kv * l, self.head_dim))
-            k_all = ops.scatter_update(self.k_cache, rows, k_rows)
-            v_all = ops.scatter_update(self.v_cache, rows, v_rows)
-            if read_cache:
-                cache_4d = (b, self.n_kv, self.seq_length, self.head_dim)
-                out = self._attend(q, ops.reshape(k_all, cache_4d), ops.reshape(v_all, cache_4d),
-                                   bias, blocks, b, l)
-            else:
-                out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)),
-                                   bias, blocks, b, l)
-            out = ops.depend(out, k_all)
-            out = ops.depend(out, v_all)
+        keys = ops.transpose(k, (0, 2, 1, 3))
+        values = ops.transpose(v, (0, 2, 1, 3))
+        if decode:
+            k_all, v_all = self.write_cache(keys, values, slots, b, l)
+            cache_4d = (b, self.n_kv, self.seq_length, self.head_dim)
+            out = self._attend(q, ops.reshape(k_all, cache_4d), ops.reshape(v_all, cache_4d), bias, blocks, b, l)
         else:
-            out = self._attend(q, ops.transpose(k, (0, 2, 1, 3)), ops.transpose(v, (0, 2, 1, 3)), bias, blocks,
-                               b, l)
-        return self.reduce(self.o_proj(out))
+            out = self._attend(q, keys, values, bias, blocks, b, l)
+        return self.reduce(self.o_proj(out)), keys, values
+
+    def write_cache(self, keys, values, slots, b, l):
+        """keys/values [b, n_kv, l, head_dim] -> cache positions `slots` [l] of every row; returns the updated
+        caches. Rows (b * n_kv + h) * seq_length + slot, in the (b, h, l) order of keys/values."""
+        base = ops.arange(0, b * self.n_kv * self.seq_length, self.seq_length, dtype=ms.int32)
+        rows = ops.reshape(ops.expand_dims(base, 1) + ops.expand_dims(slots, 0), (b * self.n_kv * l,))
+        k_all = ops.scatter_update(self.k_cache, rows, ops.reshape(keys, (b * self.n_kv * l, self.head_dim)))
+        v_all = ops.scatter_update(self.v_cache, rows, ops.reshape(values, (b * self.n_kv * l, self.head_dim)))
+        return k_all, v_all
 
     def _attend(self, q, keys, values, bias, blocks, b, l):
         """q [b, l, H, hd] (scaled); keys/values [b, kv, t, hd]; bias and blocks from attention_bias and
@@ -206,10 +210,11 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm,
                                                 dt.compute)
 
-    def construct(self, x, rope, bias, blocks, slots, b, l, write_cache, read_cache):
-        x = x + self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, slots, b, l, write_cache,
-                               read_cache)
-        return x + self.mlp(self.post_attention_layernorm(x, b * l))
+    def construct(self, x, rope, bias, blocks, slots, b, l, decode):
+        """-> (hidden states, this step's keys, values) (LlamaAttention)."""
+        attn, keys, values = self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, slots, b, l, decode)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x, b * l)), keys, values
 
 
 class LlamaModel(nn.Cell):
@@ -252,15 +257,25 @@ class LlamaModel(nn.Cell):
             tables = tables + (cast(table, ms.float32, self.compute_dtype),)
         return tables
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache):
-        """inputs_embeds [b * l, D] -> final-norm hidden states [b * l, D]."""
+    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode):
+        """inputs_embeds [b * l, D] -> (final-norm hidden states [b * l, D], (keys, values) of every layer
+        flattened: k0, v0, k1, v1, ...)."""
         rope = self.rotary_tables(position_ids, b, l)
-        blocks = query_blocks(l, self.seq_length if read_cache else l)
+        blocks = query_blocks(l, self.seq_length if decode else l)
         bias = attention_bias(mask, self.local_heads, self.softmax_dtype, blocks)
         h = inputs_embeds
+        kv = ()
         for layer in self.layers:
-            h = layer(h, rope, bias, blocks, slots, b, l, write_cache, read_cache)
-        return self.norm(h, b * l)
+            h, keys, values = layer(h, rope, bias, blocks, slots, b, l, decode)
+            kv = kv + (keys, values)
+        return self.norm(h, b * l), kv
+
+    def write_cache(self, kv, slots, b, l):
+        """Write a prompt step's keys/values (construct's `kv`) into cache positions `slots` of every layer."""
+        written = ()
+        for i in range(len(self.layers)):
+            written = written + self.layers[i].self_attn.write_cache(kv[2 * i], kv[2 * i + 1], slots, b, l)
+        return ops.depend(slots, written)
 
 
 class LlamaForCausalLM(nn.Cell):
@@ -280,11 +295,12 @@ class LlamaForCausalLM(nn.Cell):
         self.lm_head = Linear(tc.hidden_size, self.vocab_part, False, dt.param, dt.compute)
         self.gather = GatherLastDim(tp)
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache, last_only):
-        h = self.model(inputs_embeds, position_ids, mask, slots, b, l, write_cache, read_cache)
+    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only):
+        """-> (logits, kv): kv as LlamaModel.construct returns it (unused outputs cost nothing in a graph)."""
+        h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode)
         if last_only:
             h = ops.reshape(h, (b, l, self.hidden_size))[:, -1, :]
             logits = cast(self.lm_head(h), self.compute_dtype, ms.float32)
-            return self.gather(logits, b, self.vocab_part)
+            return self.gather(logits, b, self.vocab_part), kv
         logits = self.gather(cast(self.lm_head(h), self.compute_dtype, ms.float32), b * l, self.vocab_part)
-        return ops.reshape(logits, (b, l, self.vocab_size))
+        return ops.reshape(logits, (b, l, self.vocab_size)), kv

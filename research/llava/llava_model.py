@@ -9,10 +9,12 @@ Execution is split into steps, each its own cell (compiled as one graph in GRAPH
 `mindspore.jit` in PyNative when `jit_steps` is set):
 
 * vision   pixel_values [N, 3, H, W] -> image features [N, num_image_tokens, text_hidden]
-* prefill  merged prompt embeddings [B, L] -> logits of the last position (or of all positions); writes the
-           prompt's keys/values into cache positions 0..L-1. Prompts are left-padded (masked) to a multiple
-           of `prefill_bucket` (default 8) so Graph mode compiles one prefill per bucket, not per length;
-           attention runs in causal query blocks (llama_text.query_blocks)
+* prefill  merged prompt embeddings [B, L] -> logits of the last position (or of all positions) and the
+           prompt's keys/values. Prompts are left-padded (masked) to a multiple of `prefill_bucket`
+           (default 8) so Graph mode compiles one prefill per bucket, not per length; attention runs in
+           causal query blocks (llama_text.query_blocks)
+* write    the prompt's keys/values -> cache positions 0..L-1; run by the first decode() after a prefill,
+           so that the first token does not wait for the copy
 * decode   one token per row [B, 1] -> logits [B, V]; writes cache position `slot`, attends over the whole
            (masked) cache; fixed shapes, so it compiles once per batch size
 * forward  the full sequence without the cache -> logits [B, L, V] (reference / tests)
@@ -83,7 +85,8 @@ class _PromptStep(nn.Cell):
         emb = lm.model.embed_tokens(ops.reshape(input_ids, (b * l,)))           # b*l, d
         table = ops.concat((emb, image_features), 0)
         merged = ops.gather(table, merge_index, 0)
-        return lm(merged, position_ids, mask, slots, b, l, self.write_cache, False, self.last_only)
+        logits, kv = lm(merged, position_ids, mask, slots, b, l, False, self.last_only)
+        return (logits, kv) if self.write_cache else logits
 
 
 class _DecodeStep(nn.Cell):
@@ -95,7 +98,19 @@ class _DecodeStep(nn.Cell):
         b = input_ids.shape[0]
         lm = self.model.language_model
         emb = lm.model.embed_tokens(ops.reshape(input_ids, (b,)))                # b, d
-        return lm(emb, position_ids, mask, slots, b, 1, True, True, True)
+        return lm(emb, position_ids, mask, slots, b, 1, True, True)[0]
+
+
+class _CacheWriteStep(nn.Cell):
+    """A prompt's keys/values (k0, v0, k1, v1, ...) -> KV cache positions `slots` of every layer."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, slots, *kv):
+        b, _, l, _ = kv[0].shape
+        return self.model.language_model.model.write_cache(kv, slots, b, l)
 
 
 @dataclass
@@ -105,6 +120,7 @@ class DecodeState:
     prompt_length: int
     kv_mask: np.ndarray        # [B, seq_length] int32: 1 = cache position holds a real token of that row
     next_slot: int             # cache position the next decode step writes
+    pending: tuple = None      # (slots, keys/values) of the prompt, written into the cache by the first decode
 
     @property
     def positions(self):
@@ -151,7 +167,7 @@ class LlavaModel(nn.Cell):
         emb = lm.model.embed_tokens(ops.reshape(input_ids, (b * l,)))
         merged = ops.gather(ops.concat((emb, image_features), 0), merge_index, 0)
         slots = ops.arange(0, l, dtype=ms.int32)
-        return lm(merged, position_ids, mask, slots, b, l, False, False, False)
+        return lm(merged, position_ids, mask, slots, b, l, False, False)[0]
 
     # ------------------------------------------------------------------ parameters
     def weight_parameters(self):
@@ -207,6 +223,8 @@ class LlavaModel(nn.Cell):
                 cell = _PromptStep(self, write_cache=False, last_only=False)
             elif kind == "decode":
                 cell = _DecodeStep(self)
+            elif kind == "write":
+                cell = _CacheWriteStep(self)
             else:
                 raise KeyError(kind)
             cell.set_train(False)
@@ -326,9 +344,10 @@ class LlavaModel(nn.Cell):
 
     def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False,
                 reserve=0):
-        """Run the prompt, filling the KV cache positions 0..L-1. Returns (float32 numpy logits, DecodeState):
-        logits [B, V] of the last position, or [B, L, V] with return_all_logits. `reserve` cache positions are
-        kept free for decoding when the prompt is padded up to its bucket."""
+        """Run the prompt. Returns (float32 numpy logits, DecodeState): logits [B, V] of the last position, or
+        [B, L, V] with return_all_logits. The prompt's keys/values go into KV cache positions 0..L-1 with the
+        first decode() of the returned state. `reserve` cache positions are kept free for decoding when the
+        prompt is padded up to its bucket."""
         feats, n_images = self._image_features_or_dummy(pixel_values)
         length = np.shape(input_ids)[-1]
         padded = self._bucket_length(length, reserve)
@@ -337,12 +356,13 @@ class LlavaModel(nn.Cell):
         self._ensure_cache(b)
         slots = Tensor(np.arange(l, dtype=np.int32))
         step = self._step("prefill_all" if return_all_logits else "prefill")
-        logits = step(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots).asnumpy()
+        logits, kv = step(Tensor(clean), feats, Tensor(merge), Tensor(pos), Tensor(attn), slots)
+        logits = logits.asnumpy()
         if return_all_logits:
             logits = logits[:, l - length:]
         kv_mask = np.zeros((b, self.config.seq_length), np.int32)
         kv_mask[:, :l] = mask
-        return logits, DecodeState(batch=b, prompt_length=l, kv_mask=kv_mask, next_slot=l)
+        return logits, DecodeState(batch=b, prompt_length=l, kv_mask=kv_mask, next_slot=l, pending=(slots, kv))
 
     def decode(self, state, token_ids):
         """One decode step: token_ids [B] (the tokens just chosen) -> float32 numpy logits [B, V]."""
@@ -353,6 +373,10 @@ class LlavaModel(nn.Cell):
         if slot >= self.config.seq_length:
             raise LlavaError(f"the KV cache is full (seq_length={self.config.seq_length})")
         self._ensure_cache(state.batch)
+        if state.pending is not None:
+            slots, kv = state.pending
+            self._step("write")(slots, *kv)
+            state.pending = None
         pos = state.positions.reshape(state.batch, 1)
         state.kv_mask[:, slot] = 1
         mask = state.kv_mask.reshape(state.batch, 1, -1)
