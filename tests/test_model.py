@@ -359,7 +359,8 @@ def test_query_blocks_split_prompts_causally():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_long_left_padded_prompts_in_query_blocks_match_hf(preset, mode, sides, image_paths):
     """Prompts longer than QUERY_BLOCK attend block by block; a left-padded batch of two such prompts
-    gives HF's logits at every real position, then HF's greedy tokens."""
+    gives HF's logits at every real position (and at the last one when only that is computed in the last
+    layer), then HF's greedy tokens."""
     side = sides[preset]
     story = " ".join(["The cat sat on the warm mat and watched the birds in the garden."] * 14)
     prompts = [side.ids(story + " What happened?"), side.ids(story + " Why did the cat stay inside all day?")]
@@ -372,6 +373,9 @@ def test_long_left_padded_prompts_in_query_blocks_match_hf(preset, mode, sides, 
     logits, _ = side.ms.prefill(ids, pixels, attention_mask=mask, return_all_logits=True, reserve=8)
     real = mask.astype(bool)
     assert rel_err(logits[real], hf_logits[real]) <= REL_TOL
+    # the usual prefill: the last layer computes the last position of each row only
+    last, _ = side.ms.prefill(ids, pixels, attention_mask=mask, reserve=8)
+    assert last.shape == (2, hf_logits.shape[-1]) and rel_err(last, hf_logits[:, -1]) <= REL_TOL
     hf_new, _ = side.hf_generate(ids, pixels, mask, max_new_tokens=8)
     assert side.ms.generate(ids, pixels, attention_mask=mask, max_new_tokens=8) == \
         [trim_at_eos(row) for row in hf_new]

@@ -95,6 +95,13 @@ def apply_rotary(x, cos, sin_signed, half):
     return x * cos + swap_halves(x, half) * sin_signed
 
 
+def last_rows(x, b, l):
+    """[b * l, ...] -> [b, ...]: the last of every row's l positions."""
+    rest = tuple(x.shape[1:])
+    part = ops.slice(ops.reshape(x, (b, l) + rest), (0, l - 1) + (0,) * len(rest), (b, 1) + rest)
+    return ops.reshape(part, (b,) + rest)
+
+
 def inv_freq(head_dim, theta):
     """transformers' default rope: 1 / theta ** (arange(0, dim, 2) / dim), in float32."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -127,17 +134,19 @@ class LlamaAttention(nn.Cell):
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
-    def construct(self, x, rope, bias, blocks, slots, b, l, decode):
+    def construct(self, x, rope, bias, blocks, slots, b, l, decode, last_only=False):
         """x [b * l, D]; rope from rotary_tables; bias/blocks per query block -> (y [b * l, D], keys, values)
         with this step's keys/values [b, n_kv, l, head_dim]. A decode step (`decode`) first writes them into
         the cache at `slots` and attends over the whole cache; a prompt step attends over its own keys and
-        leaves the cache alone (the caller writes them with `write_cache`)."""
+        leaves the cache alone (the caller writes them with `write_cache`). With `last_only` only the last
+        position of each row queries (y [b, D]); rope's q tables, bias and blocks are then that position's."""
         cos_q, sin_q, cos_k, sin_k = rope                     # q's tables carry the 1/sqrt(head_dim) scale
-        q = ops.reshape(self.q_proj(x), (b * l, self.num_heads, self.head_dim))
+        lq = 1 if last_only else l
+        q = ops.reshape(self.q_proj(last_rows(x, b, l) if last_only else x), (b * lq, self.num_heads, self.head_dim))
         k = ops.reshape(self.k_proj(x), (b * l, self.n_kv, self.head_dim))
         v = ops.reshape(self.v_proj(x), (b, l, self.n_kv, self.head_dim))
         half = self.head_dim // 2
-        q = ops.reshape(apply_rotary(q, cos_q, sin_q, half), (b, l, self.num_heads, self.head_dim))
+        q = ops.reshape(apply_rotary(q, cos_q, sin_q, half), (b, lq, self.num_heads, self.head_dim))
         k = ops.reshape(apply_rotary(k, cos_k, sin_k, half), (b, l, self.n_kv, self.head_dim))
         keys = ops.transpose(k, (0, 2, 1, 3))
         values = ops.transpose(v, (0, 2, 1, 3))
@@ -146,7 +155,7 @@ class LlamaAttention(nn.Cell):
             cache_4d = (b, self.n_kv, self.seq_length, self.head_dim)
             out = self._attend(q, ops.reshape(k_all, cache_4d), ops.reshape(v_all, cache_4d), bias, blocks, b, l)
         else:
-            out = self._attend(q, keys, values, bias, blocks, b, l)
+            out = self._attend(q, keys, values, bias, blocks, b, lq)
         return self.reduce(self.o_proj(out)), keys, values
 
     def write_cache(self, keys, values, slots, b, l):
@@ -210,11 +219,13 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm,
                                                 dt.compute)
 
-    def construct(self, x, rope, bias, blocks, slots, b, l, decode):
-        """-> (hidden states, this step's keys, values) (LlamaAttention)."""
-        attn, keys, values = self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, slots, b, l, decode)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x, b * l)), keys, values
+    def construct(self, x, rope, bias, blocks, slots, b, l, decode, last_only=False):
+        """-> (hidden states, this step's keys, values) (LlamaAttention); with `last_only` the hidden states of
+        the last position of each row only [b, D] (keys/values still cover all positions)."""
+        attn, keys, values = self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, slots, b, l,
+                                            decode, last_only)
+        x = (last_rows(x, b, l) if last_only else x) + attn
+        return x + self.mlp(self.post_attention_layernorm(x, b if last_only else b * l)), keys, values
 
 
 class LlamaModel(nn.Cell):
@@ -257,18 +268,29 @@ class LlamaModel(nn.Cell):
             tables = tables + (cast(table, ms.float32, self.compute_dtype),)
         return tables
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode):
+    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only=False):
         """inputs_embeds [b * l, D] -> (final-norm hidden states [b * l, D], (keys, values) of every layer
-        flattened: k0, v0, k1, v1, ...)."""
+        flattened: k0, v0, k1, v1, ...). With `last_only` (a prompt whose logits are wanted for its last
+        position only) the hidden states are [b, D]: the last layer then computes queries, attention output
+        and MLP for the last position of each row only; the earlier layers and every layer's keys/values
+        need all positions."""
         rope = self.rotary_tables(position_ids, b, l)
         blocks = query_blocks(l, self.seq_length if decode else l)
         bias = attention_bias(mask, self.local_heads, self.softmax_dtype, blocks)
         h = inputs_embeds
         kv = ()
-        for layer in self.layers:
-            h, keys, values = layer(h, rope, bias, blocks, slots, b, l, decode)
+        last = len(self.layers) - 1
+        for i in range(len(self.layers)):
+            if last_only and i == last:
+                one = ((0, 1, l),)
+                last_rope = (last_rows(rope[0], b, l), last_rows(rope[1], b, l), rope[2], rope[3])
+                last_bias = attention_bias(ops.slice(mask, (0, l - 1, 0), (b, 1, l)), self.local_heads,
+                                           self.softmax_dtype, one)
+                h, keys, values = self.layers[i](h, last_rope, last_bias, one, slots, b, l, decode, True)
+            else:
+                h, keys, values = self.layers[i](h, rope, bias, blocks, slots, b, l, decode)
             kv = kv + (keys, values)
-        return self.norm(h, b * l), kv
+        return self.norm(h, b if last_only else b * l), kv
 
     def write_cache(self, kv, slots, b, l):
         """Write a prompt step's keys/values (construct's `kv`) into cache positions `slots` of every layer."""
@@ -297,10 +319,11 @@ class LlamaForCausalLM(nn.Cell):
 
     def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only):
         """-> (logits, kv): kv as LlamaModel.construct returns it (unused outputs cost nothing in a graph)."""
-        h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode)
         if last_only:
-            h = ops.reshape(h, (b, l, self.hidden_size))[:, -1, :]
+            # a decode step (l == 1) is the last position already
+            h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode, l > 1)
             logits = cast(self.lm_head(h), self.compute_dtype, ms.float32)
             return self.gather(logits, b, self.vocab_part), kv
+        h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode)
         logits = self.gather(cast(self.lm_head(h), self.compute_dtype, ms.float32), b * l, self.vocab_part)
         return ops.reshape(logits, (b, l, self.vocab_size)), kv
