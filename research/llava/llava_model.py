@@ -365,7 +365,8 @@ class LlavaModel(nn.Cell):
         return logits, DecodeState(batch=b, prompt_length=l, kv_mask=kv_mask, next_slot=l, pending=(slots, kv))
 
     def decode(self, state, token_ids):
-        """One decode step: token_ids [B] (the tokens just chosen) -> float32 numpy logits [B, V]."""
+        """One decode step: token_ids [B] (the tokens just chosen) -> float32 numpy logits [B, V]. The first
+        call after prefill() first writes the prompt's keys/values into the KV cache (the 'write' step)."""
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if tokens.shape[0] != state.batch:
             raise LlavaError(f"decode got {tokens.shape[0]} token(s) for a batch of {state.batch}")
