@@ -73,10 +73,10 @@ class _VisionStep(nn.Cell):
 class _PromptStep(nn.Cell):
     """Prompt embeddings with image features merged in, then the decoder (prefill or cache-free forward)."""
 
-    def __init__(self, model, write_cache, last_only):
+    def __init__(self, model, for_cache, last_only):
         super().__init__(auto_prefix=False)
         self.model = model
-        self.write_cache = write_cache
+        self.for_cache = for_cache          # also return the keys/values, for the 'write' step
         self.last_only = last_only
 
     def construct(self, input_ids, image_features, merge_index, position_ids, mask, slots):
@@ -86,7 +86,7 @@ class _PromptStep(nn.Cell):
         table = ops.concat((emb, image_features), 0)
         merged = ops.gather(table, merge_index, 0)
         logits, kv = lm(merged, position_ids, mask, slots, b, l, False, self.last_only)
-        return (logits, kv) if self.write_cache else logits
+        return (logits, kv) if self.for_cache else logits
 
 
 class _DecodeStep(nn.Cell):
@@ -216,11 +216,11 @@ class LlavaModel(nn.Cell):
             if kind == "vision":
                 cell = _VisionStep(self)
             elif kind == "prefill":
-                cell = _PromptStep(self, write_cache=True, last_only=True)
+                cell = _PromptStep(self, for_cache=True, last_only=True)
             elif kind == "prefill_all":
-                cell = _PromptStep(self, write_cache=True, last_only=False)
+                cell = _PromptStep(self, for_cache=True, last_only=False)
             elif kind == "forward":
-                cell = _PromptStep(self, write_cache=False, last_only=False)
+                cell = _PromptStep(self, for_cache=False, last_only=False)
             elif kind == "decode":
                 cell = _DecodeStep(self)
             elif kind == "write":
