@@ -484,7 +484,7 @@ def bench_preset(args):
         warm_ttft = {s: [] for s in sides}
         for side in sides:
             print(f"[bench] warm-up {side} ({args.warmup} requests) ...", file=sys.stderr)
-            for i in range(max(1, args.warmup)):
+            for _ in range(args.warmup):
                 res = children[side].ask("run")
                 warm.setdefault(side, res)
                 warm_ttft[side].append(res["ttft_s"])
@@ -540,7 +540,7 @@ def bench_preset(args):
         r = runs[side]
         result["sides"][side] = {
             **info[side], "warmup": {k: v for k, v in warm[side].items() if k != "tokens"},
-            "warmup_requests": max(1, args.warmup), "warmup_ttft_all_s": warm_ttft[side],
+            "warmup_requests": args.warmup, "warmup_ttft_all_s": warm_ttft[side],
             "ttft_s": median([x["ttft_s"] for x in r]), "decode_tok_s": median([x["decode_tok_s"] for x in r]),
             "decode_step_ms": median([x["decode_step_ms_median"] for x in r]),
             "total_s": median([x["total_s"] for x in r]),
@@ -1012,6 +1012,7 @@ def main(argv=None):
         ap.error("--preset is required")
     if args.probe_only:
         args.probe = True
+    args.warmup = max(1, args.warmup)                   # the first request (with compilation) is always done
     if args.max_background is None:
         args.max_background = max(0, (os.cpu_count() or 1) - args.threads) + 0.25
     if args.new_tokens < 2:

@@ -66,6 +66,19 @@ class Linear(nn.Cell):
         return y
 
 
+# On CPU a binary op that broadcasts is ~4x slower than one of equal shapes, and tiling the small operand
+# first costs less than the difference: per-row and per-column operands of [rows, size] activations are
+# tiled when there is more than one row (`rows` is static, so no shape query).
+def tile_rows(per_row, rows, size):
+    """[rows, 1] -> [rows, size]."""
+    return ops.tile(per_row, (1, size)) if rows > 1 else per_row
+
+
+def tile_cols(per_col, rows, size):
+    """[size] -> [rows, size]."""
+    return ops.tile(ops.reshape(per_col, (1, size)), (rows, 1)) if rows > 1 else per_col
+
+
 class LayerNorm(nn.Cell):
     """torch.nn.LayerNorm over the last axis (parameters `weight`, `bias`)."""
 
@@ -89,19 +102,6 @@ class LayerNorm(nn.Cell):
         y = y * tile_cols(cast(self.weight, self.param_dtype, self.norm_dtype), rows, size) + \
             tile_cols(cast(self.bias, self.param_dtype, self.norm_dtype), rows, size)
         return cast(y, self.norm_dtype, self.compute_dtype)
-
-
-# On CPU a binary op that broadcasts is ~4x slower than one of equal shapes, and tiling the small operand
-# first costs less than the difference: per-row and per-column operands of [rows, size] activations are
-# tiled when there is more than one row (`rows` is static, so no shape query).
-def tile_rows(per_row, rows, size):
-    """[rows, 1] -> [rows, size]."""
-    return ops.tile(per_row, (1, size)) if rows > 1 else per_row
-
-
-def tile_cols(per_col, rows, size):
-    """[size] -> [rows, size]."""
-    return ops.tile(ops.reshape(per_col, (1, size)), (rows, 1)) if rows > 1 else per_col
 
 
 class RMSNorm(nn.Cell):
