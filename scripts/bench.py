@@ -201,6 +201,7 @@ class OursSide:
         import mindspore as ms
         ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
         ms.device_context.cpu.op_tuning.threads_num(args.threads)
+        from generation import GenerationSettings
         from llava_config import LlavaConfig
         from llava_model import LlavaModel, load_weights
         from llava_processor import LlavaProcessor
@@ -228,6 +229,9 @@ class OursSide:
         inputs = processor.process([(IMAGE, PROMPT)], max_new_tokens=args.new_tokens)
         self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.n = args.new_tokens
+        self.engine = self.model.engine()
+        # exactly n tokens: no eos id can stop a row
+        self.settings = GenerationSettings.from_config(self.config, max_new_tokens=self.n, eos_token_id=[-1])
         self.threads = args.threads
         self.loaded_rss = rss_mb()
 
@@ -248,33 +252,33 @@ class OursSide:
                 pass
 
         t0, c0 = time.perf_counter(), time.process_time()
-        out = self.model.generate(self.ids, self.pixels, self.mask, streamer=Stamp(), max_new_tokens=self.n,
-                                  eos_token_id=[-1])
+        out = self.engine.generate(self.ids, self.pixels, self.mask, settings=self.settings, streamer=Stamp())
         t1 = time.perf_counter()
         return _figures(t0, c0, t1, stamps, out[0])
 
     def profile(self, repeats):
         np, ms = self.np, self.ms
-        m = self.model
+        engine = self.engine
         vision, prefill, decode, step_only = [], [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            m.get_image_features(self.pixels).asnumpy()
+            engine.image_features(self.pixels).asnumpy()
             vision.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            logits, state = m.prefill(self.ids, self.pixels, self.mask, reserve=self.n)
+            logits = engine.prefill(self.ids, self.pixels, self.mask, reserve=self.n)
             prefill.append(time.perf_counter() - t0)
             token = np.argmax(logits, -1)
             for _ in range(min(self.n - 1, 16)):
                 t0 = time.perf_counter()
-                logits = m.decode(state, token)
+                logits = engine.decode(token)
                 decode.append(time.perf_counter() - t0)
                 token = np.argmax(logits, -1)
             # the compiled decode graph alone (inputs prepared beforehand; includes the logits' asnumpy)
-            step = m._step("decode")
-            mask = ms.Tensor(state.kv_mask.reshape(1, 1, -1))
-            args = (ms.Tensor(np.array([[5]], np.int32)), ms.Tensor(np.array([[state.next_slot]], np.int32)),
-                    mask, ms.Tensor(np.array([state.next_slot], np.int32)))
+            step = engine.step("decode")
+            slot = engine.cache.next_slot
+            mask = ms.Tensor(engine.cache.mask.reshape(1, 1, -1))
+            args = (ms.Tensor(np.array([[5]], np.int32)), ms.Tensor(np.array([[slot]], np.int32)),
+                    mask, ms.Tensor(np.array([slot], np.int32)))
             for _ in range(5):
                 t0 = time.perf_counter()
                 step(*args).asnumpy()
@@ -697,6 +701,7 @@ def run_7b_child(args):
     ms.set_context(mode=mode, device_target="CPU", pynative_synchronize=(mode == ms.PYNATIVE_MODE))
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
     import convert_weight as cw
+    from generation import GenerationSettings
     from llava_config import LlavaConfig
     from llava_model import LlavaModel, load_weights
     from llava_processor import LlavaProcessor
@@ -735,7 +740,8 @@ def run_7b_child(args):
             pass
 
     t0 = time.perf_counter()
-    out = model.generate(ids, pixels, mask, streamer=Stamp(), max_new_tokens=args.new_tokens, eos_token_id=[-1])
+    settings = GenerationSettings.from_config(config, max_new_tokens=args.new_tokens, eos_token_id=[-1])
+    out = model.engine().generate(ids, pixels, mask, settings=settings, streamer=Stamp())
     t1 = time.perf_counter()
     gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     res.update({"ttft_s": stamps[0][0] - t0, "decode_s_per_token": median(gaps), "decode_gaps_s": gaps,
@@ -775,22 +781,23 @@ def run_probe_7b_child(args):
     text_ids = np.array([processor.encode_prompt(PROMPT, 0)], np.int32)
     t = {"vision": [], "prefill": [], "prefill_text": [], "decode": []}
     rss = {"loaded": rss_mb()}
+    engine = model.engine()
     for _ in range(2):
         t0 = time.perf_counter()
-        model.get_image_features(pix).asnumpy()
+        engine.image_features(pix).asnumpy()
         t["vision"].append(time.perf_counter() - t0)
         rss["vision"] = rss_mb()
         t0 = time.perf_counter()
-        model.prefill(text_ids, None, None)
+        engine.prefill(text_ids, None, None)
         t["prefill_text"].append(time.perf_counter() - t0)
         rss["prefill_text"] = rss_mb()
         t0 = time.perf_counter()
-        logits, state = model.prefill(ids, pix, mask, reserve=args.new_tokens)
+        logits = engine.prefill(ids, pix, mask, reserve=args.new_tokens)
         t["prefill"].append(time.perf_counter() - t0)
         rss["prefill_image"] = rss_mb()
         for _ in range(2):
             t0 = time.perf_counter()
-            model.decode(state, np.argmax(logits, -1))
+            engine.decode(np.argmax(logits, -1))
             t["decode"].append(time.perf_counter() - t0)
         rss["decode"] = rss_mb()
     out = {k: min(v) for k, v in t.items()}

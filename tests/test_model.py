@@ -73,6 +73,7 @@ class Side:
         for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):    # one file or shards
             weights.update(load_file(path))
         load_weights(self.ms, weights)
+        self.engine = self.ms.engine()
         self.tokenizer = make_tiny_llava.make_hf_tokenizer(TOKENIZER_MODEL)
         self.processor = make_tiny_llava.make_hf_image_processor(self.config.vision_config.image_size)
         self.num_image_tokens = self.config.num_image_tokens
@@ -215,18 +216,18 @@ def test_load_weights_is_strict(pynative_mode, sides):
 def test_image_features_prompt_logits_and_32_decode_steps_match_hf(preset, mode, sides, image_paths):
     side = sides[preset]
     ref = side.oracle("chelsea", image_paths)
-    model = side.ms
+    model, engine = side.ms, side.engine
 
     feats = model.get_image_features(ref["pixels"]).asnumpy()
     assert rel_err(feats, ref["features"]) <= REL_TOL
 
-    logits, state = model.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
+    logits = engine.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
     assert rel_err(logits, ref["prompt_logits"]) <= REL_TOL
     assert rel_err(logits[:, -1], ref["step_logits"][None, 0]) <= REL_TOL
     tokens = ref["tokens"]
     assert len(tokens) == 32 and 2 not in tokens[:31].tolist()      # the oracle really decodes 32 steps
     for i in range(1, 32):                                          # teacher-forced with HF's greedy tokens
-        step = model.decode(state, tokens[i - 1:i])
+        step = engine.decode(tokens[i - 1:i])
         assert rel_err(step, ref["step_logits"][None, i]) <= REL_TOL, f"decode step {i}"
 
 
@@ -242,31 +243,31 @@ def test_greedy_32_tokens_equal_hf_generate_on_three_images(preset, graph_mode, 
 def test_jit_steps_in_pynative_give_the_same_logits(pynative_mode, sides, image_paths):
     side = sides["tiny"]
     ref = side.oracle("coffee", image_paths)
-    model = side.ms
-    model.jit_steps = True
+    engine = side.engine
+    engine.jit_steps = True
     try:
-        logits, state = model.prefill(ref["ids"], ref["pixels"])
+        logits = engine.prefill(ref["ids"], ref["pixels"])
         steps = [logits]
         for i in range(1, 8):
-            steps.append(model.decode(state, ref["tokens"][i - 1:i]))
+            steps.append(engine.decode(ref["tokens"][i - 1:i]))
     finally:
-        model.jit_steps = False
+        engine.jit_steps = False
     assert rel_err(np.concatenate(steps), ref["step_logits"][:8]) <= REL_TOL
 
 
 def test_kv_cache_decoding_equals_recomputing_the_full_sequence(mode, sides, image_paths):
     side = sides["tiny_gqa"]
     ref = side.oracle("rocket", image_paths)
-    model = side.ms
+    engine = side.engine
     ids = ref["ids"]
-    logits, state = model.prefill(ids, ref["pixels"])
+    logits = engine.prefill(ids, ref["pixels"])
     cached, generated = [logits], []
     for _ in range(16):
         token = cached[-1].argmax(-1)
         generated.append(int(token[0]))
-        cached.append(model.decode(state, token))
+        cached.append(engine.decode(token))
     full = np.concatenate([ids, np.array([generated])], 1)
-    recomputed = model.forward(full, ref["pixels"])                 # no cache at all
+    recomputed = engine.forward(full, ref["pixels"])                 # no cache at all
     length = ids.shape[1]
     assert rel_err(np.concatenate(cached), recomputed[0, length - 1:]) <= REL_TOL
 
@@ -276,19 +277,20 @@ def test_prefill_bucket_padding_changes_nothing(graph_mode, sides, image_paths):
     and bucketed prompts give the same logits and the same decode steps."""
     side = sides["tiny"]
     ref = side.oracle("coffee", image_paths)
-    model = side.ms
-    assert ref["ids"].shape[1] % model.prefill_bucket != 0
+    engine = side.engine
+    assert ref["ids"].shape[1] % engine.prefill_bucket != 0
     results = []
-    for bucket in (0, model.prefill_bucket):
-        old, model.prefill_bucket = model.prefill_bucket, bucket
+    for bucket in (0, engine.prefill_bucket):
+        old, engine.prefill_bucket = engine.prefill_bucket, bucket
         try:
-            logits, state = model.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
-            steps = [model.decode(state, ref["tokens"][i:i + 1]) for i in range(4)]
+            logits = engine.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
+            prompt_length = engine.cache.next_slot
+            steps = [engine.decode(ref["tokens"][i:i + 1]) for i in range(4)]
         finally:
-            model.prefill_bucket = old
-        results.append((logits, np.concatenate(steps), state.prompt_length))
+            engine.prefill_bucket = old
+        results.append((logits, np.concatenate(steps), prompt_length))
     (exact, exact_steps, exact_len), (padded, padded_steps, padded_len) = results
-    assert exact_len == ref["ids"].shape[1] and padded_len % model.prefill_bucket == 0
+    assert exact_len == ref["ids"].shape[1] and padded_len % engine.prefill_bucket == 0
     assert padded.shape == exact.shape
     assert rel_err(padded, exact) <= 1e-6 and rel_err(padded_steps, exact_steps) <= 1e-6
 
@@ -340,7 +342,7 @@ def test_left_padded_batch_equals_each_prompt_alone_and_hf(preset, graph_mode, s
     # mask derived from the pad id when none is given
     assert side.ms.generate(ids, pixels, max_new_tokens=4) == [row[:4] for row in batched]
     # prompt logits of the real positions match HF's batched forward
-    logits, _ = side.ms.prefill(ids, pixels, attention_mask=mask)
+    logits = side.engine.prefill(ids, pixels, attention_mask=mask)
     assert rel_err(logits, hf_logits[:, 0]) <= REL_TOL
 
 
@@ -370,11 +372,11 @@ def test_long_left_padded_prompts_in_query_blocks_match_hf(preset, mode, sides, 
     with torch.no_grad():
         hf_logits = side.hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                             pixel_values=torch.tensor(pixels)).logits.numpy()
-    logits, _ = side.ms.prefill(ids, pixels, attention_mask=mask, return_all_logits=True, reserve=8)
+    logits = side.engine.prefill(ids, pixels, attention_mask=mask, return_all_logits=True, reserve=8)
     real = mask.astype(bool)
     assert rel_err(logits[real], hf_logits[real]) <= REL_TOL
     # the usual prefill: the last layer computes the last position of each row only
-    last, _ = side.ms.prefill(ids, pixels, attention_mask=mask, reserve=8)
+    last = side.engine.prefill(ids, pixels, attention_mask=mask, reserve=8)
     assert last.shape == (2, hf_logits.shape[-1]) and rel_err(last, hf_logits[:, -1]) <= REL_TOL
     hf_new, _ = side.hf_generate(ids, pixels, mask, max_new_tokens=8)
     assert side.ms.generate(ids, pixels, attention_mask=mask, max_new_tokens=8) == \
@@ -388,7 +390,7 @@ def test_two_images_in_one_prompt_match_hf(graph_mode, sides, image_paths):
     assert (ids == 32000).sum() == 2 * side.num_image_tokens
     with torch.no_grad():
         hf_logits = side.hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
-    logits, _ = side.ms.prefill(ids, pixels, return_all_logits=True)
+    logits = side.engine.prefill(ids, pixels, return_all_logits=True)
     assert rel_err(logits, hf_logits) <= REL_TOL
     hf_new, _ = side.hf_generate(ids, pixels)
     assert side.ms.generate(ids, pixels, max_new_tokens=32) == [trim_at_eos(hf_new[0])]
@@ -478,10 +480,11 @@ def test_float16_compute_runs_close_to_float32(pynative_mode, sides, tiny_hf_dir
     assert model.language_model.lm_head.weight.dtype == ms.float16
     assert model.language_model.model.layers[0].self_attn.k_cache.dtype == ms.float16
     ref = side.oracle("chelsea", image_paths)
-    logits, state = model.prefill(ref["ids"], ref["pixels"])
+    engine = model.engine()
+    logits = engine.prefill(ref["ids"], ref["pixels"])
     assert logits.dtype == np.float32
     assert rel_err(logits, ref["step_logits"][:1]) <= 1e-2
-    assert rel_err(model.decode(state, ref["tokens"][:1]), ref["step_logits"][1:2]) <= 1e-2
+    assert rel_err(engine.decode(ref["tokens"][:1]), ref["step_logits"][1:2]) <= 1e-2
 
 
 @pytest.mark.skipif(not os.environ.get("LLAVA_SLOW_TESTS"), reason="set LLAVA_SLOW_TESTS=1 (~1 min: 175M params)")
@@ -491,8 +494,9 @@ def test_mid_preset_336px_576_image_tokens_matches_hf(graph_mode, mid_hf_dir, im
     assert side.num_image_tokens == 576
     ref = side.oracle("chelsea", image_paths)
     assert rel_err(side.ms.get_image_features(ref["pixels"]).asnumpy(), ref["features"]) <= REL_TOL
-    logits, state = side.ms.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
+    engine = side.engine
+    logits = engine.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
     assert rel_err(logits, ref["prompt_logits"]) <= REL_TOL
     for i in range(1, 32):
-        assert rel_err(side.ms.decode(state, ref["tokens"][i - 1:i]), ref["step_logits"][None, i]) <= REL_TOL
+        assert rel_err(engine.decode(ref["tokens"][i - 1:i]), ref["step_logits"][None, i]) <= REL_TOL
     assert side.ms.generate(ref["ids"], ref["pixels"], max_new_tokens=32) == [trim_at_eos(ref["tokens"])]

@@ -24,7 +24,7 @@ Activations are 2-D [B * L, hidden]; LlamaModel takes `mask` and every layer bel
                                      whole cache; otherwise (a prompt) attend over the fresh keys only
 
 Every step also returns its keys/values. A prompt step does not write them into the cache itself:
-`LlamaModel.write_cache` does that as a separate step, which LlavaModel runs just before the first decode
+`LlamaModel.write_cache` does that as a separate step, which the engine runs just before the first decode
 step, so the prompt's logits (the first token) are out before the cache copy is paid (a ScatterUpdate of
 ~1.3 ms per layer and tensor for the 600-token prompt of `mid`).
 """
@@ -316,6 +316,24 @@ class LlamaForCausalLM(nn.Cell):
         # vocabulary-split under tensor parallelism; the logits of all ranks are gathered
         self.lm_head = Linear(tc.hidden_size, self.vocab_part, False, dt.param, dt.compute)
         self.gather = GatherLastDim(tp)
+
+    def embed(self, input_ids):
+        """input_ids [n] -> token embeddings [n, D] (vocabulary-split under tensor parallelism)."""
+        return self.model.embed_tokens(input_ids)
+
+    def write_cache(self, kv, slots, b, l):
+        """A prompt step's keys/values -> KV cache positions `slots` of every layer (LlamaModel.write_cache)."""
+        return self.model.write_cache(kv, slots, b, l)
+
+    def cache_parameters(self):
+        """[(k_cache, v_cache)] per layer: the Parameters the attention cells read and write."""
+        return [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in self.model.layers]
+
+    def use_cache_parameters(self, pairs):
+        """Make the attention cells hold these (k_cache, v_cache) Parameters (one pair per layer)."""
+        for layer, (k, v) in zip(self.model.layers, pairs):
+            layer.self_attn.k_cache = k
+            layer.self_attn.v_cache = v
 
     def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only):
         """-> (logits, kv): kv as LlamaModel.construct returns it (unused outputs cost nothing in a graph)."""

@@ -7,7 +7,6 @@ calls the registered LLaVA classes directly (README, "How predict runs").
 """
 import contextlib
 import json
-import logging
 import os
 import sys
 
@@ -64,12 +63,14 @@ def read_yaml(path):
     return data
 
 
-def load_config(args, root):
+def load_config(data, path, args, root, output_dir):
+    """MindFormerConfig from the yaml's already-read `data`, with the command line's overrides."""
+    import copy
     from mindformers import MindFormerConfig
-    path = _resolve(args.config, root)
-    read_yaml(path)
-    config = MindFormerConfig(path)
-    config.run_mode = "predict"
+    from mindformers.tools.register.template import ConfigTemplate
+    values = dict(copy.deepcopy(data), run_mode="predict", output_dir=output_dir)
+    ConfigTemplate.apply_template(values)      # the defaults MindFormerConfig(path) fills in
+    config = MindFormerConfig(**values)
     if args.device_target is not None:
         config.context.device_target = args.device_target
     if args.device_id is not None:
@@ -82,19 +83,12 @@ def load_config(args, root):
         config.auto_trans_ckpt = args.auto_trans_ckpt
     if args.load_checkpoint is not None:
         config.load_checkpoint = args.load_checkpoint
-    if args.output_dir is not None:
-        config.output_dir = args.output_dir
     if args.vocab_file is not None:
         config.processor.tokenizer.vocab_file = args.vocab_file
     vocab = config.processor.tokenizer.get("vocab_file")
     if not vocab:
         raise LlavaError(f"--config {path}: processor.tokenizer.vocab_file is not set (or pass --vocab_file)")
     config.processor.tokenizer.vocab_file = _resolve(vocab, root)
-    for key in GENERATION_FLAGS:
-        value = getattr(args, key)
-        if value is not None:
-            config.model.model_config[key] = value
-    config.output_dir = os.path.abspath(config.output_dir or "./output")
     return config
 
 
@@ -318,27 +312,28 @@ def build_components(config):
 
 
 @contextlib.contextmanager
-def stdout_to_stderr():
-    """Route fd 1 to stderr while MindFormers/MindSpore start up: their log handlers and C++ runtime print
-    to stdout, which belongs to the answer (scripts read it)."""
+def console_to_log(path):
+    """Send everything printed while MindFormers/MindSpore start up to the log file `path`: their import
+    warnings, their console log handler (bound to sys.stdout when it is created, so it keeps writing to this
+    file afterwards) and the C++ runtime's banners on fds 1 and 2. stdout belongs to the answer, stderr to the
+    plugin's own messages; an exception still propagates and is reported after the console is restored."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log = open(path, "a", encoding="utf-8", buffering=1)   # stays open: MindFormers' handler keeps it
     sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    streams = sys.stdout, sys.stderr
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
     try:
         yield
     finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def quiet_mindformers_console(level=logging.WARNING):
-    """MindFormers logs INFO to the console; keep its console at WARNING (its log files stay complete)."""
-    for name, logger in logging.Logger.manager.loggerDict.items():
-        if name.startswith("mindformers") and isinstance(logger, logging.Logger):
-            for handler in logger.handlers:
-                if type(handler).__name__ == "LimitedRepeatHandler":
-                    handler.setLevel(max(handler.level, level))
+        log.flush()
+        sys.stdout, sys.stderr = streams
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _touch_device():
@@ -379,7 +374,8 @@ def build_device_context(config, build_context):
 
 def run(args, root):
     pairs = parse_predict_data(args.predict_data, args.modal_type)
-    data = read_yaml(_resolve(args.config, root))
+    path = _resolve(args.config, root)
+    data = read_yaml(path)
     output_dir = os.path.abspath(args.output_dir or data.get("output_dir") or "./output")
     _check_output_dir(output_dir)
     loaded = load_images(pairs, data["processor"])   # bad paths/URLs fail in a second, before the imports
@@ -387,16 +383,15 @@ def run(args, root):
     # MindFormers writes its log under ./output unless told otherwise: keep it inside --output_dir.
     os.environ.setdefault("LOG_MF_PATH", os.path.join(output_dir, "log"))
     os.environ.setdefault("LOCAL_DEFAULT_PATH", output_dir)   # MindFormers' output root (parallel: ./output/strategy)
-    with stdout_to_stderr():
+    rank = os.environ.get("RANK_ID", "0")
+    with console_to_log(os.path.join(output_dir, "log", f"console_rank{rank}.log")):
         from mindformers import build_context
-        quiet_mindformers_console()
-        config = load_config(args, root)
-        config.output_dir = output_dir
+        config = load_config(data, path, args, root, output_dir)
         build_device_context(config, build_context)
 
         model_config, tokenizer, processor, model_cls = build_components(config)
-        settings = GenerationSettings.from_config(model_config)
-        # loads and checks every image, and the length budget, before the model is built
+        settings = GenerationSettings.from_config(model_config, **{k: getattr(args, k) for k in GENERATION_FLAGS})
+        # checks the length budget before the model is built
         inputs = processor.process(loaded, max_new_tokens=settings.max_new_tokens)
         tp = setup_parallel(config, model_config)
         import llava_model
@@ -407,16 +402,16 @@ def run(args, root):
             model = model_cls(config=model_config, tensor_parallel=tp)
         load_weights_from(llava_model, model, ckpt)
         _touch_device()
-        if tp.enabled:
-            nbytes = sum(p.nbytes for p in model.weight_parameters().values())
-            lm = sum(p.nbytes for n, p in model.weight_parameters().items() if n.startswith("language_model."))
-            print(f"[rank {tp.rank}/{tp.world}] loaded {ckpt}: {nbytes} weight bytes "
-                  f"({lm} in the language model)", file=sys.stderr)
+    if tp.enabled:
+        nbytes = sum(p.nbytes for p in model.weight_parameters().values())
+        lm = sum(p.nbytes for n, p in model.weight_parameters().items() if n.startswith("language_model."))
+        print(f"[rank {tp.rank}/{tp.world}] loaded {ckpt}: {nbytes} weight bytes "
+              f"({lm} in the language model)", file=sys.stderr)
 
     # every rank computes the same tokens (logits are gathered); rank 0 alone speaks and writes
     streamer = TextStreamer(tokenizer, stream=sys.stdout) if tp.rank == 0 else None
-    outputs = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                             streamer=streamer)
+    outputs = model.engine().generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                      settings=settings, streamer=streamer)
     if tp.rank != 0:
         return 0
     records = [{"image": image, "prompt": prompt, "output_text": tokenizer.decode(ids, skip_special_tokens=True),
