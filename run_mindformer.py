@@ -1,13 +1,15 @@
-"""LLaVA-1.5 prediction with MindFormers' launcher flags.
+"""LLaVA-1.5 with MindFormers' launcher flags: predict, chat or serve.
 
     python run_mindformer.py --config research/llava/llava1_5_7B/predict_llava1_5_7b.yaml \
         --register_path research/llava --run_mode predict \
         --predict_data IMAGE PROMPT [IMAGE PROMPT ...] --modal_type image text \
         --load_checkpoint CKPT_OR_DIR --use_parallel False --auto_trans_ckpt False
 
-The answer is streamed to stdout while it is generated; every input's result is appended to
-OUTPUT_DIR/predict_results.jsonl. Bad input: one line on stderr and exit code 2 (`--debug` shows the
-traceback). Under scripts/msrun_launcher.sh the same command runs tensor-parallel on every rank.
+predict: the answer is streamed to stdout while it is generated; every input's result is appended to
+OUTPUT_DIR/predict_results.jsonl. Under scripts/msrun_launcher.sh the same command runs tensor-parallel on
+every rank. chat (same flags, no --predict_data): a conversation in the terminal. serve (same flags, plus
+--host/--port): an OpenAI-compatible HTTP server. Bad input: one line on stderr and exit code 2 (`--debug`
+shows the traceback).
 """
 import argparse
 import os
@@ -38,7 +40,8 @@ def build_parser():
     p.add_argument("--config", required=True, help="predict yaml (e.g. research/llava/llava_tiny/predict_llava_tiny.yaml)")
     p.add_argument("--register_path", default="research/llava",
                    help="folder of the plugin modules (default: research/llava)")
-    p.add_argument("--run_mode", default="predict", choices=["predict"], help="only predict is supported")
+    p.add_argument("--run_mode", default="predict", choices=["predict", "chat", "serve"],
+                   help="predict (default), chat (terminal conversation) or serve (OpenAI-compatible HTTP server)")
     p.add_argument("--predict_data", nargs="+", metavar="ITEM",
                    help="IMAGE PROMPT pairs (image: local path or http(s) URL); several pairs form a batch")
     p.add_argument("--modal_type", nargs="+", default=None, help="modality of each item: image text")
@@ -60,6 +63,13 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--repetition_penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
+    s = p.add_argument_group("serve")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    s.add_argument("--max_batch", type=int, default=8, help="requests answered together at most (default 8)")
+    s.add_argument("--max_queue", type=int, default=64,
+                   help="requests waiting at most; more are answered 429 (default 64)")
+    s.add_argument("--served_model_name", default=None, help="model id in the API (default: the checkpoint's name)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -84,9 +94,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     _setup_plugin(args.register_path)
     from llava_errors import LlavaError
-    import llava_predict
+    import importlib
+    mode = importlib.import_module({"predict": "llava_predict", "chat": "chat", "serve": "server"}[args.run_mode])
     try:
-        return llava_predict.run(args, root=ROOT)
+        return mode.run(args, root=ROOT)
     except LlavaError as e:
         if args.debug:
             raise

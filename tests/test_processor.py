@@ -344,12 +344,32 @@ def test_pixel_and_byte_caps(bad_files):
     _assert_names(err, bad_files["good"])
 
 
-@pytest.mark.parametrize("source", ["file:///etc/passwd", "ftp://example.com/a.jpg",
-                                    "data:image/png;base64,iVBORw0KGgo=", "s3://bucket/a.jpg", "FILE:///x.jpg"])
+@pytest.mark.parametrize("source", ["file:///etc/passwd", "ftp://example.com/a.jpg", "s3://bucket/a.jpg",
+                                    "FILE:///x.jpg"])
 def test_unsupported_schemes(source):
     with pytest.raises(LlavaError, match="unsupported scheme") as err:
         load_image(source)
     _assert_names(err, source)
+
+
+def test_data_urls(bad_files):
+    """RFC 2397 base64 data URLs decode to the same pixels as the file; other forms are refused by name."""
+    import base64
+    from PIL import Image
+    with open(bad_files["good"], "rb") as f:
+        raw = f.read()
+    url = "data:image/png;base64," + base64.b64encode(raw).decode()
+    assert np.array_equal(np.asarray(load_image(url)), np.asarray(Image.open(bad_files["good"])))
+    assert np.array_equal(np.asarray(load_image(url, allow_paths=False)), np.asarray(load_image(url)))
+    cases = [("data:image/png,abc", "base64"), ("data:text/html;base64,PGI+", "not an image type"),
+             ("data:image/png;base64,@@@@", "not valid base64"),
+             ("data:image/png;base64," + base64.b64encode(b"x" * 2000).decode(), "limit of 1000 bytes"),
+             ("data:image/png;base64," + base64.b64encode(b"<html>").decode(), "not an image")]
+    for source, needle in cases:
+        with pytest.raises(LlavaError, match=needle):
+            load_image(source, max_bytes=1000)
+    with pytest.raises(LlavaError, match="not a URL"):
+        load_image(bad_files["good"], allow_paths=False)
 
 
 def test_bad_types_and_processor_errors(proc):

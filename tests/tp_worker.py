@@ -40,11 +40,12 @@ def main(hf_dir, ckpt_dir, image, prompt, steps, out):
     load_weights(model, checkpoint_io.load_ckpt_lean(ckpt))
     ids = np.array([oracle.ids(prompt)], np.int32)
     pixels = oracle.image_processor(Image.open(image), return_tensors="np")["pixel_values"].astype(np.float32)
-    logits, state = model.prefill(ids, pixels)
+    engine = model.engine()
+    logits = engine.prefill(ids, pixels)
     all_logits = [logits[0]]
     for _ in range(int(steps) - 1):
         token = np.argmax(logits, -1)
-        logits = model.decode(state, token)
+        logits = engine.decode(token)
         all_logits.append(logits[0])
     if tp.rank == 0:
         np.save(out, np.stack(all_logits))

@@ -338,26 +338,35 @@ class Engine:
         return logits.asnumpy()
 
     # ------------------------------------------------------------------ requests
-    def stream(self, input_ids, pixel_values=None, attention_mask=None, settings=None):
-        """Generate after left-padded prompts whose `<image>` tokens are already expanded, one step at a time,
-        until every row has produced an eos id or
-        settings.max_new_tokens steps have run. Each step yields (tokens [B], real [B] bool): `real` marks the
-        rows for which the token is generated (False once a row has finished: its token is the pad id).
+    def stream(self, input_ids, pixel_values=None, attention_mask=None, settings=None, stop=None):
+        """Generate after left-padded prompts whose `<image>` tokens are already expanded, one step at a time.
 
         input_ids [B, L] (pad id on the left), pixel_values [N, 3, H, W] for the N images in prompt order
-        (row-major over the batch), attention_mask [B, L] (derived from the pad id when None). With
-        config.use_past (default) the prompt runs once and each step decodes one token from the KV cache;
-        with use_past=False every step recomputes the whole sequence (slow; for checking)."""
-        settings = settings or GenerationSettings.from_config(self.config)
-        selector = TokenSelector(settings)
+        (row-major over the batch), attention_mask [B, L] (derived from the pad id when None). `settings` is
+        one GenerationSettings for every row or a list with one per row: each row has its own token selector
+        (and seeded random generator) and ends at its own eos ids or max_new_tokens. `stop(row) -> bool`, asked
+        after every step for each row still running, ends a row early (a stop string, a client gone).
+
+        Each step yields (tokens [B], real [B] bool): `real` marks the rows for which the token is generated
+        (False once a row has finished: its token is the pad id). With config.use_past (default) the prompt
+        runs once and each step decodes one token from the KV cache; with use_past=False every step
+        recomputes the whole sequence (slow; for checking)."""
         ids = _numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
+        rows = ids.shape[0]
+        per_row = list(settings) if isinstance(settings, (list, tuple)) else \
+            [settings or GenerationSettings.from_config(self.config)] * rows
+        if len(per_row) != rows:
+            raise LlavaError(f"{len(per_row)} generation settings for a batch of {rows}")
+        selectors = [TokenSelector(s) for s in per_row]
+        limits = np.array([s.max_new_tokens for s in per_row])
+        steps = int(limits.max())
         if self.config.use_past:
-            logits = self.prefill(ids, pixel_values, attention_mask, reserve=settings.max_new_tokens)
+            logits = self.prefill(ids, pixel_values, attention_mask, reserve=steps)
             next_logits = self.decode
         else:
-            check_fits(ids.shape[-1], settings.max_new_tokens, self.config.seq_length)
+            check_fits(ids.shape[-1], steps, self.config.seq_length)
             feats, n_images = self._features(pixel_values)
             running = {"ids": ids.astype(np.int64),
                        "mask": prepare_prompt(self.config, ids, attention_mask, n_images).mask}
@@ -369,19 +378,25 @@ class Engine:
 
             logits = self._forward(ids, running["mask"], feats, n_images)[:, -1]
         sequences = [list(map(int, row)) for row in ids]
-        unfinished = np.ones(ids.shape[0], dtype=bool)
-        for step in range(settings.max_new_tokens):
-            real = unfinished
-            tokens, unfinished = selector.step(logits, sequences, unfinished)
-            for row, token in zip(sequences, tokens.tolist()):
-                row.append(token)
+        unfinished = np.ones(rows, dtype=bool)
+        for step in range(steps):
+            real = unfinished.copy()
+            tokens = np.empty(rows, dtype=np.int64)
+            for r, selector in enumerate(selectors):
+                token, running_row = selector.step(logits[r:r + 1], sequences[r:r + 1], unfinished[r:r + 1])
+                tokens[r], unfinished[r] = token[0], running_row[0]
+                sequences[r].append(int(token[0]))
+            unfinished &= step + 1 < limits
             yield tokens, real
-            if not unfinished.any() or step + 1 == settings.max_new_tokens:
+            if stop is not None:
+                for r in np.nonzero(unfinished)[0]:
+                    unfinished[r] = not stop(int(r))
+            if not unfinished.any():
                 return
             logits = next_logits(tokens)
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, settings=None, streamer=None):
-        """`stream` collected: one list of new token ids per row, up to and including its first eos id.
+        """`stream` (one settings for all rows, or one per row) collected: one list of new token ids per row, up to and including its first eos id.
         streamer.put(tokens [B]) after every step (pad id for finished rows), streamer.end() at the end."""
         outputs = None
         for tokens, real in self.stream(input_ids, pixel_values, attention_mask, settings):

@@ -281,3 +281,50 @@ class TextStreamer:
                 self.stream.write(f"[{i}] {text}\n")
         self.stream.flush()
         self._reset()
+
+
+class TextDeltas:
+    """One row's generated text as it grows, for streaming: `add(token)` returns the new text that is safe to
+    show. Held back: a trailing incomplete UTF-8 sequence ('\\ufffd') and a tail that could be the start of a
+    stop string. Once a stop string appears, `stopped` is set and the text ends just before it. `text` is
+    everything shown so far; after the last token, `finish()` returns whatever was held back (never the stop
+    string)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: List[int] = []
+        self.text = ""
+        self.stopped = False
+
+    def _full(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return text[:min(hits)]
+        return text
+
+    def _held(self, text: str) -> int:
+        """Length of the longest tail of `text` that begins some stop string."""
+        return max([n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if s.startswith(text[-n:])] or [0])
+
+    def _emit(self, text: str) -> str:
+        # decoding is prefix-stable for SentencePiece; never take back what is already shown
+        new = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text += new
+        return new
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(int(token))
+        text = self._full()
+        if self.stopped:
+            return self._emit(text)
+        text = text.rstrip("\ufffd")
+        return self._emit(text[:len(text) - self._held(text)])
+
+    def finish(self) -> str:
+        return self._emit(self._full())

@@ -1,7 +1,8 @@
 """Image loading with limits, for LlavaProcessor and for run_mindformer.py's early input check.
 
-`load_image(source)`: a local path or an http(s) URL (streamed with connect/read timeouts, a whole-download deadline
-and a byte cap; no other scheme), decoded by Pillow with its decompression-bomb guard plus an explicit pixel cap,
+`load_image(source)`: a local path, an http(s) URL (streamed with connect/read timeouts, a whole-download deadline
+and a byte cap) or a `data:image/...;base64,` URL (no other scheme; `allow_paths=False` refuses local paths, for
+images that come from a network client), decoded by Pillow with its decompression-bomb guard plus an explicit pixel cap,
 fully loaded so truncation is caught. Every failure is a `LlavaError` naming the input. EXIF orientation is not
 applied (as in llava-hf's and the original LLaVA's examples, which feed `Image.open(...)` as is).
 
@@ -18,7 +19,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from llava_errors import LlavaError
+from llava_errors import LimitError, LlavaError
 
 DEFAULT_TIMEOUT = 10.0                 # seconds, whole download
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024   # encoded size of one image (file or download)
@@ -45,8 +46,9 @@ def _scheme(text: str) -> Optional[str]:
 
 
 def load_image(source, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A fully decoded PIL image from a local path, an http(s) URL, or a PIL image; LlavaError otherwise."""
+               max_pixels: int = DEFAULT_MAX_PIXELS, allow_paths: bool = True) -> Image.Image:
+    """A fully decoded PIL image from a local path, an http(s) or data: URL, or a PIL image; LlavaError
+    otherwise."""
     if isinstance(source, Image.Image):
         _check_pixels(source, _name("<PIL image>"), max_pixels)
         return source
@@ -63,8 +65,14 @@ def load_image(source, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAUL
     if scheme in ("http", "https"):
         data = _read_url(text, name, timeout, max_bytes)
         what = "response"
+    elif scheme == "data":
+        data = _read_data_url(text, name, max_bytes)
+        what = "data URL"
     elif scheme is not None:
-        raise LlavaError(f"image {name}: unsupported scheme '{scheme}:' (give a local path or an http(s) URL)")
+        raise LlavaError(f"image {name}: unsupported scheme '{scheme}:' (give a local path, an http(s) URL or a "
+                         f"data:image/...;base64, URL)")
+    elif not allow_paths:
+        raise LlavaError(f"image {name}: not a URL (give an http(s) URL or a data:image/...;base64, URL)")
     else:
         data = _read_file(text, name, max_bytes)
         what = "file"
@@ -85,14 +93,36 @@ def _read_file(path: str, name: str, max_bytes: int) -> bytes:
     if st.st_size == 0:
         raise LlavaError(f"image {name}: empty file")
     if st.st_size > max_bytes:
-        raise LlavaError(f"image {name}: file is {st.st_size} bytes, more than the limit of {max_bytes} bytes")
+        raise LimitError(f"image {name}: file is {st.st_size} bytes, more than the limit of {max_bytes} bytes")
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise LlavaError(f"image {name}: cannot read ({e.strerror or e})") from None
     if len(data) > max_bytes:
-        raise LlavaError(f"image {name}: file is more than the limit of {max_bytes} bytes")
+        raise LimitError(f"image {name}: file is more than the limit of {max_bytes} bytes")
+    return data
+
+
+def _read_data_url(url: str, name: str, max_bytes: int) -> bytes:
+    """RFC 2397 `data:[<media type>][;base64],<data>`, base64 only (an image is binary)."""
+    import base64
+    import binascii
+
+    header, sep, payload = url.partition(",")
+    params = header[len("data:"):].split(";")
+    if not sep or "base64" not in params[1:]:
+        raise LlavaError(f"image {name}: a data URL must be data:image/...;base64,<data>")
+    if params[0] and not params[0].lower().startswith("image/"):
+        raise LlavaError(f"image {name}: data URL media type {params[0]!r} is not an image type")
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+        raise LimitError(f"image {name}: data URL is more than the limit of {max_bytes} bytes")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise LlavaError(f"image {name}: data URL is not valid base64") from None
+    if len(data) > max_bytes:
+        raise LimitError(f"image {name}: data URL is more than the limit of {max_bytes} bytes")
     return data
 
 
@@ -114,7 +144,7 @@ def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
                     raise LlavaError(f"image {name}: HTTP {resp.status_code} {resp.reason or ''}".rstrip())
                 length = resp.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > max_bytes:
-                    raise LlavaError(f"image {name}: response is {int(length)} bytes, more than the limit of "
+                    raise LimitError(f"image {name}: response is {int(length)} bytes, more than the limit of "
                                      f"{max_bytes} bytes")
                 # read1: return as soon as some bytes arrive, so the deadline and the cap are checked
                 # while a slow or endless body is still coming in (iter_content would block for a full chunk).
@@ -127,7 +157,7 @@ def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
                         break
                     buf += chunk
                     if len(buf) > max_bytes:
-                        raise LlavaError(f"image {name}: response is more than the limit of {max_bytes} bytes")
+                        raise LimitError(f"image {name}: response is more than the limit of {max_bytes} bytes")
                     if time.monotonic() > deadline:
                         raise LlavaError(f"image {name}: download timed out after {timeout:g} s")
                 return bytes(buf)
@@ -146,7 +176,7 @@ def _check_pixels(img: Image.Image, name: str, max_pixels: int):
     if w <= 0 or h <= 0:
         raise LlavaError(f"image {name}: has no pixels ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
-        raise LlavaError(f"image {name}: {w}x{h} = {w * h} pixels is more than the limit of {max_pixels} "
+        raise LimitError(f"image {name}: {w}x{h} = {w * h} pixels is more than the limit of {max_pixels} "
                          f"(decompression-bomb guard)")
 
 
@@ -167,7 +197,7 @@ def _decode(data: bytes, name: str, max_pixels: int, what: str = "file") -> Imag
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             count = re.search(r"\((\d+) pixels\)", str(e))   # Pillow: "Image size (N pixels) exceeds limit..."
             count = f"{count.group(1)} pixels" if count else "the image"
-            raise LlavaError(f"image {name}: {count} is more than the limit of {max_pixels} "
+            raise LimitError(f"image {name}: {count} is more than the limit of {max_pixels} "
                              f"(decompression-bomb guard)") from None
         except UnidentifiedImageError:
             head = data[:64].lstrip().lower()

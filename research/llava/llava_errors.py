@@ -3,3 +3,7 @@
 
 class LlavaError(ValueError):
     """A user-facing problem with an input (file, key, shape, limit); the message names it."""
+
+
+class LimitError(LlavaError):
+    """An input over a size limit (bytes, pixels): the server answers it with HTTP 413."""

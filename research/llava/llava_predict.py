@@ -372,50 +372,88 @@ def build_device_context(config, build_context):
     _touch_device()
 
 
-def run(args, root):
-    pairs = parse_predict_data(args.predict_data, args.modal_type)
-    path = _resolve(args.config, root)
-    data = read_yaml(path)
-    output_dir = os.path.abspath(args.output_dir or data.get("output_dir") or "./output")
-    _check_output_dir(output_dir)
-    loaded = load_images(pairs, data["processor"])   # bad paths/URLs fail in a second, before the imports
-    check_checkpoint_early(args.load_checkpoint if args.load_checkpoint is not None else data.get("load_checkpoint"))
-    # MindFormers writes its log under ./output unless told otherwise: keep it inside --output_dir.
-    os.environ.setdefault("LOG_MF_PATH", os.path.join(output_dir, "log"))
-    os.environ.setdefault("LOCAL_DEFAULT_PATH", output_dir)   # MindFormers' output root (parallel: ./output/strategy)
-    rank = os.environ.get("RANK_ID", "0")
-    with console_to_log(os.path.join(output_dir, "log", f"console_rank{rank}.log")):
-        from mindformers import build_context
-        config = load_config(data, path, args, root, output_dir)
-        build_device_context(config, build_context)
+class Job:
+    """One run of run_mindformer.py, whatever its mode: the yaml read once, the output folder settled once,
+    the registered components built once, the generation settings built once from the yaml and the flags,
+    then the model loaded for this rank and its engine.
 
-        model_config, tokenizer, processor, model_cls = build_components(config)
-        settings = GenerationSettings.from_config(model_config, **{k: getattr(args, k) for k in GENERATION_FLAGS})
-        # checks the length budget before the model is built
-        inputs = processor.process(loaded, max_new_tokens=settings.max_new_tokens)
-        tp = setup_parallel(config, model_config)
+    The cheap checks (yaml, output folder, checkpoint file) run in the constructor and `check_checkpoint`,
+    before MindSpore/MindFormers are imported; `build` and `load_model` run inside `console()`."""
+
+    def __init__(self, args, root):
+        self.args, self.root = args, root
+        self.path = _resolve(args.config, root)
+        self.data = read_yaml(self.path)
+        self.output_dir = os.path.abspath(args.output_dir or self.data.get("output_dir") or "./output")
+        _check_output_dir(self.output_dir)
+        # MindFormers writes its log under ./output unless told otherwise: keep it inside --output_dir.
+        os.environ.setdefault("LOG_MF_PATH", os.path.join(self.output_dir, "log"))
+        os.environ.setdefault("LOCAL_DEFAULT_PATH", self.output_dir)   # MindFormers' output root
+        self.log_path = os.path.join(self.output_dir, "log", f"console_rank{os.environ.get('RANK_ID', '0')}.log")
+        self.config = self.model_config = self.tokenizer = self.processor = self.settings = None
+        self.tp = self.model = self.engine = self.checkpoint = None
+
+    def check_checkpoint(self):
+        args = self.args
+        check_checkpoint_early(args.load_checkpoint if args.load_checkpoint is not None
+                               else self.data.get("load_checkpoint"))
+
+    def console(self):
+        return console_to_log(self.log_path)
+
+    def build(self):
+        """Context, config, tokenizer, processor and generation settings."""
+        from mindformers import build_context
+        self.config = load_config(self.data, self.path, self.args, self.root, self.output_dir)
+        build_device_context(self.config, build_context)
+        self.model_config, self.tokenizer, self.processor, self._model_cls = build_components(self.config)
+        self.settings = GenerationSettings.from_config(
+            self.model_config, **{k: getattr(self.args, k) for k in GENERATION_FLAGS})
+
+    def load_model(self):
+        """This rank's weights into the registered model; the engine that runs it."""
+        self.tp = setup_parallel(self.config, self.model_config)
         import llava_model
         import weight_map
-        ckpt = rank_checkpoint(config, tp, weight_map.expected_params(model_config))
+        self.checkpoint = rank_checkpoint(self.config, self.tp, weight_map.expected_params(self.model_config))
         from mindspore.nn.utils import no_init_parameters
         with no_init_parameters():  # weights come from the checkpoint: never allocate them twice
-            model = model_cls(config=model_config, tensor_parallel=tp)
-        load_weights_from(llava_model, model, ckpt)
+            self.model = self._model_cls(config=self.model_config, tensor_parallel=self.tp)
+        load_weights_from(llava_model, self.model, self.checkpoint)
         _touch_device()
-    if tp.enabled:
-        nbytes = sum(p.nbytes for p in model.weight_parameters().values())
-        lm = sum(p.nbytes for n, p in model.weight_parameters().items() if n.startswith("language_model."))
-        print(f"[rank {tp.rank}/{tp.world}] loaded {ckpt}: {nbytes} weight bytes "
-              f"({lm} in the language model)", file=sys.stderr)
+        self.engine = self.model.engine()
+
+    def announce(self):
+        """Under tensor parallelism every rank says what it loaded (after the console is restored)."""
+        tp, model = self.tp, self.model
+        if tp.enabled:
+            nbytes = sum(p.nbytes for p in model.weight_parameters().values())
+            lm = sum(p.nbytes for n, p in model.weight_parameters().items() if n.startswith("language_model."))
+            print(f"[rank {tp.rank}/{tp.world}] loaded {self.checkpoint}: {nbytes} weight bytes "
+                  f"({lm} in the language model)", file=sys.stderr)
+
+
+def run(args, root):
+    pairs = parse_predict_data(args.predict_data, args.modal_type)
+    job = Job(args, root)
+    loaded = load_images(pairs, job.data["processor"])   # bad paths/URLs fail in a second, before the imports
+    job.check_checkpoint()
+    with job.console():
+        job.build()
+        # checks the length budget before the model is built
+        inputs = job.processor.process(loaded, max_new_tokens=job.settings.max_new_tokens)
+        job.load_model()
+    job.announce()
 
     # every rank computes the same tokens (logits are gathered); rank 0 alone speaks and writes
-    streamer = TextStreamer(tokenizer, stream=sys.stdout) if tp.rank == 0 else None
-    outputs = model.engine().generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                      settings=settings, streamer=streamer)
-    if tp.rank != 0:
+    tokenizer = job.tokenizer
+    streamer = TextStreamer(tokenizer, stream=sys.stdout) if job.tp.rank == 0 else None
+    outputs = job.engine.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                  settings=job.settings, streamer=streamer)
+    if job.tp.rank != 0:
         return 0
     records = [{"image": image, "prompt": prompt, "output_text": tokenizer.decode(ids, skip_special_tokens=True),
                 "output_ids": [int(t) for t in ids]} for (image, prompt), ids in zip(pairs, outputs)]
-    path = write_results(output_dir, records)
+    path = write_results(job.output_dir, records)
     print(f"[results appended to {path}]", file=sys.stderr)
     return 0

@@ -189,6 +189,24 @@ class LlavaProcessor:
         if tags != num_images:
             raise LlavaError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {num_images} image(s) were given "
                              f"for it: {_name(prompt)}")
+        return self._expand(ids)
+
+    def encode_chat(self, messages) -> List[int]:
+        """Ids of a conversation rendered with llava-hf's chat template (chat_template.py), ready for the
+        assistant's next turn, every `<image>` expanded. Image parts count in message order."""
+        from chat_template import ChatTemplate, normalize
+        if not hasattr(self, "_chat_template"):
+            self._chat_template = ChatTemplate()
+        _, num_images = normalize(messages)
+        text = self._chat_template.render(messages, add_generation_prompt=True)
+        ids = self.tokenizer(text)["input_ids"]
+        tags = sum(1 for t in ids if t == self.image_token_index)
+        if tags != num_images:
+            raise LlavaError(f"the conversation has {num_images} image(s) but its text holds {tags} {IMAGE_TAG} "
+                             f"tag(s): write no {IMAGE_TAG} in message texts")
+        return self._expand(ids)
+
+    def _expand(self, ids) -> List[int]:
         out = []
         for t in ids:
             out.extend([self.image_token_index] * self.num_image_tokens if t == self.image_token_index else [t])

@@ -1,0 +1,430 @@
+"""[K] Conversations and the OpenAI-compatible server, against Hugging Face and the official `openai` client.
+
+The reference for every answer is transformers: llava-hf's chat template through HF's own `LlavaProcessor`
+(`apply_chat_template`, then the processor expands `<image>`), then `LlavaForConditionalGeneration.generate`
+(greedy). The server is a real `run_mindformer.py --run_mode serve` process on 127.0.0.1, driven with the
+`openai` package, httpx for raw HTTP and a local image server for http(s) images.
+"""
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import IMAGES, ROOT, TOKENIZER_MODEL
+import robust_inputs as ri
+from test_predict import convert, yaml_for
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import make_tiny_llava  # noqa: E402
+
+TEMPLATE = os.path.join(ROOT, "research", "llava", "chat_template.jinja")
+CAT, COFFEE, ROCKET = (os.path.join(IMAGES, n) for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg"))
+
+
+def data_url(path):
+    with open(path, "rb") as f:
+        return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
+
+
+def image_part(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text_part(text):
+    return {"type": "text", "text": text}
+
+
+# ---------------------------------------------------------------------------------------------- the oracle
+class HFChat:
+    """HF processor (llava-hf's chat template) + HF model: ids and greedy answers for OpenAI-style messages."""
+
+    def __init__(self, hf_dir):
+        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            config = json.load(f)
+        with open(TEMPLATE) as f:
+            template = f.read()
+        vision = config["vision_config"]
+        self.processor = LlavaProcessor(
+            image_processor=make_tiny_llava.make_hf_image_processor(vision["image_size"]),
+            tokenizer=make_tiny_llava.make_hf_tokenizer(TOKENIZER_MODEL), chat_template=template,
+            patch_size=vision["patch_size"], vision_feature_select_strategy="default",
+            num_additional_image_tokens=1)
+        self.model = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    @staticmethod
+    def hf_messages(messages):
+        """OpenAI messages -> HF's conversation format (image parts as {"type": "image"}) and the image paths."""
+        out, images = [], []
+        for m in messages:
+            content = m["content"]
+            if isinstance(content, str):
+                content = [text_part(content)]
+            parts = []
+            for p in content:
+                if p["type"] == "image_url":
+                    parts.append({"type": "image"})
+                    images.append(p["image_url"]["url"])
+                else:
+                    parts.append(p)
+            out.append({"role": m["role"], "content": parts})
+        return out, images
+
+    def inputs(self, messages, paths):
+        from PIL import Image
+        conversation, _ = self.hf_messages(messages)
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        images = [Image.open(p) for p in paths] or None
+        return self.processor(images=images, text=text, return_tensors="pt")
+
+    def answer(self, messages, paths, max_new_tokens):
+        """(greedy new ids cut after the first EOS, their text) for the conversation."""
+        inputs = self.inputs(messages, paths)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                      pad_token_id=make_tiny_llava.PAD_TOKEN_ID)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if 2 in new:
+            new = new[:new.index(2) + 1]
+        return new, self.processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_hf_dir):
+    torch.set_num_threads(1)
+    return HFChat(tiny_hf_dir)
+
+
+# ---------------------------------------------------------------------------------------------- chat template
+CONVERSATIONS = {
+    "one_image": [{"role": "user", "content": [image_part(CAT), text_part("What is shown?")]}],
+    "text_only_string": [{"role": "user", "content": "Tell me a story."}],
+    "system_and_history": [
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": [image_part(CAT), text_part("What animal is this?")]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "What colour is it?"}],
+    "image_in_second_turn": [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": [text_part("Hi, how can I help?")]},
+        {"role": "user", "content": [text_part("Compare:"), image_part(CAT), image_part(COFFEE)]}],
+}
+
+
+@pytest.fixture(scope="module")
+def our_processor(tiny_hf_dir):
+    from llava_config import LlavaConfig
+    from llava_processor import LlavaProcessor
+    from llava_tokenizer import LlavaTokenizer
+    with open(os.path.join(tiny_hf_dir, "config.json")) as f:
+        config = LlavaConfig.from_hf_config(json.load(f), seq_length=512)
+    return LlavaProcessor(config, LlavaTokenizer(vocab_file=TOKENIZER_MODEL))
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_conversation_ids_equal_hf_apply_chat_template(name, hf, our_processor):
+    messages = CONVERSATIONS[name]
+    conversation, paths = HFChat.hf_messages(messages)
+    ours = our_processor.encode_chat(conversation)
+    theirs = hf.inputs(messages, paths)["input_ids"][0].tolist()
+    assert ours == theirs
+
+
+def test_template_text_is_llava_hf_s():
+    """Hand-written: what llava-hf's template renders (reference/README: earlier answers end with a space)."""
+    from chat_template import ChatTemplate
+    text = ChatTemplate().render([{"role": "user", "content": [{"type": "image"}, text_part("What is shown?")]},
+                                  {"role": "assistant", "content": "A cat."},
+                                  {"role": "user", "content": "Sure?"}])
+    assert text == "USER: <image>\nWhat is shown? ASSISTANT: A cat. USER: Sure? ASSISTANT:"
+
+
+# ---------------------------------------------------------------------------------------------- the server
+class ServerProcess:
+    def __init__(self, yaml_path, ckpt, out_dir, *extra):
+        self.port = ri.free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        os.makedirs(out_dir, exist_ok=True)
+        self.err_path = os.path.join(out_dir, "server.err")
+        self.err = open(self.err_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "run_mindformer.py", "--config", yaml_path, "--run_mode", "serve",
+             "--load_checkpoint", ckpt, "--output_dir", out_dir, "--port", str(self.port), *extra],
+            cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.DEVNULL, stderr=self.err)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.stderr()
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("the server did not start: " + self.stderr())
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stderr(self):
+        self.err.flush()
+        with open(self.err_path) as f:
+            return f.read()[-3000:]
+
+    def close(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.err.close()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_hf_dir):
+    d = tmp_path_factory.mktemp("serve")
+    # processor.max_bytes small enough that a forged large image is refused with 413
+    yaml_path = yaml_for(tiny_hf_dir, str(d / "tiny.yaml"), seq_length=512)
+    import yaml
+    with open(yaml_path) as f:
+        data = yaml.safe_load(f)
+    data["processor"]["max_bytes"] = 300_000
+    with open(yaml_path, "w") as f:
+        yaml.safe_dump(data, f)
+    return {"yaml": yaml_path, "ckpt": convert(tiny_hf_dir, str(d / "tiny.ckpt")), "dir": d}
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out"))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def images():
+    server = ri.ImageServer(ROCKET)
+    yield server
+    server.close()
+
+
+def ask(server, messages, max_tokens=24, **kw):
+    reply = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens, **kw)
+    return reply
+
+
+def streamed(server, messages, max_tokens=24, **kw):
+    chunks = list(server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                                        stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, reasons, chunks
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    assert httpx.get(server.base + "/health").json()["status"] == "ok"
+
+
+def test_answer_and_stream_equal_hf_generate(server, hf):
+    messages = [{"role": "user", "content": [image_part(data_url(CAT)), text_part("What is shown?")]}]
+    ids, text = hf.answer(messages, [CAT], 24)
+    reply = ask(server, messages)
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].finish_reason == ("stop" if ids[-1] == 2 else "length")
+    assert reply.usage.completion_tokens == len(ids)
+    assert reply.usage.prompt_tokens == hf.inputs(messages, [CAT])["input_ids"].shape[1]
+    s_text, reasons, chunks = streamed(server, messages, stream_options={"include_usage": True})
+    assert s_text == text and reasons == [reply.choices[0].finish_reason]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == len(ids)
+
+
+def test_multi_turn_with_an_image_in_the_second_turn(server, hf, images):
+    first = [{"role": "user", "content": "Hello, who are you?"}]
+    _, answer = hf.answer(first, [], 12)
+    assert ask(server, first, max_tokens=12).choices[0].message.content == answer
+    messages = first + [{"role": "assistant", "content": answer},
+                        {"role": "user", "content": [image_part(images.url("/cat.jpg")),
+                                                     text_part("And what is in this picture?")]}]
+    _, expected = hf.answer(messages, [ROCKET], 16)
+    assert ask(server, messages, max_tokens=16).choices[0].message.content == expected
+
+
+def test_two_images_system_prompt_and_history(server, hf):
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": [image_part(data_url(CAT)), image_part(data_url(COFFEE)),
+                                             text_part("What differs?")]},
+                {"role": "assistant", "content": "The colours."},
+                {"role": "user", "content": "Anything else?"}]
+    _, expected = hf.answer(messages, [CAT, COFFEE], 16)
+    assert ask(server, messages, max_tokens=16).choices[0].message.content == expected
+
+
+def test_stop_strings_end_the_answer_before_them(server, hf):
+    messages = [{"role": "user", "content": "Describe a sunny day."}]
+    _, text = hf.answer(messages, [], 32)
+    words = text.split()
+    assert len(words) > 4
+    stop = " " + words[3]                       # a string the greedy answer really contains
+    expected = text[:text.index(stop)]
+    reply = ask(server, messages, max_tokens=32, stop=[stop, "never-appears"])
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    s_text, reasons, _ = streamed(server, messages, max_tokens=32, stop=stop)
+    assert s_text == expected and reasons == ["stop"]
+
+
+def test_eight_concurrent_clients_are_batched_and_all_correct(server, hf):
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(8)]
+    expected = [hf.answer([{"role": "user", "content": p}], [], 16)[1] for p in prompts]
+    before = httpx.get(server.base + "/health").json()["batches"]
+    results = [None] * 8
+
+    def client(i):
+        if i % 2:
+            results[i] = streamed(server, [{"role": "user", "content": prompts[i]}], max_tokens=16)[0]
+        else:
+            results[i] = ask(server, [{"role": "user", "content": prompts[i]}], max_tokens=16).choices[0].message.content
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == expected
+    health = httpx.get(server.base + "/health").json()
+    assert health["batches"] - before < 8 and health["largest_batch"] > 1, "requests were answered one at a time"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_server(server, hf):
+    messages = [{"role": "user", "content": "Write a long story about a dragon."}]
+    cancelled = httpx.get(server.base + "/health").json()["cancelled"]
+    with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": messages, "max_tokens": 400, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    # the abandoned row was stopped (not run to 400 tokens) and the server answers the next request correctly
+    _, expected = hf.answer([{"role": "user", "content": "Hi"}], [], 8)
+    assert ask(server, [{"role": "user", "content": "Hi"}], max_tokens=8).choices[0].message.content == expected
+    health = httpx.get(server.base + "/health").json()
+    assert health["cancelled"] == cancelled + 1 and health["waiting"] == 0
+
+
+def test_a_slow_image_download_does_not_stall_other_requests(server, images):
+    slow = threading.Thread(target=lambda: httpx.post(
+        server.base + "/v1/chat/completions", timeout=60,
+        json={"messages": [{"role": "user", "content": [image_part(images.url("/trickle.jpg")), text_part("?")]}],
+              "max_tokens": 4}))
+    slow.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    ask(server, [{"role": "user", "content": "Quick question."}], max_tokens=4)
+    assert time.monotonic() - t0 < 5, "a request waited for another request's image download"
+    slow.join(timeout=60)
+
+
+def _big_jpeg(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.jpg"
+    Image.fromarray(rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(path, quality=95)
+    assert os.path.getsize(path) > 300_000
+    return str(path)
+
+
+def _user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+# (name, request body or raw bytes, status, the field the error names, words in the message)
+BAD_REQUESTS = [
+    ("not_json", b"{oops", 400, None, "not valid JSON"),
+    ("not_an_object", [1, 2], 400, None, "JSON object"),
+    ("no_messages", {"model": "tiny"}, 400, "messages", "messages"),
+    ("empty_messages", {"messages": []}, 400, "messages", "non-empty"),
+    ("bad_role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "role"),
+    ("bad_content", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "content"),
+    ("bad_part", {"messages": _user({"type": "audio"})}, 400, "messages[0].content[0]", "part"),
+    ("image_in_assistant", {"messages": [{"role": "assistant", "content": [image_part("data:image/png;base64,AA==")]}]},
+     400, "messages[0].content[0]", "only user"),
+    ("n_two", {"messages": _user(text_part("hi")), "n": 2}, 400, "n", "'n'"),
+    ("temperature_negative", {"messages": _user(text_part("hi")), "temperature": -1}, 400, "temperature", ">= 0"),
+    ("top_p_zero", {"messages": _user(text_part("hi")), "top_p": 0}, 400, "top_p", "top_p"),
+    ("max_tokens_zero", {"messages": _user(text_part("hi")), "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ("max_tokens_text", {"messages": _user(text_part("hi")), "max_tokens": "many"}, 400, "max_tokens", "integer"),
+    ("too_long_for_context", {"messages": _user(text_part("hi")), "max_tokens": 600}, 400, "max_tokens", "context"),
+    ("stop_not_strings", {"messages": _user(text_part("hi")), "stop": [1]}, 400, "stop", "stop"),
+    ("stream_not_bool", {"messages": _user(text_part("hi")), "stream": "yes"}, 400, "stream", "stream"),
+    ("image_tag_in_text", {"messages": _user(text_part("look <image> here"))}, 400, "messages", "<image>"),
+    ("image_path_not_url", {"messages": _user(image_part(CAT), text_part("?"))}, 400,
+     "messages[0].content[0].image_url.url", "not a URL"),
+    ("image_file_url", {"messages": _user(image_part("file:///etc/passwd"), text_part("?"))}, 400,
+     "messages[0].content[0].image_url.url", "unsupported scheme"),
+    ("image_404", "url:/missing.jpg", 400, "messages[0].content[0].image_url.url", "HTTP 404"),
+    ("image_html", "url:/page.jpg", 400, "messages[0].content[0].image_url.url", "not an image"),
+    ("image_bad_base64", {"messages": _user(image_part("data:image/png;base64,@@"), text_part("?"))}, 400,
+     "messages[0].content[0].image_url.url", "base64"),
+    ("image_too_large", "big", 413, "messages[0].content[0].image_url.url", "limit of 300000"),
+    ("body_too_large", b"x" * 1_500_000, 413, None, "request body"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,param,words", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors(name, body, status, param, words, server, images, tmp_path):
+    if body == "big":
+        body = {"messages": _user(image_part(data_url(_big_jpeg(tmp_path))), text_part("?"))}
+    elif isinstance(body, str) and body.startswith("url:"):
+        body = {"messages": _user(image_part(images.url(body[4:])), text_part("?"))}
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.base + "/v1/chat/completions", content=raw, timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["param"] == param and words in error["message"], error
+    assert "Traceback" not in r.text
+    # the official client raises its typed error with the same message
+    if isinstance(body, dict) and status == 400 and "messages" in body and "max_tokens" not in body:
+        with pytest.raises(openai.BadRequestError, match="400"):
+            server.client.chat.completions.create(model="tiny", **body)
+
+
+def test_unknown_route_and_method(server):
+    r = httpx.get(server.base + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.base + "/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    assert ask(server, [{"role": "user", "content": "still alive?"}], max_tokens=2).choices[0].message.content is not None
+
+
+def test_full_queue_answers_429(setup):
+    s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out429"), "--max_batch", "1",
+                      "--max_queue", "1")
+    try:
+        statuses = []
+
+        def client():
+            r = httpx.post(s.base + "/v1/chat/completions", timeout=120,
+                           json={"messages": [{"role": "user", "content": "Tell me everything."}],
+                                 "max_tokens": 200})
+            statuses.append((r.status_code, r.json()))
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        codes = sorted(code for code, _ in statuses)
+        assert codes.count(200) >= 2 and 429 in codes, codes
+        busy = next(body for code, body in statuses if code == 429)
+        assert busy["error"]["type"] == "rate_limit_error" and "busy" in busy["error"]["message"]
+    finally:
+        s.close()
