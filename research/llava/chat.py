@@ -11,7 +11,7 @@ import sys
 
 from generation import TextDeltas
 from llava_errors import LlavaError
-from llava_processor import clip_pixels
+from llava_predict import restore_ctrl_c
 
 HELP = "commands: /image PATH_OR_URL, /reset, /exit (Ctrl-C stops an answer)"
 
@@ -44,6 +44,7 @@ class Chat:
         print(message, file=self.err, flush=True)
 
     def attach(self, source):
+        from llava_processor import clip_pixels
         p = self.job.processor
         image = p.load_image(source)
         self.conversation.pending.append(clip_pixels([image], p.image_size, p.image_aspect_ratio))
@@ -69,6 +70,7 @@ class Chat:
         steps = job.engine.stream(np.array([ids]), pixels, None, settings)
         try:
             for tokens, real in steps:
+                restore_ctrl_c()        # each compilation (a new prompt length) installs MindSpore's again
                 if real[0] and int(tokens[0]) not in settings.eos_token_id:
                     self.out.write(deltas.add(int(tokens[0])))
                     self.out.flush()

@@ -8,6 +8,7 @@ calls the registered LLaVA classes directly (README, "How predict runs").
 import contextlib
 import json
 import os
+import signal
 import sys
 
 import yaml
@@ -431,6 +432,13 @@ class Job:
             lm = sum(p.nbytes for n, p in model.weight_parameters().items() if n.startswith("language_model."))
             print(f"[rank {tp.rank}/{tp.world}] loaded {self.checkpoint}: {nbytes} weight bytes "
                   f"({lm} in the language model)", file=sys.stderr)
+
+
+def restore_ctrl_c():
+    """MindSpore's runtime installs its own SIGINT handler as it starts and whenever it compiles a graph (Ctrl-C
+    then ends the process with SIGTERM, saying nothing): put Python's back, so that Ctrl-C is a
+    KeyboardInterrupt that the run modes handle (chat: stop the answer)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run(args, root):

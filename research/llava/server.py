@@ -32,7 +32,6 @@ from starlette.concurrency import run_in_threadpool
 from generation import GenerationSettings
 from image_loading import load_image
 from llava_errors import LimitError, LlavaError
-from llava_processor import clip_pixels
 from serving import QueueFull, Request as GenerationRequest
 
 
@@ -220,6 +219,7 @@ class Server:
 
     def _pixels(self, urls):
         """Fetch and preprocess the images (runs in a worker thread)."""
+        from llava_processor import clip_pixels
         p = self.processor
         images = []
         for where, url in urls:
