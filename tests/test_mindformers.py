@@ -224,3 +224,16 @@ def test_upper_case_extension_and_url_without_extension(setups, tmp_path):
         httpd.shutdown()
         httpd.server_close()
     assert [r["output_ids"] for r in records] == [ids for ids, _ in s["expected"]]
+
+
+def test_query_list_splits_into_requests_as_the_cli_pairs_do():
+    """MindFormers' run_mindformer.py turns `A P B Q --modal_type image text image text` into ONE query of four
+    entries; each run of images followed by text is one request."""
+    from llava_errors import LlavaError
+    from llava_processor import LlavaProcessor
+    split = LlavaProcessor.pairs_from_query_list
+    q = [{"image": "a.jpg"}, {"text": "P"}, {"image": "b.jpg"}, {"text": "Q"}]
+    assert split([q]) == [(["a.jpg"], "P"), (["b.jpg"], "Q")]
+    assert split([[{"image": "a"}, {"image": "b"}, {"text": "P"}, {"text": "R"}]]) == [(["a", "b"], "P\nR")]
+    with pytest.raises(LlavaError, match="ends with an image"):
+        split([[{"image": "a"}, {"text": "P"}, {"image": "b"}]])
