@@ -17,6 +17,7 @@ from llava_errors import LlavaError  # noqa: E402
 from llava_model import LlavaModel, load_weights  # noqa: E402
 from llava_processor import LlavaProcessor  # noqa: E402
 from llava_tokenizer import LlavaTokenizer  # noqa: E402
+from llava_trainer import LlavaTrainer  # noqa: E402
 
 __all__ = ["LlavaCLIPConfig", "LlavaConfig", "LlavaTextConfig", "LlavaError", "LlavaModel", "load_weights",
-           "LlavaProcessor", "LlavaTokenizer"]
+           "LlavaProcessor", "LlavaTokenizer", "LlavaTrainer"]

@@ -9,15 +9,18 @@ from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from llava_errors import LlavaError
+from mindformers_hooks import PLUGIN_DIR  # noqa: F401  (importing it installs the MindFormers hooks)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-# Keys that MindFormers' own LLaVA yaml carries but that do not change inference here (dropout is off at
+# Keys that MindFormers' own LLaVA yaml carries (and its Trainer passes: parallel_config, moe_config to every
+# model config) but that do not change inference here (dropout is off at
 # inference, flash attention/paged attention are Ascend kernels, freezing is for training). Accepted so that
 # a seed yaml loads; anything else unknown is an error.
 _IGNORED_COMMON = {"type", "arch", "auto_register", "checkpoint_name_or_path", "use_flash_attention",
                    "initializer_range", "initializer_factor", "dropout", "attention_dropout",
                    "emb_dropout_prob", "use_past_shard", "offset", "scaling_factor", "parallel_config",
+                   "moe_config",
                    "projection_dim", "num_queries", "model_type", "name_or_path", "pretrained_model_dir",
                    "mindformers_version", "tokenizer_class", "architectures", "is_encoder_decoder",
                    "is_sample_acceleration", "quantization_config", "quantization", "pet_config",

@@ -12,7 +12,8 @@ the generate loop) is engine.py's job; `generate` is the entry MindFormers' pipe
 """
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
+from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from clip_vision import CLIPVisionModel, LlavaMultiModalProjector
@@ -21,7 +22,7 @@ from generation import GenerationSettings
 from llama_text import CACHE_NAMES, LlamaForCausalLM, is_cache_param
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
-from parallel import TensorParallel
+from mindformers_hooks import tensor_parallel_for
 
 _LIST_LIMIT = 10
 
@@ -33,18 +34,22 @@ def _short_list(names):
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
-class LlavaModel(nn.Cell):
-    """LLaVA-1.5 for inference. Built by MindFormers as `LlavaModel(config=LlavaConfig)`."""
+class LlavaModel(PreTrainedModel):
+    """LLaVA-1.5 for inference. Built by MindFormers as `LlavaModel(config=LlavaConfig, parallel_config=...,
+    moe_config=...)`; a PreTrainedModel so that MindFormers' pipelines and checkpoint loading accept it."""
 
     def __init__(self, config=None, **kwargs):
-        super().__init__()
         if config is None:
             config = LlavaConfig()
         elif not isinstance(config, LlavaConfig):
             config = LlavaConfig(**dict(config))
+        super().__init__(config)
         self.config = config
-        # tensor parallelism: the language model is split over the ranks (parallel.py); vision is replicated
-        self.tp = kwargs.pop("tensor_parallel", None) or TensorParallel()
+        # tensor parallelism: the language model is split over the ranks (parallel.py); vision is replicated.
+        # MindFormers' build_network passes the yaml's parallel_config (and moe_config, unused: no experts).
+        kwargs.pop("moe_config", None)
+        parallel_config = kwargs.pop("parallel_config", None)
+        self.tp = kwargs.pop("tensor_parallel", None) or tensor_parallel_for(parallel_config)
         self.vision_tower = CLIPVisionModel(config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = LlamaForCausalLM(config, self.tp)
@@ -59,6 +64,23 @@ class LlavaModel(nn.Cell):
     def can_generate(self):
         """Generation goes through LlavaModel.generate, not MindFormers' GenerationMixin."""
         return False
+
+    def fuse_weight_from_ckpt(self, checkpoint_dict):
+        """MindFormers' load_ckpt hook (Trainer / run_mindformer.py with the stock trainer): strict loading of
+        this rank's share of every weight, as the plugin's own loader does. A complete checkpoint is sliced
+        for this rank (weight_map's split rules); a rank slice is taken as is. Raises LlavaError for a missing,
+        unknown or wrongly shaped weight. Returns the loaded parameters, so MindFormers' own (lenient)
+        load_param_into_net that follows finds every name and changes nothing."""
+        import weight_map
+        full = weight_map.expected_params(self.config)
+        shares = {}
+        for name, value in checkpoint_dict.items():
+            if self.tp.enabled and name in full and tuple(value.shape) == tuple(full[name][0]):
+                value = weight_map.shard(name, value.asnumpy() if isinstance(value, Tensor) else np.asarray(value),
+                                         self.tp.rank, self.tp.world)
+            shares[name] = value
+        load_weights(self, shares)
+        return dict(self.weight_parameters())
 
     def construct(self, input_ids, image_features, merge_index, position_ids, mask):
         """Cache-free full forward on prepared inputs (engine.prepare_prompt) -> float32 logits [B, L, V]:

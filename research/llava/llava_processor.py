@@ -26,6 +26,7 @@ from generation import GenerationSettings, check_fits
 from image_loading import (  # noqa: F401  (load_image and its limits are re-exported)
     DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, _name, load_image)
 from llava_errors import LlavaError
+from mindformers_hooks import PLUGIN_DIR  # noqa: F401  (importing it installs the MindFormers hooks)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,7 +96,8 @@ def build_prompt(prompt: str, num_images: int, template: bool = True) -> str:
 
 def _as_config(config):
     if config is None:
-        raise LlavaError("LlavaProcessor needs the model's config (model.model_config / a LlavaConfig)")
+        raise LlavaError("LlavaProcessor needs the model's config: pass config=<LlavaConfig>, or in the yaml give "
+                         "the processor section `model_config: *model_config` (a YAML alias of model.model_config)")
     if isinstance(config, Mapping):
         from llava_config import LlavaConfig
         return LlavaConfig(**dict(config))
@@ -128,9 +130,12 @@ class LlavaProcessor:
     """Tokenizer + image loading/CLIP preprocessing + prompt template for LLaVA-1.5.
 
     LlavaProcessor(config, tokenizer, image_aspect_ratio="crop", timeout=10.0, max_bytes=64 MiB,
-                   max_pixels=89478485, max_new_tokens=None, apply_template=True)
+                   max_pixels=89478485, max_new_tokens=None, apply_template=True, model_config=None)
 
     `config` is the model's LlavaConfig (or its yaml mapping); `tokenizer` a LlavaTokenizer (or its yaml mapping).
+    MindFormers builds a processor from the yaml's `processor` section alone: there, `model_config:
+    *model_config` (a YAML alias of `model.model_config: &model_config`) gives it the model's shapes without a
+    second copy of them; an explicit `config` wins.
     `max_new_tokens=None` takes the yaml default (`GenerationSettings.from_config(config)`); pass the command
     line's value so that the seq_length check uses the real budget.
     """
@@ -139,12 +144,12 @@ class LlavaProcessor:
     def __init__(self, config=None, tokenizer=None, image_aspect_ratio: str = "crop",
                  timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_new_tokens: Optional[int] = None,
-                 apply_template: bool = True, **kwargs):
+                 apply_template: bool = True, model_config=None, **kwargs):
         kwargs.pop("type", None)
         kwargs.pop("auto_register", None)
         if kwargs:
             raise LlavaError(f"processor: unknown key(s) {', '.join(sorted(kwargs))}")
-        self.config = _as_config(config)
+        self.config = _as_config(config if config is not None else model_config)
         self.tokenizer = _as_tokenizer(tokenizer)
         if image_aspect_ratio not in ASPECT_RATIOS:
             raise LlavaError(f"processor.image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, "
@@ -247,7 +252,10 @@ class LlavaProcessor:
 
     @staticmethod
     def pairs_from_query_list(query_list) -> list:
-        """MindFormers' query format -> [(images, prompt)]: images in element order, texts joined by newlines."""
+        """MindFormers' query format -> [(images, prompt)]. A query is a list of `{"image": ...}` / `{"text": ...}`
+        entries; each run of images followed by texts is one request (texts joined by newlines), so the query
+        MindFormers' run_mindformer.py builds from `--predict_data A.jpg P --modal_type image text` is one
+        request and from `A.jpg P B.jpg Q --modal_type image text image text` two, as on this plugin's CLI."""
         if not isinstance(query_list, (list, tuple)) or not query_list:
             raise LlavaError("processor: expected a non-empty query list")
         if all(isinstance(q, (list, tuple)) and len(q) == 2 and isinstance(q[1], str) for q in query_list):
@@ -263,6 +271,9 @@ class LlavaProcessor:
             for element in query:
                 keys = set(element)
                 if keys == {"image"}:
+                    if texts:  # an image after a text starts the next request
+                        pairs.append((images, "\n".join(texts)))
+                        images, texts = [], []
                     images.append(element["image"])
                 elif keys == {"text"}:
                     if not isinstance(element["text"], str):
@@ -272,6 +283,8 @@ class LlavaProcessor:
                 else:
                     raise LlavaError(f"processor: request {i} has an unsupported entry {sorted(keys)} "
                                      f"(only 'image' and 'text')")
+            if images and not texts:
+                raise LlavaError(f"processor: request {i} ends with an image that has no text after it")
             pairs.append((images, "\n".join(texts)))
         return pairs
 

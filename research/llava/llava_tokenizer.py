@@ -23,6 +23,7 @@ import sentencepiece as spm
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from llava_errors import LlavaError
+from mindformers_hooks import PLUGIN_DIR  # noqa: F401  (importing it installs the MindFormers hooks)
 
 SPIECE_UNDERLINE = "\u2581"
 IMAGE_TOKEN = "<image>"
