@@ -428,3 +428,64 @@ def test_full_queue_answers_429(setup):
         assert busy["error"]["type"] == "rate_limit_error" and "busy" in busy["error"]["message"]
     finally:
         s.close()
+
+
+def test_two_ranks_serve_the_single_process_answers(setup, server, hf):
+    """Tensor-parallel serving with msrun_launcher.sh: rank 0 serves HTTP, rank 1 follows its batches; greedy,
+    seeded-sampling and stop-string answers, batched, equal the one-process server's (and HF's)."""
+    d = setup["dir"]
+    with open(setup["yaml"]) as f:
+        text = f.read()
+    yaml2 = str(d / "tiny_tp2.yaml")
+    with open(yaml2, "w") as f:
+        f.write(text.replace("model_parallel: 1", "model_parallel: 2"))
+    out = str(d / "out_tp2")
+    port = ri.free_port()
+    order = (f"run_mindformer.py --config {yaml2} --run_mode serve --load_checkpoint {setup['ckpt']} "
+             f"--use_parallel True --auto_trans_ckpt True --output_dir {out} --port {port}")
+    launcher = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "msrun_launcher.sh"), order, "2",
+                                 str(ri.free_port()), os.path.join(out, "msrun_log"), "True", "300"],
+                                cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the 2-rank server did not start"
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        tp = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        requests = [
+            dict(messages=[{"role": "user", "content": [image_part(data_url(CAT)), text_part("What is shown?")]}],
+                 max_tokens=16),
+            dict(messages=[{"role": "user", "content": "Describe a sunny day."}], max_tokens=24,
+                 stop=[" the"]),
+            dict(messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16, temperature=0.9,
+                 top_p=0.9, seed=1234),
+            dict(messages=[{"role": "user", "content": "Hello"}], max_tokens=12),
+        ]
+        one = [server.client.chat.completions.create(model="tiny", **r).choices[0] for r in requests]
+        two = [None] * len(requests)
+
+        def client(i):
+            two[i] = tp.chat.completions.create(model="tiny", **requests[i]).choices[0]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert [c.message.content for c in two] == [c.message.content for c in one]
+        assert [c.finish_reason for c in two] == [c.finish_reason for c in one]
+        assert one[0].message.content == hf.answer(requests[0]["messages"], [CAT], 16)[1]
+        assert httpx.get(base + "/health").json()["largest_batch"] > 1
+    finally:
+        os.killpg(launcher.pid, signal.SIGINT)
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)

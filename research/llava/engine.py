@@ -344,8 +344,9 @@ class Engine:
         input_ids [B, L] (pad id on the left), pixel_values [N, 3, H, W] for the N images in prompt order
         (row-major over the batch), attention_mask [B, L] (derived from the pad id when None). `settings` is
         one GenerationSettings for every row or a list with one per row: each row has its own token selector
-        (and seeded random generator) and ends at its own eos ids or max_new_tokens. `stop(row) -> bool`, asked
-        after every step for each row still running, ends a row early (a stop string, a client gone).
+        (and seeded random generator) and ends at its own eos ids or max_new_tokens. `stop(running) -> ended`,
+        called after every step with the [B] bool mask of the rows still running, ends the rows it marks (a
+        stop string, a client gone).
 
         Each step yields (tokens [B], real [B] bool): `real` marks the rows for which the token is generated
         (False once a row has finished: its token is the pad id). With config.use_past (default) the prompt
@@ -389,8 +390,7 @@ class Engine:
             unfinished &= step + 1 < limits
             yield tokens, real
             if stop is not None:
-                for r in np.nonzero(unfinished)[0]:
-                    unfinished[r] = not stop(int(r))
+                unfinished &= ~np.asarray(stop(unfinished.copy()), dtype=bool)
             if not unfinished.any():
                 return
             logits = next_logits(tokens)

@@ -312,11 +312,11 @@ def _usage(prompt_tokens, completion_tokens):
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_name="llava"):
+def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_name="llava", lockstep=None):
     """Serve the loaded job until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
     from serving import Scheduler
-    scheduler = Scheduler(job.engine, job.tokenizer, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(job.engine, job.tokenizer, max_batch=max_batch, max_queue=max_queue, lockstep=lockstep)
     processor = job.processor
 
     def ready():
@@ -343,8 +343,15 @@ def run(args, root):
         job.build()
         job.load_model()
     job.announce()
-    if job.tp.enabled:
-        raise LlavaError("--run_mode serve runs on one process (use_parallel False)")
+    lock = None
+    if job.tp.enabled:   # rank 0 serves HTTP; the other ranks run its batches with it
+        from lockstep import Lockstep
+        vc = job.model_config.vision_config
+        lock = Lockstep(job.tp, job.settings, (vc.num_channels, vc.image_size, vc.image_size))
+        if not lock.leader:
+            lock.follow(job.engine)
+            return 0
     name = args.served_model_name or os.path.splitext(os.path.basename(os.path.normpath(job.checkpoint)))[0]
-    serve(job, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, model_name=name)
+    serve(job, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, model_name=name,
+          lockstep=lock)
     return 0

@@ -42,7 +42,7 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine, tokenizer, max_batch=8, max_queue=64):
+    def __init__(self, engine, tokenizer, max_batch=8, max_queue=64, lockstep=None):
         if max_batch < 1 or max_queue < 1:
             raise LlavaError(f"serve: max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
         self.engine = engine
@@ -50,6 +50,7 @@ class Scheduler:
         self.seq_length = engine.config.seq_length
         self.pad_token_id = engine.config.text_config.pad_token_id
         self.max_batch = max_batch
+        self.lockstep = lockstep         # under tensor parallelism: the other ranks follow each batch
         self._queue = queue.Queue(maxsize=max_queue)
         self._held = None                # a request taken from the queue that did not fit the last batch
         self._stopping = False
@@ -88,7 +89,8 @@ class Scheduler:
             request, self._held = self._held, None
             return request
         try:
-            return self._queue.get(block=block)
+            # with followers waiting in a collective, wake up every second to tell them there is no work
+            return self._queue.get(block=block, timeout=1.0 if block and self.lockstep else None)
         except queue.Empty:
             return None
 
@@ -110,9 +112,12 @@ class Scheduler:
         return [r for r in batch if not r.cancelled.is_set()]
 
     def _run(self):
+        from lockstep import IDLE, QUIT
         while not self._stopping:
             batch = self._next_batch()
             if not batch:
+                if self.lockstep is not None and not self._stopping:
+                    self.lockstep.send(IDLE)
                 continue
             try:
                 self._generate(batch)
@@ -124,6 +129,8 @@ class Scheduler:
                 traceback.print_exc()
                 for r in batch:
                     r.emit(("error", f"internal error ({type(e).__name__})"))
+        if self.lockstep is not None:
+            self.lockstep.send(QUIT)
 
     def _generate(self, batch):
         self.batches += 1
@@ -136,20 +143,26 @@ class Scheduler:
             mask[i, width - len(r.ids):] = 1
         pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
         pixels = np.concatenate(pixels) if pixels else None
+        settings = [r.settings for r in batch]
+        if self.lockstep is not None:
+            from lockstep import BATCH
+            settings = self.lockstep.send(BATCH, ids, mask, pixels, settings)
         texts = [TextDeltas(self.tokenizer, r.stop) for r in batch]
         counts = [0] * len(batch)
-        eos = [set(r.settings.eos_token_id) for r in batch]
+        eos = [set(s.eos_token_id) for s in settings]
         ended = [None] * len(batch)           # finish reason once a row is over
 
-        def stop(row):
-            if batch[row].cancelled.is_set():
-                self.cancelled += 1
-            if batch[row].cancelled.is_set() or texts[row].stopped:
-                ended[row] = ended[row] or "stop"
-                return True
-            return False
+        def stop(running):
+            ended_now = np.zeros(len(batch), dtype=bool)
+            for row in np.nonzero(running)[0]:
+                if batch[row].cancelled.is_set():
+                    self.cancelled += 1
+                if batch[row].cancelled.is_set() or texts[row].stopped:
+                    ended[row] = ended[row] or "stop"
+                    ended_now[row] = True
+            return ended_now if self.lockstep is None else self.lockstep.stop(ended_now)
 
-        for tokens, real in self.engine.stream(ids, pixels, mask, [r.settings for r in batch], stop=stop):
+        for tokens, real in self.engine.stream(ids, pixels, mask, settings, stop=stop):
             for row in np.nonzero(real)[0]:
                 token = int(tokens[row])
                 counts[row] += 1
