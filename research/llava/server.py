@@ -316,6 +316,9 @@ def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_nam
     """Serve the loaded job until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
     from serving import Scheduler
+    # A server sees many prompt lengths, and every prompt bucket (per batch size) compiles its own prefill graph:
+    # coarser buckets than predict's compile less often for a few more padded positions per request.
+    job.engine.prefill_bucket = max(job.engine.prefill_bucket, 32)
     scheduler = Scheduler(job.engine, job.tokenizer, max_batch=max_batch, max_queue=max_queue, lockstep=lockstep)
     processor = job.processor
 

@@ -132,18 +132,31 @@ class Scheduler:
         if self.lockstep is not None:
             self.lockstep.send(QUIT)
 
+    def _rows(self, n):
+        """Rows a batch of n requests runs with: n rounded up to a power of two (at most max_batch). Every new
+        batch size compiles its own prefill and decode graphs (seconds each); filler rows (one token, a
+        one-step answer, never shown) cost less than compiling for 3, 5, 6 and 7 rows as well."""
+        rows = 1
+        while rows < n:
+            rows *= 2
+        return max(n, min(rows, self.max_batch))
+
     def _generate(self, batch):
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         width = max(len(r.ids) for r in batch)
-        ids = np.full((len(batch), width), self.pad_token_id, np.int64)
-        mask = np.zeros((len(batch), width), np.int64)
+        rows = self._rows(len(batch))
+        ids = np.full((rows, width), self.pad_token_id, np.int64)
+        mask = np.zeros((rows, width), np.int64)
         for i, r in enumerate(batch):
             ids[i, width - len(r.ids):] = r.ids
             mask[i, width - len(r.ids):] = 1
+        ids[len(batch):, -1] = batch[0].ids[-1]
+        mask[len(batch):, -1] = 1
         pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
         pixels = np.concatenate(pixels) if pixels else None
-        settings = [r.settings for r in batch]
+        filler = GenerationSettings(**{**batch[0].settings.__dict__, "max_new_tokens": 1, "do_sample": False})
+        settings = [r.settings for r in batch] + [filler] * (rows - len(batch))
         if self.lockstep is not None:
             from lockstep import BATCH
             settings = self.lockstep.send(BATCH, ids, mask, pixels, settings)
@@ -153,8 +166,8 @@ class Scheduler:
         ended = [None] * len(batch)           # finish reason once a row is over
 
         def stop(running):
-            ended_now = np.zeros(len(batch), dtype=bool)
-            for row in np.nonzero(running)[0]:
+            ended_now = np.zeros(rows, dtype=bool)
+            for row in np.nonzero(running[:len(batch)])[0]:
                 if batch[row].cancelled.is_set():
                     self.cancelled += 1
                 if batch[row].cancelled.is_set() or texts[row].stopped:
@@ -163,7 +176,7 @@ class Scheduler:
             return ended_now if self.lockstep is None else self.lockstep.stop(ended_now)
 
         for tokens, real in self.engine.stream(ids, pixels, mask, settings, stop=stop):
-            for row in np.nonzero(real)[0]:
+            for row in np.nonzero(real[:len(batch)])[0]:
                 token = int(tokens[row])
                 counts[row] += 1
                 if token in eos[row]:
