@@ -4,43 +4,19 @@
     python -m benchmarks --preset 7b [--threads 2] [--new-tokens 8] [--workdir DIR] [--keep]
     (python scripts/bench.py ... is the same command)
 
-tiny / mid: both sides get the same random-weight checkpoint (the HF-layout fixture that
-tests/fixtures/make_tiny_llava.py builds, cached in .cache/fixtures/ like the tests'), the same image
-(tests/fixtures/images/chelsea.jpg), the same prompt, float32, the same number of CPU threads, and decode
-greedily exactly --new-tokens tokens (EOS ignored: ours `generate(..., eos_token_id=[-1])`, HF
-`min_new_tokens=max_new_tokens`). Each side runs in its own child process (so that peak RSS is its own) that
-loads once and does --warmup requests (the first one is reported: ours includes Graph compilation), then
-the parent asks the two children for requests alternately (ours, HF, HF, ours, ...) so that background load
-on a shared machine hits both alike; figures are medians over --runs requests.
+tiny / mid: ours and HF, each in its own child process, load the same random-weight HF-layout fixture (built
+and cached like the tests'), answer the same image + prompt in float32 on --threads threads and decode
+greedily exactly --new-tokens tokens (EOS ignored). After --warmup requests per side (MindSpore's CPU kernels
+tune their thread split over the first few launches) the parent asks them alternately and reports medians of
+--runs requests; a request disturbed by other processes (--max-background) is repeated.
 
-Warm-up: MindSpore's CPU kernels pick their thread split by timing their first few launches, and a prompt
-kernel launches once per request, so ours is steady from about the 6th request (until then its
-non-matmul kernels take about twice as long: ~0.05 s more time to first token on `mid`). The default
---warmup 5 measures both sides in their steady state; HF is steady after one.
+7b: the real LLaVA-1.5-7B shapes with random float16 weights: write the HF-layout safetensors, convert them
+with convert_weight.py, load (convert_weight.load_ckpt_lean + llava_model.load_weights) and generate, PyNative
+mode by default; --probe / --probe-only time 1- and 2-layer models and scale them to the 7B. Files go to
+--workdir (default .cache/bench7b) and are deleted at the end unless --keep.
 
-  time to first token  generate() call -> first token's logits (image encode + prefill; pixels and ids are
-                       computed beforehand, the same way on both sides)
-  decode tokens/s      (new_tokens - 1) / (time from the first to the last token), inside generate()
-  breakdown            vision tower alone, prefill (incl. vision), one decode step called directly
-  bandwidth bound      weight bytes read per decode step (decoder layers + final norm + lm_head, float32)
-                       / memory bandwidth (numpy copy of a 1 GB array, best of 5; 1 thread and --threads
-                       threads, the faster counts); "of bound" = achieved tokens/s / bound
-
-Threads: torch.set_num_threads(N) for HF; for MindSpore 2.9 `mindspore.device_context.cpu.op_tuning
-.threads_num(N)` (the CPU kernel thread pool; `set_context(runtime_num_threads)` is its deprecated alias and
-OMP_NUM_THREADS does not change MindSpore's kernels). Both children also get OMP_NUM_THREADS=N.
-
-7b: the real LLaVA-1.5-7B shapes with random float16 weights: writes the HF-layout safetensors with numpy
-(seeded, one tensor at a time, ~2 GB shards, llava-hf key names), converts them with convert_weight.py,
-builds LlavaModel (float16) under mindspore.nn.utils.no_init_parameters(), loads with
-convert_weight.load_ckpt_lean + llava_model.load_weights and generates --new-tokens tokens. It runs in
-PyNative mode by default (docs/performance.md: in Graph mode every float16 MatMul on CPU keeps a float32 copy
-of its weight and the prefill graph keeps its activations, ~59 GB above the weights for the 7B; `--probe-only
---mode 0` measures it on 1- and 2-layer models). Files go to --workdir (default .cache/bench7b) and are
-deleted at the end unless --keep.
-
-Results: OUT/<preset>.json and OUT/<preset>.md (the table is printed too). Method and results:
-docs/performance.md.
+Results: OUT/<preset>.json and OUT/<preset>.md (the table is printed too). The method, the definitions of
+each figure and the results: docs/performance.md.
 """
 import argparse
 import os
@@ -59,7 +35,7 @@ def parser():
     ap.add_argument("--new-tokens", type=int, default=None, help="default 32 (7b: 8)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=5,
-                    help="warm-up requests per side before the timed ones (see above: kernel tuning)")
+                    help="warm-up requests per side before the timed ones (at least 1: the first one compiles)")
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--max-background", type=float, default=None,
                     help="repeat a request if other processes kept more than this many cores busy meanwhile "
