@@ -6,7 +6,7 @@ import time
 
 from . import harness, system
 from .harness import median, say
-from .workload import IMAGE, PROMPT, ROOT, command
+from .workload import IMAGE, PROMPT, ROOT, command, fixture_dir
 
 SIDES = ("ours", "hf")
 
@@ -29,12 +29,6 @@ def kv_cache_bytes(cfg_json, length, itemsize=4):
     heads = t["num_attention_heads"]
     kv = t.get("num_key_value_heads") or heads
     return 2 * t["num_hidden_layers"] * kv * (t["hidden_size"] // heads) * length * itemsize
-
-
-def fixture_dir(preset):
-    """The preset's HF-layout fixture folder, built and cached as the tests do (mid sharded like the 7B)."""
-    import conftest
-    return conftest.hf_checkpoint(preset, shard_mb=200 if preset == "mid" else None)
 
 
 def start(side, args, hf_dir):
