@@ -17,11 +17,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.join(ROOT, "research", "llava"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.workload import PLUGIN, ROOT, fixture_dir  # noqa: E402  (also puts the plugin on sys.path)
 import convert_weight as cw  # noqa: E402
 
 
@@ -45,8 +43,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the outputs")
     args = ap.parse_args()
 
-    import conftest
-    hf_dir = conftest.hf_checkpoint(args.preset, shard_mb=200 if args.preset == "mid" else None)
+    hf_dir = fixture_dir(args.preset)
     tensors = cw.find_hf_tensors(hf_dir)
     largest = max(tensors.values(), key=lambda t: t.nbytes)
     total = sum(t.nbytes for t in tensors.values())
@@ -57,7 +54,7 @@ def main():
     ckpt = os.path.join(work, "model.ckpt")
     steps = [
         ("baseline (imports only)", [py, "-c", "import sys; sys.path.insert(0, %r); import numpy, llava_config, "
-                                     "weight_map" % os.path.join(ROOT, "research", "llava")]),
+                                     "weight_map" % PLUGIN]),
         ("hf -> ckpt (stored float32)", conv + ["--input_path", hf_dir, "--output_path", ckpt]),
         ("hf -> ckpt --dtype float16", conv + ["--input_path", hf_dir, "--output_path",
                                                os.path.join(work, "model_fp16.ckpt"), "--dtype", "float16"]),

@@ -1,0 +1,107 @@
+"""Benchmark LlavaModel (MindSpore) against Hugging Face transformers + torch on the same CPU (not a test).
+
+    python -m benchmarks --preset tiny|mid [--threads 2] [--new-tokens 32] [--runs 5] [--out benchmarks/]
+    python -m benchmarks --preset 7b [--threads 2] [--new-tokens 8] [--workdir DIR] [--keep]
+    (python scripts/bench.py ... is the same command)
+
+tiny / mid: ours and HF, each in its own child process, load the same random-weight HF-layout fixture (built
+and cached like the tests'), answer the same image + prompt in float32 on --threads threads and decode
+greedily exactly --new-tokens tokens (EOS ignored). After --warmup requests per side (MindSpore's CPU kernels
+tune their thread split over the first few launches) the parent asks them alternately and reports medians of
+--runs requests; a request disturbed by other processes (--max-background) is repeated.
+
+7b: the real LLaVA-1.5-7B shapes with random float16 weights: write the HF-layout safetensors, convert them
+with convert_weight.py, load (convert_weight.load_ckpt_lean + llava_model.load_weights) and generate, PyNative
+mode by default; --probe / --probe-only time 1- and 2-layer models and scale them to the 7B. Files go to
+--workdir (default .cache/bench7b) and are deleted at the end unless --keep.
+
+Results: OUT/<preset>.json and OUT/<preset>.md (the table is printed too). The method, the definitions of
+each figure and the results: docs/performance.md.
+"""
+import argparse
+import os
+import sys
+
+from . import harness, report
+from .workload import RESULTS
+
+
+def parser():
+    run_as_module = os.path.basename(sys.argv[0]) == "__main__.py"
+    ap = argparse.ArgumentParser(prog="python -m benchmarks" if run_as_module else None, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=("tiny", "mid", "7b"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 32 (7b: 8)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="warm-up requests per side before the timed ones (at least 1: the first one compiles)")
+    ap.add_argument("--profile-repeats", type=int, default=3)
+    ap.add_argument("--max-background", type=float, default=None,
+                    help="repeat a request if other processes kept more than this many cores busy meanwhile "
+                         "(default: the cores --threads leaves free + 0.25)")
+    ap.add_argument("--max-attempts", type=int, default=6, help="at most runs x this many attempts per side")
+    ap.add_argument("--seq-length", type=int, default=None, help="our KV-cache length (default: the config's)")
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--workdir", default=None, help="7b: where the HF files and the ckpt go")
+    ap.add_argument("--keep", action="store_true", help="7b: keep the HF files and the ckpt")
+    ap.add_argument("--probe", action="store_true", help="7b: first time 1- and 2-layer models to estimate")
+    ap.add_argument("--probe-only", action="store_true", help="7b: only the 1-/2-layer probe (implies --probe)")
+    ap.add_argument("--text-only", action="store_true", help="7b: prompt without the image")
+    ap.add_argument("--max-minutes", type=float, default=40.0,
+                    help="7b with --probe: use a text-only prompt if the image request would take longer")
+    ap.add_argument("--mode", type=int, default=1, choices=(0, 1), help="7b: 0 Graph, 1 PyNative (default)")
+    ap.add_argument("--need-gb", type=float, default=17.0, help="7b: available memory to wait for")
+    ap.add_argument("--wait-s", type=int, default=1800, help="7b: how long to wait for that memory")
+    # the child processes' entry points (the parent starts them)
+    ap.add_argument("--side", choices=("ours", "hf", "write7b", "ours7b", "probe7b"), help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-layers", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    return ap
+
+
+def child(args):
+    """Run one child process's job (--side)."""
+    if args.side == "ours":
+        from .ours import OursSide
+        return harness.serve(lambda: OursSide(args), args.threads)
+    if args.side == "hf":
+        from .hf import HFSide
+        return harness.serve(lambda: HFSide(args), args.threads)
+    from . import seven_b
+    if args.side == "write7b":
+        seven_b.write_7b(args.hf_dir)
+        return 0
+    if args.side == "ours7b":
+        return seven_b.run_7b_child(args)
+    return seven_b.run_probe_7b_child(args)
+
+
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.preset == "7b" or args.side in ("ours7b", "probe7b") else 32
+    if args.side:
+        return child(args)
+    if not args.preset:
+        ap.error("--preset is required")
+    if args.probe_only:
+        args.probe = True
+    args.warmup = max(1, args.warmup)                   # the first request (with compilation) is always done
+    if args.max_background is None:
+        args.max_background = max(0, (os.cpu_count() or 1) - args.threads) + 0.25
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2")
+    if args.preset == "7b":
+        from . import seven_b
+        result = seven_b.bench_7b(args)
+        table = report.render_7b(result)
+    else:
+        from . import compare
+        result = compare.bench_preset(args)
+        table = report.render_preset(result)
+    name = f"7b_probe_mode{args.mode}" if args.probe_only else args.preset
+    report.write(args.out, name, result, table)
+    return 0

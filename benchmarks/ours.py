@@ -1,0 +1,108 @@
+"""Our side: LlavaModel (MindSpore, Graph mode, float32) loaded from the HF-layout fixture, run through the
+engine's public API (`LlavaModel.engine()`).
+
+EOS is ignored (`eos_token_id=[-1]`) so that a request decodes exactly `new_tokens` tokens, as HF's
+`min_new_tokens` does on the other side.
+"""
+import json
+import os
+import time
+
+from .harness import ids_digest, median, request_figures
+from .system import rss_mb
+from .workload import IMAGE, PROMPT, TOKENIZER_MODEL
+
+
+class OursSide:
+    name = "ours"
+
+    def __init__(self, args):
+        t0 = time.perf_counter()
+        import numpy as np
+        import mindspore as ms
+        ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+        ms.device_context.cpu.op_tuning.threads_num(args.threads)
+        from generation import GenerationSettings
+        from llava_config import LlavaConfig
+        from llava_model import LlavaModel, load_weights
+        from llava_processor import LlavaProcessor
+        from llava_tokenizer import LlavaTokenizer
+        from safetensors.numpy import load_file
+        self.np, self.ms = np, ms
+        self.import_s = time.perf_counter() - t0
+        self.baseline_rss = rss_mb()
+        t0 = time.perf_counter()
+        with open(os.path.join(args.hf_dir, "config.json")) as f:
+            hf_cfg = json.load(f)
+        overrides = {"seq_length": args.seq_length} if args.seq_length else {}
+        self.config = LlavaConfig.from_hf_config(hf_cfg, **overrides)
+        with ms.nn.utils.no_init_parameters():
+            self.model = LlavaModel(self.config)
+        weights = {}
+        for name in sorted(os.listdir(args.hf_dir)):                       # one file or shards
+            if name.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(args.hf_dir, name)))
+        load_weights(self.model, weights)                                  # names are identical
+        del weights
+        self.load_s = time.perf_counter() - t0
+        tokenizer = LlavaTokenizer(vocab_file=TOKENIZER_MODEL)
+        processor = LlavaProcessor(self.config, tokenizer)
+        inputs = processor.process([(IMAGE, PROMPT)], max_new_tokens=args.new_tokens)
+        self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+        self.n = args.new_tokens
+        self.engine = self.model.engine()
+        # exactly n tokens: no eos id can stop a row
+        self.settings = GenerationSettings.from_config(self.config, max_new_tokens=self.n, eos_token_id=[-1])
+        self.threads = args.threads
+        self.loaded_rss = rss_mb()
+
+    def info(self):
+        return {"import_s": self.import_s, "load_s": self.load_s, "baseline_rss_mb": self.baseline_rss,
+                "loaded_rss_mb": self.loaded_rss, "prompt_tokens": int(self.ids.shape[1]),
+                "ids_digest": ids_digest(self.ids[0]), "seq_length": self.config.seq_length,
+                "threads_num": self.threads, "affinity": sorted(os.sched_getaffinity(0))}
+
+    def run(self):
+        stamps = []
+
+        class Stamp:
+            def put(self, tokens):
+                stamps.append((time.perf_counter(), time.process_time()))
+
+            def end(self):
+                pass
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = self.engine.generate(self.ids, self.pixels, self.mask, settings=self.settings, streamer=Stamp())
+        t1 = time.perf_counter()
+        return request_figures(t0, c0, t1, stamps, out[0])
+
+    def profile(self, repeats):
+        np, ms = self.np, self.ms
+        engine = self.engine
+        vision, prefill, decode, step_only = [], [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.image_features(self.pixels).asnumpy()
+            vision.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            logits = engine.prefill(self.ids, self.pixels, self.mask, reserve=self.n)
+            prefill.append(time.perf_counter() - t0)
+            token = np.argmax(logits, -1)
+            for _ in range(min(self.n - 1, 16)):
+                t0 = time.perf_counter()
+                logits = engine.decode(token)
+                decode.append(time.perf_counter() - t0)
+                token = np.argmax(logits, -1)
+            # the compiled decode graph alone (inputs prepared beforehand; includes the logits' asnumpy)
+            step = engine.step("decode")
+            slot = engine.cache.next_slot
+            mask = ms.Tensor(engine.cache.mask.reshape(1, 1, -1))
+            args = (ms.Tensor(np.array([[5]], np.int32)), ms.Tensor(np.array([[slot]], np.int32)),
+                    mask, ms.Tensor(np.array([slot], np.int32)))
+            for _ in range(5):
+                t0 = time.perf_counter()
+                step(*args).asnumpy()
+                step_only.append(time.perf_counter() - t0)
+        return {"vision_s": median(vision), "prefill_incl_vision_s": median(prefill),
+                "decode_call_ms": 1e3 * median(decode), "decode_graph_only_ms": 1e3 * median(step_only)}

@@ -1,0 +1,112 @@
+"""The result files: OUT/<name>.json (every figure) and OUT/<name>.md (the table, also printed)."""
+import json
+import os
+
+
+def _fmt(x, digits=3):
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def render_preset(r):
+    """Markdown for a tiny/mid result (compare.bench_preset)."""
+    o, h = r["sides"]["ours"], r["sides"]["hf"]
+    m = r["machine"]
+
+    def row(name, a, b, digits=3, ratio=True):
+        rr = f"{a / b:.2f}" if ratio and isinstance(a, (int, float)) and b else ""
+        return f"| {name} | {_fmt(a, digits)} | {_fmt(b, digits)} | {rr} |"
+
+    ob, hb = o["breakdown"], h["breakdown"]
+    lines = [
+        f"### `{r['preset']}` ({r['time']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}, "
+        f"{m['mem_total_gb']} GB; {r['threads']} threads per side; float32; "
+        f"{o['prompt_tokens']}-token prompt (chelsea.jpg, \"{r['prompt']}\"), {r['new_tokens']} new tokens, "
+        f"median of {r['runs']} requests per side (alternating, after {o.get('warmup_requests', 1)} warm-up "
+        f"requests).",
+        "",
+        "| | ours (MindSpore 2.9, Graph mode) | HF transformers + torch | ours / HF |",
+        "| --- | ---: | ---: | ---: |",
+        row("time to first token (s)", o["ttft_s"], h["ttft_s"]),
+        row("decode tokens/s", o["decode_tok_s"], h["decode_tok_s"], 2),
+        row("decode step (ms, median)", o["decode_step_ms"], h["decode_step_ms"], 1),
+        row("decode: % of bandwidth bound", 100 * o["of_bound"], 100 * h["of_bound"], 1),
+        row("warm-up request incl. compile (s)", o["warmup"]["total_s"], h["warmup"]["total_s"], 2),
+        *([row("time to first token, 2nd request (s)", o["warmup_ttft_all_s"][1], h["warmup_ttft_all_s"][1])]
+          if len(o.get("warmup_ttft_all_s", [])) > 1 else []),
+        row("request after warm-up (s)", o["total_s"], h["total_s"], 2),
+        row("model load (s)", o["load_s"], h["load_s"], 2),
+        row("peak RSS (MB)", o["peak_rss_mb"], h["peak_rss_mb"], 0),
+        row("RSS after imports (MB)", o["baseline_rss_mb"], h["baseline_rss_mb"], 0),
+        row("breakdown: vision tower (s)", ob["vision_s"], hb["vision_s"]),
+        row("breakdown: prefill incl. vision (s)", ob["prefill_incl_vision_s"], hb["prefill_incl_vision_s"]),
+        row("breakdown: one decode call (ms)", ob["decode_call_ms"], hb["decode_call_ms"], 1),
+        row("CPU time / wall time in decode", o["cpu_per_wall_decode"], h["cpu_per_wall_decode"], 2, False),
+        row("other processes' CPU meanwhile (cores)", o["background_cores"], h["background_cores"], 2, False),
+        "",
+        f"Bandwidth bound: {r['decode_weight_bytes_fp32'] / 1e6:.0f} MB of float32 weights per decode step "
+        f"(decoder layers + final norm + lm_head) / {r['bandwidth_gb_s']['best_gb_s']:.1f} GB/s copy bandwidth "
+        f"(numpy, 1 GB, best of 5, before and after) = {r['decode_bound_tok_s']:.1f} tokens/s. Our decode graph alone: "
+        f"{ob.get('decode_graph_only_ms', float('nan')):.1f} ms/step. KV cache read per step: ours "
+        f"{r['kv_cache_bytes_read_per_step']['ours'] / 1e6:.0f} MB (whole seq_length={o['seq_length']}, masked), "
+        f"HF {r['kv_cache_bytes_read_per_step']['hf'] / 1e6:.0f} MB. Same prompt ids: "
+        f"{'yes' if r['same_prompt_ids'] else 'NO'}; same {r['new_tokens']} greedy tokens: "
+        f"{'yes' if r['same_tokens'] else 'no'}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_7b(r):
+    """Markdown for a 7b result (seven_b.bench_7b)."""
+    m = r["machine"]
+    mode = "Graph" if r["mode"] == 0 else "PyNative (pynative_synchronize)"
+    lines = [
+        f"### `7b` ({r['time']})",
+        "",
+        f"LLaVA-1.5-7B shapes, random float16 weights, MindSpore {r['versions'].get('mindspore')} on CPU, "
+        f"{mode}, float16 compute, {r['threads']} threads; {m['cpu']}, {m['cores']} cores, AVX-512 "
+        f"{'yes' if m['avx512f'] else 'no'}, {m['mem_total_gb']} GB.",
+        "",
+        "| step | wall (s) | peak RSS (MB) | other processes' CPU meanwhile (cores) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, s in r["steps"].items():
+        lines.append(f"| {name} | {s['wall_s']:.0f} | {s['peak_rss_mb']:.0f} | "
+                     f"{s.get('background_cores', float('nan')):.2f} |")
+    run = r.get("run")
+    if run:
+        prompt = ("text-only prompt" if run["text_only"] else "chelsea.jpg + prompt") + \
+            f", {run['prompt_tokens']} tokens"
+        lines += [
+            "",
+            "| generate | value |",
+            "| --- | ---: |",
+            f"| prompt | {prompt} |",
+            f"| load (load_ckpt_lean + load_weights), s | {run['load_s']:.1f} |",
+            f"| RSS after imports / after load / peak (MB) | {run['baseline_rss_mb']:.0f} / "
+            f"{run['loaded_rss_mb']:.0f} / {run['peak_rss_mb']:.0f} |",
+            f"| time to first token (image encode + prefill), s | {run['ttft_s']:.1f} |",
+            f"| decode, s/token (median of {len(run['decode_gaps_s'])}) | {run['decode_s_per_token']:.2f} |",
+            f"| {len(run['tokens'])} tokens in total, s | {run['total_s']:.1f} |",
+        ]
+    if r.get("probe"):
+        e = r["probe"]["estimate_7b"]
+        lines += ["", f"Estimate from 1- and 2-layer models ({mode}): vision {e['vision_s']:.0f} s, image prefill "
+                  f"{e['prefill_image_s']:.0f} s (incl. vision), text-only prefill {e['prefill_text_s']:.0f} s, "
+                  f"decode {e['decode_s']:.1f} s/token; running the steps adds {e['step_memory_mb_per_layer']:.0f} MB "
+                  f"per layer (text + vision) on top of the weights, {e['step_memory_mb_7b'] / 1024:.1f} GB "
+                  f"for the 7B."]
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir, name, result, table):
+    """OUT/<name>.json and OUT/<name>.md; the table is printed too."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(table)
+    print(table)
