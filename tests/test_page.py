@@ -150,6 +150,31 @@ def test_page_streams_what_the_api_answers_and_keeps_the_conversation(server, br
         page.close()
 
 
+DROP_OR_PASTE = """([kind, b64]) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const data = new DataTransfer();
+    data.items.add(new File([bytes], "chelsea.jpg", {type: "image/jpeg"}));
+    const event = kind === "drop" ? new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true})
+                                  : new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true});
+    document.querySelector(kind === "drop" ? "#conversation" : "#prompt").dispatchEvent(event);
+}"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_a_dropped_or_pasted_photo_is_attached_as_its_bytes(kind, server, browser):
+    page = Page(browser, server.base)
+    try:
+        b64 = data_url(CAT).split(",", 1)[1]
+        page.page.evaluate(DROP_OR_PASTE, [kind, b64])
+        thumb = page.page.locator("#attachments .thumb")
+        expect(thumb).to_have_count(1)
+        assert thumb.get_attribute("src") == data_url(CAT)
+        page.page.click("#attachments .remove")
+        expect(thumb).to_have_count(0)
+    finally:
+        page.close()
+
+
 def test_oversized_image_is_a_message_and_the_page_goes_on(server, browser, tmp_path):
     big = noise_jpeg(tmp_path)
     images = ri.ImageServer(big)
