@@ -233,6 +233,18 @@ def test_stop_busy_and_gone_server_are_messages(setup, browser, tmp_path):
         page.ask("And?")
         assert page.sent[-1]["messages"][1] == {"role": "assistant", "content": kept}
 
+        # New chat while an answer streams: that answer is dropped, the next message goes alone
+        page.settings(**{"max-tokens": 400})
+        page.page.fill("#prompt", "Tell me everything.")
+        page.page.click("#send")
+        expect(page.page.locator(".msg.assistant").last.locator(".text")).not_to_be_empty(timeout=LONG)
+        page.page.click("#new-chat")
+        expect(page.page.locator(".msg")).to_have_count(0)
+        assert page.page.input_value("#prompt") == ""
+        page.settings(**{"max-tokens": 4})
+        page.ask("Hi")
+        assert page.sent[-1]["messages"] == [{"role": "user", "content": [text_part("Hi")]}]
+
         # the queue full: one request answered, one waiting, the page's is refused with 429
         def hold():
             httpx.post(s.base + "/v1/chat/completions", timeout=120,

@@ -12,6 +12,7 @@ const state = {
   limits: null,       // {max_image_bytes, max_body_bytes} from the server, when it told us
   model: null,
   controller: null,   // AbortController of the answer being streamed
+  epoch: 0,           // counts New chat: an answer that ends after it belongs to no conversation
 };
 
 // ------------------------------------------------------------------------------------------------ notices
@@ -202,6 +203,7 @@ async function send() {
   let problem = null;
   const controller = new AbortController();
   state.controller = controller;
+  const epoch = state.epoch;
   try {
     const response = await fetch(API, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: json, signal: controller.signal,
@@ -232,6 +234,7 @@ async function send() {
     state.controller = null;
     busy(false);
   }
+  if (epoch !== state.epoch) return;
 
   answerView.dataset.state = outcome;
   if (outcome === "done" || (outcome === "stopped" && answer)) {
@@ -286,6 +289,7 @@ function busy(on) {
 
 function newChat() {
   if (state.controller) state.controller.abort();
+  state.epoch++;
   state.history = [];
   state.pending = [];
   renderPending();
