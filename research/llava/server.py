@@ -6,6 +6,8 @@
                                 fields top_k and repetition_penalty
     GET  /v1/models             the one model served
     GET  /health                liveness and queue length
+    GET  /                      the chat page (research/llava/web/, its files under /static/)
+    GET  /limits                the image and body byte limits, for the page to check before sending
 
 Conversations are rendered with llava-hf's chat template (LlavaProcessor.encode_chat). Requests are batched by
 serving.Scheduler. Errors are OpenAI's error object with the right status: 400 for a bad request (the message
@@ -26,13 +28,16 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from generation import GenerationSettings
 from image_loading import load_image
 from llava_errors import LimitError, LlavaError
 from serving import QueueFull, Request as GenerationRequest
+
+WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")   # the chat page, shipped with the package
 
 
 class ApiError(Exception):
@@ -201,6 +206,15 @@ class Server:
         async def chat_completions(request: Request):
             return await self.chat_completions(request)
 
+        @app.get("/")
+        async def page():
+            return FileResponse(os.path.join(WEB, "index.html"))
+
+        @app.get("/limits")
+        async def limits():
+            return {"max_image_bytes": self.processor.max_bytes, "max_body_bytes": self.max_body_bytes}
+
+        app.mount("/static", StaticFiles(directory=WEB), name="static")
         return app
 
     async def _body(self, request):
