@@ -58,10 +58,19 @@ def _single_module_identity():
     get_class_in_module.__wrapped__ = original
     dynamic_module_utils.get_class_in_module = get_class_in_module
     if "OM_MODULES_CACHE" not in os.environ:
-        # MindFormers still copies the files before loading a class; keep that copy out of the working folder.
-        cache = tempfile.mkdtemp(prefix="llava-mindformers-modules-")
-        atexit.register(shutil.rmtree, cache, True)
-        HubConstants.OM_MODULES_CACHE = cache
+        # MindFormers still copies the files before loading a class; keep that copy out of the working folder,
+        # in a temporary folder made only when MindFormers first needs it (not by every import of the plugin).
+        init_modules = dynamic_module_utils.init_mf_modules
+
+        def init_mf_modules():
+            if not _STATE.get("cache"):
+                _STATE["cache"] = tempfile.mkdtemp(prefix="llava-mindformers-modules-")
+                atexit.register(shutil.rmtree, _STATE["cache"], True)
+                HubConstants.OM_MODULES_CACHE = _STATE["cache"]
+            return init_modules()
+
+        init_mf_modules.__wrapped__ = init_modules
+        dynamic_module_utils.init_mf_modules = init_mf_modules
 
 
 def _register_pipeline_task():
