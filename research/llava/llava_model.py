@@ -444,36 +444,6 @@ class LlavaModel(nn.Cell):
         return outputs
 
 
-def load_weights(model, param_dict):
-    """Strictly load `param_dict` (name -> Parameter/Tensor/ndarray, e.g. mindspore.load_checkpoint) into
-    `model`: every weight must be present with its shape and no unknown key may remain (KV-cache entries
-    are ignored). Raises LlavaError naming the offending keys."""
-    params = model.weight_parameters()
-    given = {k: v for k, v in param_dict.items() if not is_cache_param(k)}
-    missing = sorted(set(params) - set(given))
-    unknown = sorted(set(given) - set(params))
-    wrong = []
-    for name in sorted(set(params) & set(given)):
-        shape = tuple(given[name].shape)
-        if shape != tuple(params[name].shape):
-            wrong.append(f"{name} {list(shape)} (expected {list(params[name].shape)})")
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_short_list(missing)}")
-    if unknown:
-        problems.append(f"{len(unknown)} unknown: {_short_list(unknown)}")
-    if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape: {_short_list(wrong)}")
-    if problems:
-        raise LlavaError("checkpoint does not match the model: " + "; ".join(problems))
-    for name, param in params.items():
-        value = given[name]
-        if isinstance(value, Tensor):
-            tensor = value.astype(param.dtype)
-        else:
-            tensor = Tensor(np.asarray(value)).astype(param.dtype)
-        param.set_data(tensor)
-    return model
-
+from weights import load_weights  # noqa: E402,F401  (the strict loader is the weights layer's)
 
 __all__ = ["LlavaModel", "DecodeState", "load_weights", "CACHE_NAMES"]
