@@ -33,7 +33,7 @@ OMP_NUM_THREADS does not change MindSpore's kernels). Both children also get OMP
 7b: the real LLaVA-1.5-7B shapes with random float16 weights: writes the HF-layout safetensors with numpy
 (seeded, one tensor at a time, ~2 GB shards, llava-hf key names), converts them with convert_weight.py,
 builds LlavaModel (float16) under mindspore.nn.utils.no_init_parameters(), loads with
-convert_weight.load_ckpt_lean + llava_model.load_weights and generates --new-tokens tokens. It runs in
+weights.load_into (one tensor at a time) and generates --new-tokens tokens. It runs in
 PyNative mode by default (README "Benchmark": in Graph mode every float16 MatMul on CPU keeps a float32 copy
 of its weight and the prefill graph keeps its activations, ~59 GB above the weights for the 7B; `--probe-only
 --mode 0` measures it on 1- and 2-layer models). Files go to --workdir (default .cache/bench7b) and are
@@ -202,10 +202,11 @@ class OursSide:
         ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
         ms.device_context.cpu.op_tuning.threads_num(args.threads)
         from llava_config import LlavaConfig
-        from llava_model import LlavaModel, load_weights
+        from llava_model import LlavaModel
         from llava_processor import LlavaProcessor
         from llava_tokenizer import LlavaTokenizer
-        from safetensors.numpy import load_file
+        from parallel import TensorParallel
+        import weights
         self.np, self.ms = np, ms
         self.import_s = time.perf_counter() - t0
         self.baseline_rss = rss_mb()
@@ -216,12 +217,8 @@ class OursSide:
         self.config = LlavaConfig.from_hf_config(hf_cfg, **overrides)
         with ms.nn.utils.no_init_parameters():
             self.model = LlavaModel(self.config)
-        weights = {}
-        for name in sorted(os.listdir(args.hf_dir)):                       # one file or shards
-            if name.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(args.hf_dir, name)))
-        load_weights(self.model, weights)                                  # names are identical
-        del weights
+        single = TensorParallel()                                          # the HF folder itself, lazily
+        weights.load_into(self.model, weights.rank_checkpoint(args.hf_dir, single, self.config), single)
         self.load_s = time.perf_counter() - t0
         tokenizer = LlavaTokenizer(vocab_file=TOKENIZER_MODEL)
         processor = LlavaProcessor(self.config, tokenizer)
@@ -649,7 +646,7 @@ def write_7b(out_dir, seed=0, shard_bytes=2 * 10 ** 9):
     """HF-layout llava-1.5-7b folder with random float16 weights, written one tensor at a time (memory: one
     tensor) in ~2 GB shards plus model.safetensors.index.json, config.json and the tokenizer files."""
     import numpy as np
-    import convert_weight as cw
+    import checkpoint_io
     with open(KEYS_7B) as f:
         listing = json.load(f)
     os.makedirs(out_dir, exist_ok=True)
@@ -670,7 +667,7 @@ def write_7b(out_dir, seed=0, shard_bytes=2 * 10 ** 9):
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        header = cw.safetensors_header([(n, "F16", s, b) for n, s, b in shard])
+        header = checkpoint_io.safetensors_header([(n, "F16", s, b) for n, s, b in shard])
         with open(os.path.join(out_dir, fname), "wb") as f:
             f.write(header)
             for name, shape, nbytes in shard:
@@ -696,9 +693,10 @@ def run_7b_child(args):
     mode = ms.GRAPH_MODE if args.mode == 0 else ms.PYNATIVE_MODE
     ms.set_context(mode=mode, device_target="CPU", pynative_synchronize=(mode == ms.PYNATIVE_MODE))
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
-    import convert_weight as cw
     from llava_config import LlavaConfig
-    from llava_model import LlavaModel, load_weights
+    from llava_model import LlavaModel
+    from parallel import TensorParallel
+    import weights
     from llava_processor import LlavaProcessor
     from llava_tokenizer import LlavaTokenizer
     res = {"import_s": time.perf_counter() - t0, "baseline_rss_mb": rss_mb(), "mode": args.mode}
@@ -711,7 +709,7 @@ def run_7b_child(args):
     res["build_s"] = time.perf_counter() - t0
     res["built_rss_mb"] = rss_mb()
     t0 = time.perf_counter()
-    load_weights(model, cw.load_ckpt_lean(args.ckpt))
+    weights.load_into(model, weights.rank_checkpoint(args.ckpt, TensorParallel(), config), TensorParallel())
     res["load_s"] = time.perf_counter() - t0
     res["loaded_rss_mb"] = rss_mb()
     proto.send({"event": "loaded", **res})
@@ -756,7 +754,8 @@ def run_probe_7b_child(args):
     ms.set_context(mode=mode, device_target="CPU", pynative_synchronize=(mode == ms.PYNATIVE_MODE))
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
     from llava_config import LlavaConfig
-    from llava_model import LlavaModel, load_weights
+    from llava_model import LlavaModel
+    from weights import load_weights
     from llava_processor import LlavaProcessor
     from llava_tokenizer import LlavaTokenizer
     with open(KEYS_7B) as f:
@@ -949,7 +948,7 @@ def render_7b(r):
             "| generate | value |",
             "| --- | ---: |",
             f"| prompt | {prompt} |",
-            f"| load (load_ckpt_lean + load_weights), s | {run['load_s']:.1f} |",
+            f"| load (weights.load_into, one tensor at a time), s | {run['load_s']:.1f} |",
             f"| RSS after imports / after load / peak (MB) | {run['baseline_rss_mb']:.0f} / "
             f"{run['loaded_rss_mb']:.0f} / {run['peak_rss_mb']:.0f} |",
             f"| time to first token (image encode + prefill), s | {run['ttft_s']:.1f} |",
