@@ -20,7 +20,6 @@ renamed at the end; on an error, Ctrl-C or SIGTERM the temporary file is removed
 --dtype defaults to each tensor's stored dtype. Errors are printed as one line, exit code 2 (--debug: traceback).
 """
 import argparse
-import math
 import os
 import shutil
 import signal
@@ -35,18 +34,12 @@ if PLUGIN not in sys.path:
 
 # plugin modules are imported top-level, as MindFormers' --register_path does
 import checkpoint_io as io  # noqa: E402
-import weight_map  # noqa: E402
 import weights  # noqa: E402
-from checkpoint_io import (  # noqa: E402
-    DTYPES, DTYPE_ALIASES, DTYPE_TO_SF, ITEMSIZE, MS_TO_DTYPE, SF_ITEMSIZE, SF_TO_DTYPE, AtomicFile, CkptWriter,
-    check_ckpt_crc, convert_chunk, iter_chunks, mb, read_safetensors_header, safetensors_header, scan_ckpt,
-    short_list,
-)
+from checkpoint_io import DTYPES, DTYPE_ALIASES, check_ckpt_crc, mb, scan_ckpt, short_list  # noqa: E402
 from llava_errors import LlavaError  # noqa: E402
 
 PROG = "convert_weight.py"
 MODELS = ("llava",)
-SHARD_BYTES = 5 * 10 ** 9     # transformers' default max_shard_size ("5GB") of save_pretrained
 
 
 class Interrupted(KeyboardInterrupt):
@@ -168,67 +161,22 @@ def convert_hf_to_ms(input_path, output_path, dtype=None, quiet=False):
     if not os.path.isfile(config_path):
         raise LlavaError(f"{input_path} has no config.json (expected a llava-hf model folder)")
     tensors = io.read_safetensors_folder(input_path)     # file-level checks first: they need no model code
-    config = load_llava_config(config_path)
-    named, skipped = weights.hf_names(tensors)
-    expected = weights.expected_shapes(config)
-    weights.check(named, expected, f"{input_path} does not match the LLaVA config")
-    plan = [(name, named[name]) for name in expected]
-    out_dtype = {name: dtype or SF_TO_DTYPE[t.dtype] for name, t in plan}
-    out_bytes = {name: math.prod(t.shape) * ITEMSIZE[out_dtype[name]] for name, t in plan}
-    total = sum(out_bytes.values())
-    check_free_space(out_folder, total)
-    # read in file order (sequential I/O); the checkpoint order does not matter to load_checkpoint
-    plan.sort(key=lambda p: (p[1].path, p[1].offset))
-    _say(quiet, f"{PROG}: {input_path} -> {output_path}: {len(plan)} tensors, {mb(total)}"
-                + (f", skipping {len(skipped)} buffer(s): {short_list(skipped)}" if skipped else ""))
-    progress = _progress(total, len(plan), "hf -> ckpt", quiet)
+    plan = weights.plan_ckpt(tensors, load_llava_config(config_path), input_path, dtype)
+    check_free_space(out_folder, plan.total)
+    n = len(plan.rows)
+    _say(quiet, f"{PROG}: {input_path} -> {output_path}: {n} tensors, {mb(plan.total)}"
+                + (f", skipping {len(plan.skipped)} buffer(s): {short_list(plan.skipped)}" if plan.skipped else ""))
+    progress = _progress(plan.total, n, "hf -> ckpt", quiet)
     start = time.monotonic()
-    overflows, files = {}, {}
     try:
-        with AtomicFile(output_path) as out:
-            writer = CkptWriter(out.f)
-            for i, (name, t) in enumerate(plan, 1):
-                src = SF_TO_DTYPE[t.dtype]
-                f = files.get(t.path) or files.setdefault(t.path, open(t.path, "rb"))
-                pieces = _converted(iter_chunks(f, t.segments, SF_ITEMSIZE[t.dtype]), src, out_dtype[name],
-                                    overflows, t.name)
-                writer.write_tensor(name, t.shape, out_dtype[name], out_bytes[name], pieces, progress)
-                progress.set_postfix_str(f"{i}/{len(plan)} tensors", refresh=False)
-            out.f.flush()
-            _verify_ckpt(out.tmp, {name: (t.shape, out_dtype[name], out_bytes[name]) for name, t in plan})
-            out.commit()
-    except OSError as e:
-        raise LlavaError(f"conversion failed: {e.filename or output_path}: {e.strerror or e}") from e
+        overflows = weights.write_ckpt(plan, output_path, progress)
     finally:
         progress.close()
-        for f in files.values():
-            f.close()
     seconds = time.monotonic() - start
-    if overflows:
-        _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
-              f"{short_list(sorted(overflows))}")
-    _done(quiet, f"{PROG}: wrote {output_path} ({len(plan)} tensors, {mb(total)}, "
-                f"{seconds:.2f} s, {total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
+    _warn_overflows(overflows, dtype)
+    _done(quiet, f"{PROG}: wrote {output_path} ({n} tensors, {mb(plan.total)}, "
+                f"{seconds:.2f} s, {plan.total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
     return output_path
-
-
-def _converted(chunks, src, dst, overflows, name):
-    for raw in chunks:
-        data, n = convert_chunk(raw, src, dst)
-        if n:
-            overflows[name] = overflows.get(name, 0) + n
-        yield data
-
-
-def _verify_ckpt(path, want):
-    """Re-read the written checkpoint's entries (not the data) and compare them with what was meant."""
-    got = scan_ckpt(path)
-    if set(got) != set(want):
-        raise LlavaError(f"internal error: {path} does not hold the expected tensors")
-    for name, (shape, dtype, nbytes) in want.items():
-        t = got[name]
-        if t.shape != tuple(shape) or MS_TO_DTYPE.get(t.dtype) != dtype or t.nbytes != nbytes:
-            raise LlavaError(f"internal error: {path}: {name} was not written as intended")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,16 +216,8 @@ def _config_for(folder, config_path):
     return folder, config_path
 
 
-def _stale_weights(folder, names):
-    """Weight files in `folder` that the new ones would not replace (transformers would load them first)."""
-    if not os.path.isdir(folder):
-        return []
-    ours = set(names)
-    return sorted(n for n in os.listdir(folder) if n not in ours and (
-        n in (io.SAFETENSORS_FILE, io.SAFETENSORS_INDEX) or (n.startswith("model-") and n.endswith(".safetensors"))))
-
-
-def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quiet=False, shard_bytes=SHARD_BYTES):
+def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quiet=False,
+                     shard_bytes=weights.SHARD_BYTES):
     """A .ckpt -> a folder transformers loads (config.json, model.safetensors or shards of at most `shard_bytes`
     with model.safetensors.index.json), or a single FILE.safetensors."""
     if not os.path.exists(input_path):
@@ -287,92 +227,39 @@ def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quie
     folder, config_path, to_folder = _reversed_target(output_path, config_path)
     tensors = scan_ckpt(input_path)
     check_ckpt_crc(input_path)
-    config = load_llava_config(config_path)
-    expected = weights.expected_shapes(config)
-    weights.check(tensors, expected, f"{input_path} does not match the LLaVA config")
-    rows = []
-    for name in expected:
-        t = tensors[name]
-        out = dtype or MS_TO_DTYPE[t.dtype]
-        rows.append((weight_map.ms_to_hf(name), out, t, math.prod(t.shape) * ITEMSIZE[out]))
-    rows.sort(key=lambda r: r[0])
-    by_name = {r[0]: r for r in rows}
-    if to_folder:
-        shards = io.shard_files([(r[0], r[3]) for r in rows], shard_bytes)
-    else:
-        shards = [(os.path.basename(output_path), [r[0] for r in rows])]
-    total = sum(r[3] for r in rows)
-    files = [fname for fname, _ in shards] + ([io.SAFETENSORS_INDEX] if len(shards) > 1 else [])
-    stale = _stale_weights(folder, files) if to_folder else []
+    plan = weights.plan_hf(tensors, load_llava_config(config_path), input_path, dtype, shard_bytes,
+                           file_name=None if to_folder else os.path.basename(output_path))
+    stale = weights.stale_files(plan, folder) if to_folder else []
     if stale:
         raise LlavaError(f"output folder {folder} holds weight file(s) the new ones would not replace: "
                          f"{short_list(stale)}; remove them or choose an empty folder")
-    same_config = os.path.abspath(config_path) == os.path.join(folder, "config.json")
-    with open(config_path, "rb") as f:
-        config_bytes = f.read()
-    created = not os.path.isdir(folder)
-    check_free_space(os.path.dirname(folder) if created else folder, total + 1024 * 1024 * len(shards))
+    config_bytes = None
+    if to_folder and os.path.abspath(config_path) != os.path.join(folder, "config.json"):
+        with open(config_path, "rb") as f:
+            config_bytes = f.read()
+    exists = os.path.isdir(folder)
+    check_free_space(folder if exists else os.path.dirname(folder), plan.total + 1024 * 1024 * len(plan.shards))
     target = folder if to_folder else output_path
-    _say(quiet, f"{PROG}: {input_path} -> {target}: {len(rows)} tensors, {mb(total)}"
-                + (f" in {len(shards)} shards" if len(shards) > 1 else ""))
-    progress = _progress(total, len(rows), "ckpt -> hf", quiet)
+    n, shards = len(plan.rows), len(plan.shards)
+    _say(quiet, f"{PROG}: {input_path} -> {target}: {n} tensors, {mb(plan.total)}"
+                + (f" in {shards} shards" if shards > 1 else ""))
+    progress = _progress(plan.total, n, "ckpt -> hf", quiet)
     start = time.monotonic()
-    overflows = {}
-    pending, done = [], False
     try:
-        if created:
-            os.mkdir(folder)
-        with open(input_path, "rb") as src_f:
-            for fname, names in shards:
-                out = AtomicFile(os.path.join(folder, fname)).__enter__()
-                pending.append(out)
-                _write_safetensors(out, [by_name[n] for n in names], src_f, overflows, progress)
-            if len(shards) > 1:
-                out = AtomicFile(os.path.join(folder, io.SAFETENSORS_INDEX)).__enter__()
-                pending.append(out)
-                out.f.write(io.safetensors_index(shards, total))
-            if to_folder and not same_config:
-                out = AtomicFile(os.path.join(folder, "config.json")).__enter__()
-                pending.append(out)
-                out.f.write(config_bytes)
-        for out in pending:          # everything is written: only now do the final names appear
-            out.commit()
-        done = True
-    except OSError as e:
-        raise LlavaError(f"conversion failed: {e.filename or target}: {e.strerror or e}") from e
+        overflows = weights.write_hf(plan, input_path, folder, config_bytes, progress)
     finally:
         progress.close()
-        for out in pending:
-            out.__exit__(None, None, None)
-        if created and not done:
-            shutil.rmtree(folder, ignore_errors=True)
     seconds = time.monotonic() - start
-    if overflows:
-        _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
-              f"{short_list(sorted(overflows))}")
-    _done(quiet, f"{PROG}: wrote {target} ({len(rows)} tensors, {mb(total)}"
-                 + (f", {len(shards)} shards" if len(shards) > 1 else "") + f", {seconds:.2f} s)")
+    _warn_overflows(overflows, dtype)
+    _done(quiet, f"{PROG}: wrote {target} ({n} tensors, {mb(plan.total)}"
+                 + (f", {shards} shards" if shards > 1 else "") + f", {seconds:.2f} s)")
     return target
 
 
-def _write_safetensors(out, rows, src_f, overflows, progress):
-    """One safetensors file: the header, then each tensor streamed (and cast) from the open .ckpt."""
-    out.f.write(safetensors_header([(hf, DTYPE_TO_SF[dt], t.shape, n) for hf, dt, t, n in rows]))
-    for hf, out_dtype, t, nbytes in rows:
-        src = MS_TO_DTYPE[t.dtype]
-        written = 0
-        for data in _converted(iter_chunks(src_f, t.segments, ITEMSIZE[src]), src, out_dtype, overflows, hf):
-            out.f.write(data)
-            n = len(memoryview(data).cast("B"))
-            written += n
-            progress.update(n)
-        if written != nbytes:
-            raise LlavaError(f"internal error: {hf} got {written} of {nbytes} bytes")
-    out.f.flush()
-    got = read_safetensors_header(out.tmp)
-    if {k: (v.dtype, v.shape) for k, v in got.items()} != \
-            {hf: (DTYPE_TO_SF[o], tuple(t.shape)) for hf, o, t, _ in rows}:
-        raise LlavaError(f"internal error: {out.tmp} was not written as intended")
+def _warn_overflows(overflows, dtype):
+    if overflows:
+        _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
+              f"{short_list(sorted(overflows))}")
 
 
 # ----------------------------------------------------------------------------------------------------------
