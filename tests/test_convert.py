@@ -692,3 +692,28 @@ def test_mid_round_trip_is_bit_identical(mid_run, mid_hf_dir, tmp_path):
                     assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), key
                     seen.add(key)
         assert set(back.keys()) == seen
+
+
+def test_mid_reversed_interrupted_leaves_no_folder(mid_run, mid_hf_dir, tmp_path):
+    """SIGINT while --reversed fills a folder it created: the folder goes again, with every temporary file."""
+    assert mid_run["rerun"].returncode == 0
+    out = tmp_path / "back"
+    proc = subprocess.Popen([sys.executable, CONVERT, "--model", "llava", "--reversed", "--input_path",
+                             mid_run["out"], "--output_path", str(out), "--config",
+                             os.path.join(mid_hf_dir, "config.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path))
+    seen, deadline = b"", time.monotonic() + 120
+    while b"ckpt -> hf" not in seen and time.monotonic() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"ckpt -> hf" in seen, seen
+    while not (out.is_dir() and any(".tmp-" in n for n in os.listdir(out))) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.decode().rstrip().splitlines()[-1] == \
+        "convert_weight.py: error: interrupted by SIGINT; no output written"
+    assert os.listdir(tmp_path) == []
