@@ -106,12 +106,14 @@ def test_presliced_rank_folder_loads_directly(tp_setups, tiny_run, tmp_path):
     assert not os.path.exists(tmp_path / "transformed_checkpoint")
 
 
-def test_two_ranks_load_the_sharded_hf_folder_directly(tp_setups, tmp_path):
-    """--load_checkpoint HF_DIR (shards + index, no conversion): each rank reads its half of the language model
-    from the safetensors, nothing is written, and the answers are HF's."""
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_two_ranks_load_the_hf_folder_directly(tp_setups, tmp_path, layout):
+    """--load_checkpoint HF_DIR (model.safetensors, or shards + index; no conversion): each rank reads its half
+    of the language model from the safetensors, nothing is written, and the answers are HF's."""
     s = tp_setups["tiny"]
-    sharded = hf_checkpoint("tiny", shard_mb=4)
-    proc, log_dir = launch(s["yaml"], sharded, str(tmp_path), PAIRS, 8317, auto_trans=False)
+    folder = s["hf_dir"] if layout == "single" else hf_checkpoint("tiny", shard_mb=4)
+    proc, log_dir = launch(s["yaml"], folder, str(tmp_path), PAIRS, 8317 if layout == "single" else 8318,
+                           auto_trans=False)
     code, out, err = finish(proc)
     assert code == 0, err[-2000:] + worker_log(log_dir, 0)[-3000:]
     check_records(results(str(tmp_path)), PAIRS, s["expected"])
@@ -123,7 +125,7 @@ def test_two_ranks_load_the_sharded_hf_folder_directly(tp_setups, tmp_path):
         full = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith("language_model."))
     for rank in (0, 1):
         m = re.search(r"\[rank %d/2\] loaded %s: (\d+) weight bytes \((\d+) in the language model\)"
-                      % (rank, re.escape(sharded)), worker_log(log_dir, rank))
+                      % (rank, re.escape(folder)), worker_log(log_dir, rank))
         assert m, f"rank {rank} did not report its weights"
         assert 0.49 * full <= int(m.group(2)) <= 0.51 * full
 
