@@ -11,7 +11,7 @@ tune their thread split over the first few launches) the parent asks them altern
 --runs requests; a request disturbed by other processes (--max-background) is repeated.
 
 7b: the real LLaVA-1.5-7B shapes with random float16 weights: write the HF-layout safetensors, convert them
-with convert_weight.py, load (convert_weight.load_ckpt_lean + llava_model.load_weights) and generate, PyNative
+with convert_weight.py, load (weights.load_into, one tensor at a time) and generate, PyNative
 mode by default; --probe / --probe-only time 1- and 2-layer models and scale them to the 7B. Files go to
 --workdir (default .cache/bench7b) and are deleted at the end unless --keep.
 

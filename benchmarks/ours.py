@@ -24,10 +24,11 @@ class OursSide:
         ms.device_context.cpu.op_tuning.threads_num(args.threads)
         from generation import GenerationSettings
         from llava_config import LlavaConfig
-        from llava_model import LlavaModel, load_weights
+        from llava_model import LlavaModel
+        from parallel import TensorParallel
+        import weights
         from llava_processor import LlavaProcessor
         from llava_tokenizer import LlavaTokenizer
-        from safetensors.numpy import load_file
         self.np, self.ms = np, ms
         self.import_s = time.perf_counter() - t0
         self.baseline_rss = rss_mb()
@@ -38,12 +39,8 @@ class OursSide:
         self.config = LlavaConfig.from_hf_config(hf_cfg, **overrides)
         with ms.nn.utils.no_init_parameters():
             self.model = LlavaModel(self.config)
-        weights = {}
-        for name in sorted(os.listdir(args.hf_dir)):                       # one file or shards
-            if name.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(args.hf_dir, name)))
-        load_weights(self.model, weights)                                  # names are identical
-        del weights
+        single = TensorParallel()                                          # the HF folder itself, lazily
+        weights.load_into(self.model, weights.rank_checkpoint(args.hf_dir, single, self.config), single)
         self.load_s = time.perf_counter() - t0
         tokenizer = LlavaTokenizer(vocab_file=TOKENIZER_MODEL)
         processor = LlavaProcessor(self.config, tokenizer)

@@ -85,7 +85,7 @@ def render_7b(r):
             "| generate | value |",
             "| --- | ---: |",
             f"| prompt | {prompt} |",
-            f"| load (load_ckpt_lean + load_weights), s | {run['load_s']:.1f} |",
+            f"| load (weights.load_into, one tensor at a time), s | {run['load_s']:.1f} |",
             f"| RSS after imports / after load / peak (MB) | {run['baseline_rss_mb']:.0f} / "
             f"{run['loaded_rss_mb']:.0f} / {run['peak_rss_mb']:.0f} |",
             f"| time to first token (image encode + prefill), s | {run['ttft_s']:.1f} |",

@@ -2,8 +2,7 @@
 
 `bench_7b` (parent) writes the HF-layout safetensors with numpy (seeded, one tensor at a time, ~2 GB shards,
 llava-hf key names), converts them with convert_weight.py, then runs `run_7b_child`: LlavaModel (float16)
-built under mindspore.nn.utils.no_init_parameters(), loaded with convert_weight.load_ckpt_lean +
-llava_model.load_weights, generating --new-tokens tokens. With --probe it first runs `run_probe_7b_child` on
+built under mindspore.nn.utils.no_init_parameters(), loaded with weights.load_into (one tensor at a time), generating --new-tokens tokens. With --probe it first runs `run_probe_7b_child` on
 1- and 2-layer models and scales them to the 7B (`estimate_7b`). Each step is its own child process (its peak
 RSS from wait4); PyNative mode by default (docs/performance.md: in Graph mode the 7B needs ~59 GB above its
 weights).
@@ -40,7 +39,7 @@ def write_7b(out_dir, seed=0, shard_bytes=2 * 10 ** 9):
     """HF-layout llava-1.5-7b folder with random float16 weights, written one tensor at a time (memory: one
     tensor) in ~2 GB shards plus model.safetensors.index.json, config.json and the tokenizer files."""
     import numpy as np
-    import convert_weight as cw
+    import checkpoint_io
     with open(KEYS_7B) as f:
         listing = json.load(f)
     os.makedirs(out_dir, exist_ok=True)
@@ -61,7 +60,7 @@ def write_7b(out_dir, seed=0, shard_bytes=2 * 10 ** 9):
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        header = cw.safetensors_header([(n, "F16", s, b) for n, s, b in shard])
+        header = checkpoint_io.safetensors_header([(n, "F16", s, b) for n, s, b in shard])
         with open(os.path.join(out_dir, fname), "wb") as f:
             f.write(header)
             for name, shape, nbytes in shard:
@@ -92,10 +91,11 @@ def run_7b_child(args):
     import numpy as np
     import mindspore as ms
     _set_mode(args)
-    import convert_weight as cw
+    from parallel import TensorParallel
+    import weights
     from generation import GenerationSettings
     from llava_config import LlavaConfig
-    from llava_model import LlavaModel, load_weights
+    from llava_model import LlavaModel
     from llava_processor import LlavaProcessor
     from llava_tokenizer import LlavaTokenizer
     res = {"import_s": time.perf_counter() - t0, "baseline_rss_mb": rss_mb(), "mode": args.mode}
@@ -108,7 +108,7 @@ def run_7b_child(args):
     res["build_s"] = time.perf_counter() - t0
     res["built_rss_mb"] = rss_mb()
     t0 = time.perf_counter()
-    load_weights(model, cw.load_ckpt_lean(args.ckpt))
+    weights.load_into(model, weights.rank_checkpoint(args.ckpt, TensorParallel(), config), TensorParallel())
     res["load_s"] = time.perf_counter() - t0
     res["loaded_rss_mb"] = rss_mb()
     proto.send({"event": "loaded", **res})
@@ -152,7 +152,8 @@ def run_probe_7b_child(args):
     import mindspore as ms
     _set_mode(args)
     from llava_config import LlavaConfig
-    from llava_model import LlavaModel, load_weights
+    from llava_model import LlavaModel
+    from weights import load_weights
     from llava_processor import LlavaProcessor
     from llava_tokenizer import LlavaTokenizer
     with open(KEYS_7B) as f:

@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.workload import PLUGIN, ROOT, fixture_dir  # noqa: E402  (also puts the plugin on sys.path)
-import convert_weight as cw  # noqa: E402
+import checkpoint_io  # noqa: E402
 
 
 def child(argv, cwd):
@@ -44,7 +44,7 @@ def main():
     args = ap.parse_args()
 
     hf_dir = fixture_dir(args.preset)
-    tensors = cw.find_hf_tensors(hf_dir)
+    tensors = checkpoint_io.read_safetensors_folder(hf_dir)
     largest = max(tensors.values(), key=lambda t: t.nbytes)
     total = sum(t.nbytes for t in tensors.values())
     work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
@@ -65,12 +65,13 @@ def main():
                                             "--config", os.path.join(hf_dir, "config.json")]),
         ("baseline (import mindspore)", [py, "-c", "import mindspore"]),
         ("mindspore.load_checkpoint(ckpt)", [py, "-c", "import mindspore as ms; ms.load_checkpoint(%r)" % ckpt]),
-        ("convert_weight.load_ckpt_lean(ckpt)", [py, "-c", "import sys; sys.path.insert(0, %r); import mindspore; "
-                                                 "import convert_weight as cw; cw.load_ckpt_lean(%r)" % (ROOT, ckpt)]),
+        ("checkpoint_io.load_ckpt_lean(ckpt)", [py, "-c", "import sys; sys.path.insert(0, %r); import mindspore; "
+                                                "import checkpoint_io; checkpoint_io.load_ckpt_lean(%r)"
+                                                % (os.path.join(ROOT, "research", "llava"), ckpt)]),
     ]
     print(f"{args.preset}: {hf_dir}")
     print(f"{len(tensors)} tensors, {total / 1e6:.1f} MB; largest {largest.name} {list(largest.shape)} "
-          f"{largest.dtype} = {largest.nbytes / 1e6:.1f} MB; chunk {cw.CHUNK_BYTES / 1e6:.1f} MB")
+          f"{largest.dtype} = {largest.nbytes / 1e6:.1f} MB; chunk {checkpoint_io.CHUNK_BYTES / 1e6:.1f} MB")
     print(f"{'step':36} {'wall s':>7} {'convert s':>9} {'in MB/s':>7} {'peak RSS MB':>11} {'- baseline':>10}")
     baseline = None
     try:

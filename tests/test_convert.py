@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from conftest import ROOT
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
+import checkpoint_io
 import weight_map
 
 CONVERT = os.path.join(ROOT, "convert_weight.py")
@@ -153,7 +154,7 @@ def test_entry_encoding_is_protobuf_checkpoint():
         value.tensor.dims.extend(dims)
         value.tensor.tensor_type = ttype
         value.tensor.tensor_content = content
-        assert cw.ckpt_entry_header(tag, dims, ttype, len(content)) + content == msg.SerializeToString()
+        assert checkpoint_io.ckpt_entry_header(tag, dims, ttype, len(content)) + content == msg.SerializeToString()
 
 
 def test_sliced_entries_are_joined_by_load_checkpoint(tmp_path):
@@ -163,14 +164,14 @@ def test_sliced_entries_are_joined_by_load_checkpoint(tmp_path):
     y = np.arange(7, dtype=np.float16)
     path = str(tmp_path / "sliced.ckpt")
     with open(path, "wb") as f:
-        w = cw.CkptWriter(f, slice_bytes=1000)
+        w = checkpoint_io.CkptWriter(f, slice_bytes=1000)
         w.write_tensor("a", x.shape, "float32", x.nbytes,
-                       cw.iter_chunks(io.BytesIO(x.tobytes()), [(0, x.nbytes)], 4, chunk_bytes=333))
+                       checkpoint_io.iter_chunks(io.BytesIO(x.tobytes()), [(0, x.nbytes)], 4, chunk_bytes=333))
         w.write_tensor("b", y.shape, "float16", y.nbytes, [y.tobytes()])
     params = ms.load_checkpoint(path)
     np.testing.assert_array_equal(params["a"].asnumpy(), x)
     np.testing.assert_array_equal(params["b"].asnumpy(), y)
-    scanned = cw.scan_ckpt(path)
+    scanned = checkpoint_io.scan_ckpt(path)
     assert len(scanned["a"].segments) == 13 and scanned["a"].nbytes == x.nbytes and scanned["a"].shape == (3, 1001)
 
 
@@ -181,17 +182,17 @@ def test_dtype_casts_match_torch():
                         np.array([np.inf, -np.inf, 3.4e38, -3.4e38, 0.0, -0.0, 1e-40, 65504, 65520, 7e4],
                                  np.float32)]).astype(np.float32)
     t = torch.from_numpy(x)
-    bf, over = cw.convert_chunk(x.tobytes(), "float32", "bfloat16")
+    bf, over = checkpoint_io.convert_chunk(x.tobytes(), "float32", "bfloat16")
     assert bytes(bf) == t.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
     assert over == int(np.count_nonzero(np.isfinite(x) & ~torch.isfinite(t.to(torch.bfloat16)).numpy()))
-    hf, over = cw.convert_chunk(x.tobytes(), "float32", "float16")
+    hf, over = checkpoint_io.convert_chunk(x.tobytes(), "float32", "float16")
     assert bytes(hf) == t.half().numpy().tobytes()
     assert over == int(np.count_nonzero(np.isfinite(x) & ~np.isfinite(t.half().numpy())))
-    back, _ = cw.convert_chunk(bytes(bf), "bfloat16", "float32")
+    back, _ = checkpoint_io.convert_chunk(bytes(bf), "bfloat16", "float32")
     assert bytes(back) == t.to(torch.bfloat16).float().numpy().tobytes()
-    h2, _ = cw.convert_chunk(bytes(bf), "bfloat16", "float16")
+    h2, _ = checkpoint_io.convert_chunk(bytes(bf), "bfloat16", "float16")
     assert bytes(h2) == t.to(torch.bfloat16).half().numpy().tobytes()
-    nan, _ = cw.convert_chunk(np.array([np.nan], np.float32).tobytes(), "float32", "bfloat16")
+    nan, _ = checkpoint_io.convert_chunk(np.array([np.nan], np.float32).tobytes(), "float32", "bfloat16")
     assert np.isnan((np.frombuffer(bytes(nan), np.uint16).astype(np.uint32) << 16).view(np.float32)).all()
 
 
@@ -240,7 +241,7 @@ def test_tiny_is_byte_identical_to_mindspore_save_checkpoint(tiny_ckpts, tmp_pat
     import mindspore as ms
     paths, _ = tiny_ckpts
     for path in paths.values():
-        order = list(cw.scan_ckpt(path))
+        order = list(checkpoint_io.scan_ckpt(path))
         params = ms.load_checkpoint(path)
         ref = str(tmp_path / "ref.ckpt")
         ms.save_checkpoint([{"name": k, "data": params[k]} for k in order], ref)
@@ -252,7 +253,7 @@ def test_load_ckpt_lean_equals_load_checkpoint(tiny_ckpts):
     import mindspore as ms
     paths, _ = tiny_ckpts
     for path in paths.values():
-        lean, ref = cw.load_ckpt_lean(path), ms.load_checkpoint(path)
+        lean, ref = checkpoint_io.load_ckpt_lean(path), ms.load_checkpoint(path)
         assert list(lean) == list(ref)
         for k, p in ref.items():
             q = lean[k]
@@ -314,13 +315,57 @@ def test_tiny_round_trip_and_bfloat16_source(tiny_hf_dir, tiny_ckpts, tmp_path):
     assert leftovers(str(tmp_path)) == [] and leftovers(str(back)) == [] and leftovers(str(bf_dir)) == []
 
 
+def test_reversed_folder_loads_in_transformers(tiny_hf_dir, tiny_ckpts, tmp_path):
+    """--reversed into a folder that does not exist yet: config.json + model.safetensors, or (with a small shard
+    size) shards + model.safetensors.index.json as save_pretrained writes them; transformers'
+    from_pretrained loads each as it is, with the source's weights and logits."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    paths, _ = tiny_ckpts
+    cfg = os.path.join(tiny_hf_dir, "config.json")
+    single = tmp_path / "single"
+    r = run_cli("--reversed", "--input_path", paths["stored"], "--output_path", str(single), "--config", cfg,
+                cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {single}" in r.stdout
+    assert sorted(os.listdir(single)) == ["config.json", "model.safetensors"]
+    assert (single / "config.json").read_bytes() == open(cfg, "rb").read()
+    sharded = tmp_path / "sharded"
+    cw.convert_ms_to_hf(paths["stored"], str(sharded), cfg, quiet=True, shard_bytes=2_000_000)
+    files = sorted(os.listdir(sharded))
+    shards = [n for n in files if n.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for n in shards[:-1]:      # every shard but a lone oversized tensor stays within the limit
+        with safe_open(str(sharded / n), framework="np") as f:
+            keys = list(f.keys())
+            assert len(keys) == 1 or sum(f.get_tensor(k).nbytes for k in keys) <= 2_000_000, n
+    source = LlavaForConditionalGeneration.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 3148, 1001, 29901, 29871, 13, 29871, 319, 1799, 9047, 13566, 29901]])
+    with torch.no_grad():
+        want = source(input_ids=ids).logits
+    ref = source.state_dict()
+    for folder in (single, sharded):
+        model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
+        state = model.state_dict()
+        assert sorted(state) == sorted(ref)
+        for k in ref:
+            assert torch.equal(state[k], ref[k]), (folder, k)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, want), folder
+    # weight files the new ones would not replace are an error, before anything is written
+    with pytest.raises(LlavaError, match=r"holds weight file\(s\) the new ones would not replace: model-00001"):
+        cw.convert_ms_to_hf(paths["stored"], str(sharded), cfg, quiet=True)
+    assert sorted(os.listdir(sharded)) == files
+
+
 def test_reversed_accepts_mindspore_crc_footer_and_detects_damage(tiny_hf_dir, tiny_ckpts, tmp_path):
     import mindspore as ms
     paths, _ = tiny_ckpts
     params = ms.load_checkpoint(paths["stored"])
     crc = str(tmp_path / "crc.ckpt")
     ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], crc, crc_check=True)
-    assert cw.check_ckpt_crc(crc)
+    assert checkpoint_io.check_ckpt_crc(crc)
     cfg = os.path.join(tiny_hf_dir, "config.json")
     out = cw.convert_ms_to_hf(crc, str(tmp_path / "a.safetensors"), cfg, quiet=True)
     with safe_open(out, framework="np") as f:
@@ -345,7 +390,7 @@ def test_old_buffers_are_skipped(tiny_hf_dir, tmp_path):
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     out = str(tmp_path / "o.ckpt")
     cw.convert_hf_to_ms(str(src), out, quiet=True)
-    assert sorted(cw.scan_ckpt(out)) == sorted(weight_map.expected_params(config_of(tiny_hf_dir)))
+    assert sorted(checkpoint_io.scan_ckpt(out)) == sorted(weight_map.expected_params(config_of(tiny_hf_dir)))
 
 
 def test_stale_temp_file_of_a_killed_run_is_reported(tiny_hf_dir, tmp_path, capsys):
@@ -409,28 +454,28 @@ def _bad_cases(tiny, tiny_gqa, base):
     renamed["language_model.model.final_norm.weight"] = renamed.pop("language_model.model.norm.weight")
     add("renamed_key", ["--input_path", _save_variant(renamed, os.path.join(base, "renamed"), tiny),
                         "--output_path", o],
-        ["unknown key(s): language_model.model.final_norm.weight",
-         "missing key(s): language_model.model.norm.weight"])
+        ["1 unknown: language_model.model.final_norm.weight",
+         "1 missing: language_model.model.norm.weight"])
     missing = {k: v for k, v in t.items() if k != "multi_modal_projector.linear_2.bias"}
     add("missing_key", ["--input_path", _save_variant(missing, os.path.join(base, "missing"), tiny),
-                        "--output_path", o], ["1 missing key(s): multi_modal_projector.linear_2.bias"],
+                        "--output_path", o], ["1 missing: multi_modal_projector.linear_2.bias"],
         in_process=True)
     extra = dict(t)
     extra["language_model.model.layers.2.input_layernorm.weight"] = np.ones(64, np.float32)  # tiny has 2 layers
     extra["language_model.model.extra.weight"] = np.ones(3, np.float32)
     add("extra_key", ["--input_path", _save_variant(extra, os.path.join(base, "extra"), tiny), "--output_path", o],
-        ["2 unknown key(s)", "language_model.model.extra.weight", "layers.2.input_layernorm.weight"],
+        ["2 unknown: ", "language_model.model.extra.weight", "layers.2.input_layernorm.weight"],
         in_process=True)
     many = {k: v for k, v in t.items() if ".layers." not in k}
     add("many_missing_truncated_list", ["--input_path", _save_variant(many, os.path.join(base, "many"), tiny),
-                                        "--output_path", o], ["missing key(s)", "more)"], in_process=True)
+                                        "--output_path", o], ["missing: ", "more)"], in_process=True)
     shape = dict(t)
     shape["vision_tower.vision_model.embeddings.position_embedding.weight"] = \
         t["vision_tower.vision_model.embeddings.position_embedding.weight"][:-1]
     add("wrong_shape", ["--input_path", _save_variant(shape, os.path.join(base, "shape"), tiny), "--output_path", o],
-        ["shape mismatch", "position_embedding.weight [64, 64] (config: [65, 64])"])
+        ["1 with the wrong shape: ", "position_embedding.weight [64, 64] (expected [65, 64])"])
     add("other_config_shapes", ["--input_path", _save_variant(t, os.path.join(base, "gqa_cfg"), tiny_gqa),
-                                "--output_path", o], ["shape mismatch", "config:"], in_process=True)
+                                "--output_path", o], ["with the wrong shape", "(expected "], in_process=True)
 
     trunc = os.path.join(base, "truncated")
     os.makedirs(trunc)
@@ -484,7 +529,7 @@ def _bad_cases(tiny, tiny_gqa, base):
                              "--config", os.path.join(tiny, "config.json")], ["none.ckpt", "does not exist"], rev_out)
     add("rev_wrong_config", ["--reversed", "--input_path", ckpt, "--output_path", out,
                              "--config", os.path.join(tiny_gqa, "config.json")],
-        ["tiny.ckpt", "shape mismatch"], rev_out, in_process=True)
+        ["tiny.ckpt", "with the wrong shape"], rev_out, in_process=True)
     with open(ckpt, "rb") as f:
         data = f.read()
     cut = os.path.join(base, "cut.ckpt")
@@ -492,9 +537,9 @@ def _bad_cases(tiny, tiny_gqa, base):
         f.write(data[: len(data) * 2 // 3])
     add("rev_truncated_ckpt", ["--reversed", "--input_path", cut, "--output_path", out,
                                "--config", os.path.join(tiny, "config.json")], ["cut.ckpt", "truncated"], rev_out)
-    add("rev_output_folder_missing", ["--reversed", "--input_path", ckpt, "--output_path",
-                                      os.path.join(base, "no_dir"), "--config", os.path.join(tiny, "config.json")],
-        ["no_dir", "does not exist"], os.path.join(base, "no_dir", "model.safetensors"))
+    add("rev_output_parent_missing", ["--reversed", "--input_path", ckpt, "--output_path",
+                                      os.path.join(base, "no_dir", "hf"), "--config", os.path.join(tiny, "config.json")],
+        ["no_dir", "does not exist"], os.path.join(base, "no_dir", "hf", "model.safetensors"))
     return cases
 
 
@@ -526,7 +571,7 @@ BAD_CASES = ["unknown_model", "missing_input", "bad_dtype", "output_folder_missi
              "many_missing_truncated_list", "wrong_shape", "other_config_shapes", "truncated_safetensors",
              "not_safetensors", "index_missing_shard", "pickle_folder", "pickle_file", "no_config",
              "rev_no_config", "rev_missing_ckpt", "rev_wrong_config", "rev_truncated_ckpt",
-             "rev_output_folder_missing"]
+             "rev_output_parent_missing"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -647,3 +692,28 @@ def test_mid_round_trip_is_bit_identical(mid_run, mid_hf_dir, tmp_path):
                     assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), key
                     seen.add(key)
         assert set(back.keys()) == seen
+
+
+def test_mid_reversed_interrupted_leaves_no_folder(mid_run, mid_hf_dir, tmp_path):
+    """SIGINT while --reversed fills a folder it created: the folder goes again, with every temporary file."""
+    assert mid_run["rerun"].returncode == 0
+    out = tmp_path / "back"
+    proc = subprocess.Popen([sys.executable, CONVERT, "--model", "llava", "--reversed", "--input_path",
+                             mid_run["out"], "--output_path", str(out), "--config",
+                             os.path.join(mid_hf_dir, "config.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path))
+    seen, deadline = b"", time.monotonic() + 120
+    while b"ckpt -> hf" not in seen and time.monotonic() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"ckpt -> hf" in seen, seen
+    while not (out.is_dir() and any(".tmp-" in n for n in os.listdir(out))) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.decode().rstrip().splitlines()[-1] == \
+        "convert_weight.py: error: interrupted by SIGINT; no output written"
+    assert os.listdir(tmp_path) == []

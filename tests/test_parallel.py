@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, hf_checkpoint
 from test_predict import MAX_NEW, PAIRS, check_records, convert, run_cli, yaml_for
 
 LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
@@ -104,6 +104,30 @@ def test_presliced_rank_folder_loads_directly(tp_setups, tiny_run, tmp_path):
     assert code == 0, err[-2000:] + worker_log(log_dir, 0)[-3000:]
     check_records(results(str(tmp_path)), PAIRS[:1], s["expected"][:1])
     assert not os.path.exists(tmp_path / "transformed_checkpoint")
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_two_ranks_load_the_hf_folder_directly(tp_setups, tmp_path, layout):
+    """--load_checkpoint HF_DIR (model.safetensors, or shards + index; no conversion): each rank reads its half
+    of the language model from the safetensors, nothing is written, and the answers are HF's."""
+    s = tp_setups["tiny"]
+    folder = s["hf_dir"] if layout == "single" else hf_checkpoint("tiny", shard_mb=4)
+    proc, log_dir = launch(s["yaml"], folder, str(tmp_path), PAIRS, 8317 if layout == "single" else 8318,
+                           auto_trans=False)
+    code, out, err = finish(proc)
+    assert code == 0, err[-2000:] + worker_log(log_dir, 0)[-3000:]
+    check_records(results(str(tmp_path)), PAIRS, s["expected"])
+    for i, (_, text) in enumerate(s["expected"]):
+        assert f"[{i}] {text}" in out
+    assert not os.path.exists(tmp_path / "transformed_checkpoint")
+    from safetensors import safe_open
+    with safe_open(os.path.join(s["hf_dir"], "model.safetensors"), "np") as f:
+        full = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith("language_model."))
+    for rank in (0, 1):
+        m = re.search(r"\[rank %d/2\] loaded %s: (\d+) weight bytes \((\d+) in the language model\)"
+                      % (rank, re.escape(folder)), worker_log(log_dir, rank))
+        assert m, f"rank {rank} did not report its weights"
+        assert 0.49 * full <= int(m.group(2)) <= 0.51 * full
 
 
 def test_last_step_logits_match_hf(tp_setups, tiny_run, tmp_path):

@@ -294,6 +294,27 @@ def predict_cases(e):
     for n in ("a.ckpt", "b.ckpt"):
         os.symlink(e["ckpt"], j(f"model_dir_two/rank_0/{n}"))
     add("ckpt_folder_with_two_files", ["rank_0", "found 2"], ckpt=j("model_dir_two"))
+    # llava-hf folders given to --load_checkpoint directly
+    with open(os.path.join(hf, "config.json")) as f:
+        hf_cfg = json.load(f)
+    os.makedirs(j("hf_truncated"))
+    ri.write(j("hf_truncated/config.json"), json.dumps(hf_cfg))
+    ri.truncated_copy(os.path.join(hf, "model.safetensors"), j("hf_truncated/model.safetensors"), 0.5)
+    add("ckpt_hf_folder_truncated", ["hf_truncated/model.safetensors", "truncated"], ckpt=j("hf_truncated"))
+    os.makedirs(j("hf_other_config"))
+    wide = json.loads(json.dumps(hf_cfg))
+    wide["text_config"]["hidden_size"] = 96
+    ri.write(j("hf_other_config/config.json"), json.dumps(wide))
+    os.symlink(os.path.join(hf, "model.safetensors"), j("hf_other_config/model.safetensors"))
+    add("ckpt_hf_folder_config_disagrees_with_yaml",
+        ["hf_other_config", "config.json does not match the yaml", "text_config.hidden_size is 96 in config.json, 64"],
+        ckpt=j("hf_other_config"))
+    os.makedirs(j("hf_pickle"))
+    ri.write(j("hf_pickle/config.json"), json.dumps(hf_cfg))
+    hf_sentinel = j("HF_PICKLE_RAN")
+    ri.evil_pickle(j("hf_pickle/pytorch_model.bin"), hf_sentinel)
+    add("ckpt_hf_folder_with_a_pickle", ["pytorch_model.bin", "pickle", "safetensors"], sentinel=hf_sentinel,
+        ckpt=j("hf_pickle"))
     # output folder that cannot be written (see the module docstring)
     blocker = ri.write(j("file.txt"), "a regular file\n")
     cases["output_below_a_regular_file"] = Case(P, lambda out: predict_argv(e, os.path.join(blocker, "sub")),
@@ -317,6 +338,7 @@ PREDICT_CASES = [
     "vocab_file_missing", "vocab_file_not_sentencepiece", "vocab_file_is_a_pickle",
     "ckpt_missing", "ckpt_empty", "ckpt_truncated", "ckpt_of_another_model", "ckpt_of_another_shape",
     "ckpt_is_a_pickle", "ckpt_folder_without_rank_0", "ckpt_folder_with_two_files",
+    "ckpt_hf_folder_truncated", "ckpt_hf_folder_config_disagrees_with_yaml", "ckpt_hf_folder_with_a_pickle",
     "output_below_a_regular_file", "output_in_sysfs",
 ]
 
@@ -326,7 +348,7 @@ SLOW_CASES = {"prompt_longer_than_seq_length", "top_p_out_of_range", "max_new_to
               "yaml_wrong_type_seq_length", "yaml_bad_context_mode", "yaml_missing_vocab_file", "vocab_file_missing",
               "vocab_file_not_sentencepiece", "vocab_file_is_a_pickle", "ckpt_of_another_model",
               "ckpt_of_another_shape", "ckpt_folder_without_rank_0", "ckpt_folder_with_two_files",
-              "conv_config_not_llava", "conv_reversed_ckpt_of_another_model"}
+              "ckpt_hf_folder_config_disagrees_with_yaml", "conv_config_not_llava", "conv_reversed_ckpt_of_another_model"}
 
 
 @pytest.mark.parametrize("name", PREDICT_CASES)
@@ -494,8 +516,8 @@ def test_mid_sigkill_leaves_no_output_and_rerun_succeeds(mid_signals):
     assert os.path.basename(r["temp"]) in rerun.stderr and "safe to delete" in rerun.stderr
     assert sorted(os.listdir(r["out"])) == sorted(["mid.ckpt", os.path.basename(r["temp"])])
     assert os.listdir(r["cwd"]) == ["out"] and os.listdir(r["tmp"]) == []
-    import convert_weight as cw
-    assert len(cw.scan_ckpt(r["target"])) > 0               # a complete, readable checkpoint
+    import checkpoint_io
+    assert len(checkpoint_io.scan_ckpt(r["target"])) > 0    # a complete, readable checkpoint
 
 
 # ------------------------------------------------------------------------------------------ msrun_launcher.sh

@@ -1,7 +1,6 @@
-"""MindSpore .ckpt and safetensors formats, streamed: one tensor (or one chunk) in memory at a time.
-
-Used by convert_weight.py (HF safetensors <-> .ckpt) and by the predict job (lean checkpoint loading and
-per-rank slicing for tensor parallelism). No torch, no pickle: both formats are parsed from their headers.
+"""MindSpore .ckpt and safetensors formats (single files, and Hugging Face's sharded folders with an index),
+streamed: one tensor (or one chunk) in memory at a time. No torch, no pickle: both formats are parsed from their
+headers. The weights layer (weights.py) and convert_weight.py read and write through this module.
 """
 import json
 import math
@@ -33,13 +32,14 @@ LIST_LIMIT = 5                          # names shown in an error message before
 
 
 
-def _names(items, limit=LIST_LIMIT):
+def short_list(items, limit=LIST_LIMIT):
+    """'a, b, c (and N more)': the first `limit` names of a problem list."""
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _mb(nbytes):
+def mb(nbytes):
     return f"{nbytes / 1e6:.1f} MB"
 
 
@@ -175,6 +175,86 @@ def iter_chunks(f, segments, itemsize, chunk_bytes=None):
         raise LlavaError(f"{f.name}: tensor data is not a whole number of elements")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def refuse_pickle(path):
+    raise LlavaError(f"{path}: PyTorch pickle files are not read (loading a pickle can run code); "
+                     f"use the model's safetensors files (model.safetensors or model-*.safetensors with "
+                     f"model.safetensors.index.json) in a folder with config.json")
+
+
+def read_safetensors_folder(folder):
+    """name -> TensorInfo over a Hugging Face folder's model.safetensors or its index's shards (headers only).
+
+    The index must agree with the shards (every listed shard exists and holds the keys mapped to it, and every
+    key is listed); a folder with only pickles (.bin/.pt) is refused without opening them."""
+    index_path = os.path.join(folder, SAFETENSORS_INDEX)
+    single = os.path.join(folder, SAFETENSORS_FILE)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except OSError as e:
+            raise LlavaError(f"cannot read {index_path}: {e.strerror or e}") from e
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise LlavaError(f"{index_path} is not a safetensors index (no 'weight_map' of file names)") from e
+        files = sorted(set(weight_map.values()))
+        absent = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
+        if absent:
+            raise LlavaError(f"{index_path} lists shard file(s) that do not exist: {short_list(absent)}")
+        tensors = {}
+        for name in files:
+            for key, info in read_safetensors_header(os.path.join(folder, name)).items():
+                if key in tensors:
+                    raise LlavaError(f"{key} is stored twice: in {tensors[key].path} and {info.path}")
+                tensors[key] = info
+        not_there = [k for k, v in weight_map.items()
+                     if k not in tensors or os.path.basename(tensors[k].path) != v]
+        not_listed = [k for k in tensors if k not in weight_map]
+        if not_there:
+            raise LlavaError(f"{index_path} maps key(s) to shards that do not hold them: {short_list(not_there)}")
+        if not_listed:
+            raise LlavaError(f"{index_path} does not list key(s) found in its shards: {short_list(not_listed)}")
+        return tensors
+    if os.path.exists(single):
+        return read_safetensors_header(single)
+    pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        refuse_pickle(os.path.join(folder, pickles[0]))
+    raise LlavaError(f"{folder} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}")
+
+
+def shard_files(sizes, max_bytes):
+    """[(name, nbytes)] in order -> [(file name, [names])]: one model.safetensors when everything fits in
+    `max_bytes`, else model-0000i-of-0000N.safetensors filled in order, as transformers' save_pretrained
+    splits (a tensor larger than `max_bytes` gets a shard of its own)."""
+    groups, current, size = [], [], 0
+    for name, nbytes in sizes:
+        if current and size + nbytes > max_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not groups:
+        groups.append(current)
+    if len(groups) == 1:
+        return [(SAFETENSORS_FILE, groups[0])]
+    n = len(groups)
+    return [(f"model-{i:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups, 1)]
+
+
+def safetensors_index(shards, total_size):
+    """The bytes of model.safetensors.index.json for [(file name, [names])], as transformers writes it."""
+    weight_map = {name: fname for fname, names in shards for name in names}
+    return (json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                       indent=2) + "\n").encode("utf-8")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # MindSpore .ckpt: protobuf `Checkpoint { repeated Value value = 1; }`, written one entry at a time.
 #   Value { required string tag = 1; oneof { TensorProto tensor = 2; MapTensorProto maptensor = 3; } }
@@ -296,7 +376,7 @@ def scan_ckpt(path):
             if f.read(7) == b"crc_num":
                 end = size - 17
         f.seek(0)
-        tensors, order, last = {}, [], None
+        tensors, last = {}, None
         while f.tell() < end:
             key = _read_varint(f, where)
             if key != 0x0A:
@@ -355,7 +435,6 @@ def scan_ckpt(path):
             if tag in tensors:
                 raise LlavaError(f"{where}: {tag} appears twice")
             tensors[tag] = TensorInfo(tag, path, ttype, dims, content[0], content[1], [content])
-            order.append(tag)
             last = tag
         if f.tell() != end:
             raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
@@ -368,35 +447,56 @@ def scan_ckpt(path):
     return tensors
 
 
-def load_ckpt_lean(path, names=None):
+def float_dtype(code):
+    """"float32" / "float16" / "bfloat16" for a safetensors or .ckpt dtype code, None for any other dtype."""
+    return SF_TO_DTYPE.get(code) or MS_TO_DTYPE.get(code)
+
+
+def read_array(f, info, rows=None):
+    """The tensor `info` (a TensorInfo of open file `f`) as a numpy array; only dim-0 rows `rows` (a slice)
+    are read when given. float32 and float16 come back as stored, bfloat16 as float32 (numpy has no bfloat16;
+    the widening is exact). Memory: the rows read, once (twice for bfloat16 while widening)."""
+    dtype = float_dtype(info.dtype)
+    if dtype is None:
+        raise LlavaError(f"{info.path}: {info.name} has dtype {info.dtype}; only float tensors are supported")
+    shape = list(info.shape)
+    start, length = 0, info.nbytes
+    if rows is not None and shape:
+        row_bytes = info.nbytes // shape[0] if shape[0] else 0
+        first, stop, _ = rows.indices(shape[0])
+        shape[0] = max(stop - first, 0)
+        start, length = first * row_bytes, shape[0] * row_bytes
+    buf = bytearray(length)
+    view, pos, base = memoryview(buf), 0, 0
+    for offset, nbytes in info.segments:          # the byte range [start, start+length) over the segments
+        lo, hi = max(start, base), min(start + length, base + nbytes)
+        if lo < hi:
+            f.seek(offset + lo - base)
+            if f.readinto(view[pos:pos + hi - lo]) != hi - lo:
+                raise LlavaError(f"{info.path} is truncated")
+            pos += hi - lo
+        base += nbytes
+    del view
+    if dtype == "bfloat16":
+        return _to_f32(buf, "bfloat16").reshape(shape)
+    return np.frombuffer(buf, dtype="<f4" if dtype == "float32" else "<f2").reshape(shape)
+
+
+def load_ckpt_lean(path):
     """name -> mindspore.Parameter for a plain .ckpt, like `mindspore.load_checkpoint(path)`, but read one
     tensor at a time: peak memory is the weights once plus one tensor. (load_checkpoint reads the whole file
     into memory and then copies every tensor out of it: about twice the checkpoint size at its peak.)"""
     import mindspore as ms
-    tensors = scan_ckpt(path)
     out = {}
     with open(path, "rb") as f:
-        for name, t in tensors.items():
-            if names is not None and name not in names:
-                continue
-            dtype = MS_TO_DTYPE.get(t.dtype)
-            if dtype is None:
-                raise LlavaError(f"{path}: {name} has dtype {t.dtype}; only float tensors are supported")
-            buf = bytearray(t.nbytes)
-            view, pos = memoryview(buf), 0
-            for offset, nbytes in t.segments:
-                f.seek(offset)
-                if f.readinto(view[pos:pos + nbytes]) != nbytes:
-                    raise LlavaError(f"{path} is truncated")
-                pos += nbytes
-            if dtype == "bfloat16":
-                array = _to_f32(buf, "bfloat16").reshape(t.shape)
+        for name, t in scan_ckpt(path).items():
+            array = read_array(f, t)
+            if MS_TO_DTYPE[t.dtype] == "bfloat16":
                 tensor = ms.Tensor(array).astype(ms.bfloat16)
             else:
-                tensor = ms.Tensor.from_numpy(np.frombuffer(buf, dtype="<f4" if dtype == "float32" else "<f2")
-                                              .reshape(t.shape))
+                tensor = ms.Tensor.from_numpy(array)
             out[name] = ms.Parameter(tensor, name=name)
-            del buf, view
+            del array
     return out
 
 

@@ -21,16 +21,8 @@ from engine import Engine
 from generation import GenerationSettings
 from llama_text import CACHE_NAMES, LlamaForCausalLM, is_cache_param
 from llava_config import LlavaConfig
-from llava_errors import LlavaError
 from mindformers_hooks import tensor_parallel_for
-
-_LIST_LIMIT = 10
-
-
-def _short_list(names):
-    names = list(names)
-    shown = ", ".join(str(n) for n in names[:_LIST_LIMIT])
-    return shown + (f", ... ({len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else "")
+from weights import load_weights
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -133,38 +125,6 @@ class LlavaModel(PreTrainedModel):
     def weight_parameters(self):
         """name -> Parameter for every checkpoint weight (KV caches excluded)."""
         return {p.name: p for p in self.get_parameters() if not is_cache_param(p.name)}
-
-
-def load_weights(model, param_dict):
-    """Strictly load `param_dict` (name -> Parameter/Tensor/ndarray, e.g. mindspore.load_checkpoint) into
-    `model`: every weight must be present with its shape and no unknown key may remain (KV-cache entries
-    are ignored). Raises LlavaError naming the offending keys."""
-    params = model.weight_parameters()
-    given = {k: v for k, v in param_dict.items() if not is_cache_param(k)}
-    missing = sorted(set(params) - set(given))
-    unknown = sorted(set(given) - set(params))
-    wrong = []
-    for name in sorted(set(params) & set(given)):
-        shape = tuple(given[name].shape)
-        if shape != tuple(params[name].shape):
-            wrong.append(f"{name} {list(shape)} (expected {list(params[name].shape)})")
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_short_list(missing)}")
-    if unknown:
-        problems.append(f"{len(unknown)} unknown: {_short_list(unknown)}")
-    if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape: {_short_list(wrong)}")
-    if problems:
-        raise LlavaError("checkpoint does not match the model: " + "; ".join(problems))
-    for name, param in params.items():
-        value = given[name]
-        if isinstance(value, Tensor):
-            tensor = value.astype(param.dtype)
-        else:
-            tensor = Tensor(np.asarray(value)).astype(param.dtype)
-        param.set_data(tensor)
-    return model
 
 
 __all__ = ["LlavaModel", "load_weights", "CACHE_NAMES"]

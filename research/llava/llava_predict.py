@@ -1,9 +1,8 @@
-"""The predict job behind run_mindformer.py: config → context → registry → inputs → model → results.
+"""The run behind run_mindformer.py: `Job` (yaml read once, context, registry, this rank's weights, the engine),
+shared by every run mode, and the predict mode itself (IMAGE PROMPT pairs -> streamed answer + JSONL records).
 
-MindFormers' `Trainer(config).predict` path builds networks through semi-auto parallel checkpoint
-transformation and Ascend-oriented loading, which does not run on CPU; this module keeps MindFormers'
-launcher flags, yaml layout, `MindFormerConfig`, `build_context` and registry (`MindFormerRegister`) and
-calls the registered LLaVA classes directly (README, "How predict runs").
+MindFormers' own entry points (its run_mindformer.py, Trainer.predict) reach the same predict steps through
+llava_trainer.LlavaTrainer (`load_model`, `predict`, `write_results`).
 """
 import contextlib
 import json
@@ -13,6 +12,7 @@ import sys
 
 import yaml
 
+import weights
 from generation import GenerationSettings, TextStreamer
 from llava_errors import LlavaError
 
@@ -152,132 +152,6 @@ def _check_output_dir(output_dir):
         raise LlavaError(f"--output_dir {output_dir}: not a writable folder ({e.strerror or e})") from None
 
 
-def find_checkpoint(path, rank=0):
-    """A complete .ckpt file, or model_dir/rank_K/*.ckpt for this rank."""
-    if not path:
-        raise LlavaError("--load_checkpoint is required: a complete .ckpt file or a model_dir/rank_K/ folder")
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
-    rank_dir = os.path.join(path, f"rank_{rank}")
-    files = sorted(f for f in os.listdir(rank_dir) if f.endswith(".ckpt")) if os.path.isdir(rank_dir) else []
-    if len(files) != 1:
-        raise LlavaError(f"--load_checkpoint {path}: expected exactly one .ckpt in {rank_dir}, found {len(files)}")
-    return os.path.join(rank_dir, files[0])
-
-
-def _checkpoint_io():
-    """The streaming .ckpt reader/writer (one tensor in memory at a time)."""
-    import checkpoint_io
-    return checkpoint_io
-
-
-def read_checkpoint(path):
-    """name -> Parameter from a MindSpore checkpoint (protobuf; never a pickle), one tensor at a time, so
-    loading peaks near the checkpoint's size rather than twice it."""
-    io = _checkpoint_io()
-    try:
-        return io.load_ckpt_lean(path)
-    except LlavaError as e:
-        raise LlavaError(f"--load_checkpoint {path}: not a readable MindSpore checkpoint ({e})") from None
-
-
-def check_checkpoint_early(path):
-    """A missing, empty, truncated or foreign checkpoint FILE fails before the framework imports and the model
-    build (headers only: the scan seeks past the tensor data). Rank folders are checked per rank later."""
-    if not path:
-        raise LlavaError("--load_checkpoint is required: a complete .ckpt file or a model_dir/rank_K/ folder")
-    if not os.path.exists(path):
-        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
-    if os.path.isfile(path):
-        if os.path.getsize(path) == 0:
-            raise LlavaError(f"--load_checkpoint {path}: empty file")
-        try:
-            tensors = _checkpoint_io().scan_ckpt(path)
-        except LlavaError as e:
-            raise LlavaError(f"--load_checkpoint {path}: not a readable MindSpore checkpoint ({e})") from None
-        if not tensors:
-            raise LlavaError(f"--load_checkpoint {path}: holds no tensors (not a checkpoint of this model)")
-
-
-def load_weights_from(llava_model, model, path):
-    """Strict load of the checkpoint file `path`; every problem names the file."""
-    if os.path.getsize(path) == 0:
-        raise LlavaError(f"--load_checkpoint {path}: empty file")
-    params = read_checkpoint(path)
-    if not params:
-        raise LlavaError(f"--load_checkpoint {path}: holds no tensors (not a checkpoint of this model)")
-    try:
-        llava_model.load_weights(model, params)
-    except LlavaError as e:
-        raise LlavaError(f"--load_checkpoint {path}: {e}") from None
-
-
-def slice_checkpoint(src, dst, tp, expected):
-    """Write this rank's share of the complete checkpoint `src` to `dst` (atomically), reading one tensor
-    at a time: memory stays at one full tensor, the output holds 1/N of every split weight."""
-    import numpy as np
-    import weight_map
-    io = _checkpoint_io()
-    try:
-        tensors = io.scan_ckpt(src)
-    except LlavaError as e:
-        raise LlavaError(f"--load_checkpoint {src}: not a readable MindSpore checkpoint ({e})") from None
-    unknown = sorted(set(tensors) - set(expected))
-    missing = sorted(set(expected) - set(tensors))
-    if unknown or missing:
-        raise LlavaError(f"--load_checkpoint {src} does not match the model: {len(missing)} missing "
-                         f"({', '.join(missing[:5])}), {len(unknown)} unknown ({', '.join(unknown[:5])})")
-    raw_dtype = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    with io.AtomicFile(dst) as out, open(src, "rb") as f:
-        writer = io.CkptWriter(out.f)
-        for name, t in tensors.items():
-            dtype = io.MS_TO_DTYPE.get(t.dtype)
-            if dtype is None:
-                raise LlavaError(f"--load_checkpoint {src}: {name} has dtype {t.dtype}, not a float weight")
-            if tuple(t.shape) != tuple(expected[name][0]):
-                raise LlavaError(f"--load_checkpoint {src}: {name} has shape {list(t.shape)}, the model "
-                                 f"expects {list(expected[name][0])}")
-            buf = bytearray(t.nbytes)
-            pos = 0
-            for offset, nbytes in t.segments:
-                f.seek(offset)
-                f.readinto(memoryview(buf)[pos:pos + nbytes])
-                pos += nbytes
-            part = np.ascontiguousarray(weight_map.shard(
-                name, np.frombuffer(buf, dtype=raw_dtype[dtype]).reshape(t.shape), tp.rank, tp.world))
-            writer.write_tensor(name, list(part.shape), dtype, part.nbytes, [part.data])
-            del buf, part
-        out.commit()
-    return dst
-
-
-def rank_checkpoint(config, tp, expected):
-    """The checkpoint file this rank loads (a complete file, its rank_K slice, or a freshly sliced one)."""
-    path = config.load_checkpoint
-    if not path:
-        raise LlavaError("--load_checkpoint is required: a complete .ckpt file or a model_dir/rank_K/ folder")
-    if os.path.isfile(path):
-        if tp.world == 1:
-            return path
-        if not config.auto_trans_ckpt:
-            raise LlavaError(f"--load_checkpoint {path} is a complete checkpoint: pass --auto_trans_ckpt True "
-                             f"to slice it for {tp.world} ranks, or give a folder with rank_0..rank_{tp.world - 1}")
-        dst = os.path.join(config.output_dir, "transformed_checkpoint", f"rank_{tp.rank}",
-                           f"checkpoint_{tp.rank}.ckpt")
-        return slice_checkpoint(path, dst, tp, expected)
-    if not os.path.isdir(path):
-        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
-    ranks = sorted(d for d in os.listdir(path) if d.startswith("rank_") and os.path.isdir(os.path.join(path, d)))
-    want = [f"rank_{k}" for k in range(tp.world)]
-    if sorted(ranks, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1) != want:
-        raise LlavaError(f"--load_checkpoint {path}: has {len(ranks)} rank folder(s) ({', '.join(ranks[:8]) or 'none'}) "
-                         f"but the job runs {tp.world} rank(s): expected {', '.join(want)}")
-    return find_checkpoint(path, tp.rank)
-
-
 def setup_parallel(config, model_config):
     """The tensor-parallel group of this process, checked against the yaml and the model's shapes."""
     import weight_map
@@ -396,8 +270,8 @@ class Job:
 
     def check_checkpoint(self):
         args = self.args
-        check_checkpoint_early(args.load_checkpoint if args.load_checkpoint is not None
-                               else self.data.get("load_checkpoint"))
+        weights.check_early(args.load_checkpoint if args.load_checkpoint is not None
+                            else self.data.get("load_checkpoint"))
 
     def console(self):
         return console_to_log(self.log_path)
@@ -414,13 +288,7 @@ class Job:
     def load_model(self):
         """This rank's weights into the registered model; the engine that runs it."""
         self.tp = setup_parallel(self.config, self.model_config)
-        import llava_model
-        import weight_map
-        self.checkpoint = rank_checkpoint(self.config, self.tp, weight_map.expected_params(self.model_config))
-        from mindspore.nn.utils import no_init_parameters
-        with no_init_parameters():  # weights come from the checkpoint: never allocate them twice
-            self.model = self._model_cls(config=self.model_config, tensor_parallel=self.tp)
-        load_weights_from(llava_model, self.model, self.checkpoint)
+        self.model, self.checkpoint = load_model(self.config, self.model_config, self._model_cls, self.tp)
         _touch_device()
         self.engine = self.model.engine()
 
@@ -430,8 +298,31 @@ class Job:
         if tp.enabled:
             nbytes = sum(p.nbytes for p in model.weight_parameters().values())
             lm = sum(p.nbytes for n, p in model.weight_parameters().items() if n.startswith("language_model."))
-            print(f"[rank {tp.rank}/{tp.world}] loaded {self.checkpoint}: {nbytes} weight bytes "
+            print(f"[rank {tp.rank}/{tp.world}] loaded {self.checkpoint.path}: {nbytes} weight bytes "
                   f"({lm} in the language model)", file=sys.stderr)
+
+
+def load_model(config, model_config, model_cls, tp):
+    """A new registered model holding this rank's weights from `config.load_checkpoint` (a .ckpt, rank folders
+    or the llava-hf folder: weights.rank_checkpoint) -> (model, Checkpoint)."""
+    from mindspore.nn.utils import no_init_parameters
+    checkpoint = weights.rank_checkpoint(config.load_checkpoint, tp, model_config, config.auto_trans_ckpt,
+                                         config.output_dir)
+    with no_init_parameters():  # weights come from the checkpoint: never allocate them twice
+        model = model_cls(config=model_config, tensor_parallel=tp)
+    weights.load_into(model, checkpoint, tp)
+    return model, checkpoint
+
+
+def predict(engine, tokenizer, requests, inputs, settings, rank, stream=None):
+    """Generate for processed `inputs` of the (image, prompt) `requests` -> one record per request,
+    {"image", "prompt", "output_text", "output_ids"}. Every rank computes the same tokens (logits are gathered);
+    rank 0 alone streams the answer to `stream` (stdout)."""
+    streamer = TextStreamer(tokenizer, stream=stream or sys.stdout) if rank == 0 else None
+    outputs = engine.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                              settings=settings, streamer=streamer)
+    return [{"image": image, "prompt": prompt, "output_text": tokenizer.decode(ids, skip_special_tokens=True),
+             "output_ids": [int(t) for t in ids]} for (image, prompt), ids in zip(requests, outputs)]
 
 
 def restore_ctrl_c():
@@ -453,15 +344,8 @@ def run(args, root):
         job.load_model()
     job.announce()
 
-    # every rank computes the same tokens (logits are gathered); rank 0 alone speaks and writes
-    tokenizer = job.tokenizer
-    streamer = TextStreamer(tokenizer, stream=sys.stdout) if job.tp.rank == 0 else None
-    outputs = job.engine.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                  settings=job.settings, streamer=streamer)
-    if job.tp.rank != 0:
-        return 0
-    records = [{"image": image, "prompt": prompt, "output_text": tokenizer.decode(ids, skip_special_tokens=True),
-                "output_ids": [int(t) for t in ids]} for (image, prompt), ids in zip(pairs, outputs)]
-    path = write_results(job.output_dir, records)
-    print(f"[results appended to {path}]", file=sys.stderr)
+    records = predict(job.engine, job.tokenizer, pairs, inputs, job.settings, job.tp.rank)
+    if job.tp.rank == 0:
+        path = write_results(job.output_dir, records)
+        print(f"[results appended to {path}]", file=sys.stderr)
     return 0

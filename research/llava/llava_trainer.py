@@ -63,13 +63,12 @@ def predict_job(config, requests, network=None, stream=None):
     """The plugin's predict job on a MindFormerConfig whose context is built: -> one record per request,
     {"image", "prompt", "output_text", "output_ids"}; rank 0 streams the answer and appends the records to
     OUTPUT_DIR/predict_results.jsonl."""
-    import llava_model
     import llava_predict
     import weight_map
-    from generation import GenerationSettings, TextStreamer
-    from mindspore.nn.utils import no_init_parameters
+    import weights
+    from generation import GenerationSettings
 
-    output_dir = os.path.abspath(config.output_dir or "./output")
+    config.output_dir = os.path.abspath(config.output_dir or "./output")
     _resolve_vocab(config)
     model_config, tokenizer, processor, model_cls = llava_predict.build_components(config)
     settings = GenerationSettings.from_config(model_config)
@@ -79,21 +78,14 @@ def predict_job(config, requests, network=None, stream=None):
         tp = tensor_parallel_for(config.parallel_config)
         weight_map.check_parallel(model_config, tp.world)
         _barrier(tp)
-        ckpt = llava_predict.rank_checkpoint(config, tp, weight_map.expected_params(model_config))
-        with no_init_parameters():  # weights come from the checkpoint: never allocate them twice
-            network = model_cls(config=model_config, tensor_parallel=tp)
-        llava_predict.load_weights_from(llava_model, network, ckpt)
+        network, _ = llava_predict.load_model(config, model_config, model_cls, tp)
     elif config.load_checkpoint:
-        ckpt = llava_predict.rank_checkpoint(config, network.tp, weight_map.expected_params(network.config))
-        llava_predict.load_weights_from(llava_model, network, ckpt)
-    rank = network.tp.rank
-    streamer = TextStreamer(tokenizer, stream=stream or sys.stdout) if rank == 0 else None
-    outputs = network.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                               streamer=streamer)
-    records = [{"image": image, "prompt": prompt, "output_text": tokenizer.decode(ids, skip_special_tokens=True),
-                "output_ids": [int(t) for t in ids]} for (image, prompt), ids in zip(requests, outputs)]
-    if rank == 0:
-        path = llava_predict.write_results(output_dir, records)
+        checkpoint = weights.rank_checkpoint(config.load_checkpoint, network.tp, network.config,
+                                             config.auto_trans_ckpt, config.output_dir)
+        weights.load_into(network, checkpoint, network.tp)
+    records = llava_predict.predict(network.engine(), tokenizer, requests, inputs, settings, network.tp.rank, stream)
+    if network.tp.rank == 0:
+        path = llava_predict.write_results(config.output_dir, records)
         print(f"[results appended to {path}]", file=sys.stderr)
     return records
 

@@ -368,7 +368,7 @@ def run(args, root):
         if not lock.leader:
             lock.follow(job.engine)
             return 0
-    name = args.served_model_name or os.path.splitext(os.path.basename(os.path.normpath(job.checkpoint)))[0]
+    name = args.served_model_name or os.path.splitext(os.path.basename(os.path.normpath(job.checkpoint.path)))[0]
     serve(job, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, model_name=name,
           lockstep=lock)
     return 0

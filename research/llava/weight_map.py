@@ -172,19 +172,17 @@ def check_parallel(config, world):
         raise LlavaError(f"cannot split the model over {world} tensor-parallel ranks: " + "; ".join(problems))
 
 
-def shard(name, array, rank, world):
-    """Rank `rank`'s slice (of `world`) of parameter `name`'s full array, following its split rule.
-
-    Replicated parameters come back whole. The result is a view when the input supports slicing views.
-    """
+def shard_index(name, shape, rank, world):
+    """The index (a tuple of slices) of rank `rank`'s share (of `world`) of parameter `name`, whose full shape
+    is `shape`, following its split rule; None when the rank holds the whole tensor."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise LlavaError(f"tensor-parallel size must be a positive integer, got {world!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         raise LlavaError(f"rank must be in 0..{world - 1}, got {rank!r}")
     axis = split_axis(name)
     if axis is None or world == 1:
-        return array
-    shape = tuple(array.shape)
+        return None
+    shape = tuple(shape)
     if len(shape) <= axis:
         raise LlavaError(f"{name}: cannot split dim {axis} of a tensor with shape {list(shape)}")
     size = shape[axis]
@@ -194,4 +192,22 @@ def shard(name, array, rank, world):
     part = size // world
     index = [slice(None)] * len(shape)
     index[axis] = slice(rank * part, (rank + 1) * part)
-    return array[tuple(index)]
+    return tuple(index)
+
+
+def shard(name, array, rank, world):
+    """Rank `rank`'s slice (of `world`) of parameter `name`'s full array, following its split rule.
+
+    Replicated parameters come back whole. The result is a view when the input supports slicing views.
+    """
+    index = shard_index(name, array.shape, rank, world)
+    return array if index is None else array[index]
+
+
+def full_shape(name, shape, world):
+    """The complete shape of parameter `name` whose share on each of `world` ranks has shape `shape`."""
+    axis = split_axis(name)
+    shape = list(shape)
+    if axis is not None and world > 1:
+        shape[axis] *= world
+    return tuple(shape)

@@ -1,0 +1,111 @@
+"""`--load_checkpoint` -> this rank's Checkpoint: a complete .ckpt, rank folders or a llava-hf folder."""
+import os
+
+import checkpoint_io as io
+from llava_errors import LlavaError
+from weights.loading import slice_checkpoint
+from weights.matching import config_differences, expected_shapes, hf_names, read_hf_config
+
+REQUIRED = ("--load_checkpoint is required: a complete .ckpt file, a model_dir/rank_K/ folder or a "
+            "llava-hf folder (config.json + safetensors)")
+HF_CONFIG = "config.json"
+
+
+class Checkpoint:
+    """Where this rank's weights are: `tensors` (parameter name -> TensorInfo, headers only) and whether they
+    are `complete` (every rank reads its share of them) or already this rank's share."""
+
+    def __init__(self, path, tensors, complete):
+        self.path, self.tensors, self.complete = path, tensors, complete
+
+    def __repr__(self):
+        return f"Checkpoint({self.path!r}, {len(self.tensors)} tensors, complete={self.complete})"
+
+
+def is_hf_folder(path):
+    """A folder laid out as llava-hf (config.json or safetensors weights), as opposed to rank folders."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in (
+        HF_CONFIG, io.SAFETENSORS_FILE, io.SAFETENSORS_INDEX))
+
+
+def _hf_tensors(path):
+    """name -> TensorInfo of a llava-hf folder, from its headers; file-level problems name the folder."""
+    if not os.path.isfile(os.path.join(path, HF_CONFIG)):
+        raise LlavaError(f"--load_checkpoint {path}: has no {HF_CONFIG} (a llava-hf folder holds config.json "
+                         f"and the safetensors files)")
+    try:
+        return io.read_safetensors_folder(path)
+    except LlavaError as e:
+        raise LlavaError(f"--load_checkpoint {path}: {e}") from None
+
+
+def _ckpt_file(path, complete):
+    if os.path.getsize(path) == 0:
+        raise LlavaError(f"--load_checkpoint {path}: empty file")
+    try:
+        tensors = io.scan_ckpt(path)
+    except LlavaError as e:
+        raise LlavaError(f"--load_checkpoint {path}: not a readable MindSpore checkpoint ({e})") from None
+    if not tensors:
+        raise LlavaError(f"--load_checkpoint {path}: holds no tensors (not a checkpoint of this model)")
+    return Checkpoint(path, tensors, complete)
+
+
+def check_early(path):
+    """Fail in about a second, before the framework imports and the model build, on a missing, empty, truncated
+    or foreign checkpoint file or llava-hf folder (headers only). Rank folders are checked per rank later."""
+    if not path:
+        raise LlavaError(REQUIRED)
+    if not os.path.exists(path):
+        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
+    if os.path.isfile(path):
+        if path.endswith(".safetensors"):
+            raise LlavaError(f"--load_checkpoint {path}: give the llava-hf folder that holds this file and its "
+                             f"config.json, not the file itself")
+        _ckpt_file(path, True)
+    elif is_hf_folder(path):
+        _hf_tensors(path)
+
+
+def _rank_file(path, rank):
+    """model_dir/rank_K/*.ckpt for rank K: exactly one .ckpt."""
+    rank_dir = os.path.join(path, f"rank_{rank}")
+    files = sorted(f for f in os.listdir(rank_dir) if f.endswith(".ckpt")) if os.path.isdir(rank_dir) else []
+    if len(files) != 1:
+        raise LlavaError(f"--load_checkpoint {path}: expected exactly one .ckpt in {rank_dir}, found {len(files)}")
+    return os.path.join(rank_dir, files[0])
+
+
+def rank_checkpoint(path, tp, model_config, auto_trans_ckpt=False, output_dir="."):
+    """The Checkpoint this rank (tp: rank, world) loads for a model of `model_config`.
+
+    A complete .ckpt is loaded as it is by a single process; under tensor parallelism (with auto_trans_ckpt)
+    each rank first writes its share to output_dir/transformed_checkpoint/rank_K/checkpoint_K.ckpt. A llava-hf
+    folder needs neither: its config.json must agree with the yaml and each rank reads its share directly."""
+    if not path:
+        raise LlavaError(REQUIRED)
+    if os.path.isfile(path):
+        if tp.world == 1:
+            return _ckpt_file(path, True)
+        if not auto_trans_ckpt:
+            raise LlavaError(f"--load_checkpoint {path} is a complete checkpoint: pass --auto_trans_ckpt True "
+                             f"to slice it for {tp.world} ranks, or give a folder with rank_0..rank_{tp.world - 1}")
+        dst = os.path.join(output_dir, "transformed_checkpoint", f"rank_{tp.rank}", f"checkpoint_{tp.rank}.ckpt")
+        slice_checkpoint(path, dst, tp, expected_shapes(model_config))
+        return _ckpt_file(dst, False)
+    if not os.path.isdir(path):
+        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
+    if is_hf_folder(path):
+        tensors = _hf_tensors(path)
+        differences = config_differences(read_hf_config(os.path.join(path, HF_CONFIG)), model_config)
+        if differences:
+            raise LlavaError(f"--load_checkpoint {path}: its config.json does not match the yaml's model_config "
+                             f"(use the yaml made for these weights): " + "; ".join(differences))
+        return Checkpoint(path, hf_names(tensors)[0], True)
+    ranks = sorted(d for d in os.listdir(path) if d.startswith("rank_") and os.path.isdir(os.path.join(path, d)))
+    want = [f"rank_{k}" for k in range(tp.world)]
+    if sorted(ranks, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1) != want:
+        raise LlavaError(f"--load_checkpoint {path}: has {len(ranks)} rank folder(s) "
+                         f"({', '.join(ranks[:8]) or 'none'}) but the job runs {tp.world} rank(s): "
+                         f"expected {', '.join(want)}")
+    return _ckpt_file(_rank_file(path, tp.rank), False)
