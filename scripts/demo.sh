@@ -6,10 +6,6 @@ cd "$(dirname "$0")/.."
 . scripts/setup_env.sh test   # the demo model is generated with transformers + torch (CPU)
 OUT="${DEMO_DIR:-output/demo}"
 mkdir -p "$OUT"
-if [ ! -f research/llava/llava_model.py ] || [ ! -f convert_weight.py ] || [ ! -f run_mindformer.py ]; then
-  echo "demo: set-up done; the model, converter and predict command have not landed yet (see README, 'Status')." >&2
-  exit 3
-fi
 echo "[demo] building the tiny random-weight checkpoint in llava-hf layout -> $OUT/hf"
 python tests/fixtures/make_tiny_llava.py --preset tiny --out "$OUT/hf"
 echo "[demo] converting -> $OUT/llava_tiny.ckpt"
@@ -21,3 +17,4 @@ python run_mindformer.py --config research/llava/llava_tiny/predict_llava_tiny.y
   --modal_type image text --load_checkpoint "$OUT/llava_tiny.ckpt" \
   --use_parallel False --auto_trans_ckpt False --output_dir "$OUT" --max_new_tokens 16
 echo "[demo] results appended to $OUT/predict_results.jsonl"
+echo "[demo] the same model without converting, as a chat server: python run_mindformer.py --config research/llava/llava_tiny/predict_llava_tiny.yaml --run_mode serve --load_checkpoint $OUT/hf  (then open http://127.0.0.1:8000/)"

@@ -49,11 +49,6 @@ NET_MAX_BYTES = 100_000  # processor.max_bytes in the yaml of the URL cases
 WORKERS = 4              # concurrent jobs (2 cores; the 2-rank and `mid` jobs spend much of their time waiting)
 
 
-def parallel_ready():
-    """The integrator's marker that tensor-parallel predict has landed."""
-    return os.path.isfile(os.path.join(PLUGIN, "parallel.py"))
-
-
 # ------------------------------------------------------------------------------------------------ harness
 class Case:
     """One command that must fail. `argv(out)` builds the command line given the output folder."""
@@ -176,9 +171,8 @@ def jobs(env, mid_hf_dir):
     the other cases' imports."""
     pool = concurrent.futures.ThreadPoolExecutor(WORKERS)
     futures = {}
-    if parallel_ready():
-        futures["tp_rank_killed"] = pool.submit(tp_rank_killed_job, env)
-        futures["tp_missing_rank"] = pool.submit(tp_missing_rank_job, env)
+    futures["tp_rank_killed"] = pool.submit(tp_rank_killed_job, env)
+    futures["tp_missing_rank"] = pool.submit(tp_missing_rank_job, env)
     futures["mid_signals"] = pool.submit(mid_signals_job, mid_hf_dir, os.path.join(env["base"], "mid_signals"))
     futures["good_url"] = pool.submit(run_fresh, os.path.join(env["base"], "good_url"), lambda out: predict_argv(
         env, out, [env["server"].url("/cat.jpg"), "Describe the image."], env["net_yaml"]))
@@ -553,7 +547,6 @@ def test_launcher_bad_arguments(env, jobs, name):
 
 
 # ------------------------------------------------------------------------------ tensor parallel (2 ranks)
-NOT_PARALLEL = "tensor-parallel predict has not landed yet (research/llava/parallel.py missing)"
 CLUSTER_TIME_OUT = 30
 
 
@@ -585,7 +578,6 @@ def tp_missing_rank_job(e):
     return run, model_dir
 
 
-@pytest.mark.skipif(not parallel_ready(), reason=NOT_PARALLEL)
 def test_parallel_missing_rank_folder(jobs):
     run, model_dir = jobs["tp_missing_rank"].result()
     p = run.proc
@@ -651,7 +643,6 @@ def tp_rank_killed_job(e):
                 survivors=_worker_pids(out), cwd=sorted(os.listdir(cwd)), tmp=sorted(os.listdir(tmp)), out=out)
 
 
-@pytest.mark.skipif(not parallel_ready(), reason=NOT_PARALLEL)
 def test_parallel_rank_killed_mid_run(jobs):
     r = jobs["tp_rank_killed"].result()
     assert r["victim"] is not None, "the workers never started: " + r["stderr"][-3000:]
