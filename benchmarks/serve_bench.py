@@ -155,8 +155,8 @@ def render(r):
              "| clients | wall (s) | completion tokens | tokens/s | median time to first token (s) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for row in r["throughput"]:
-        lines.append(f"| {row['clients']} | {row['wall_s']:.2f} | {row['tokens']} | {row['tokens_per_s']:.1f} | "
-                     f"{row.get('median_ttft_s', float('nan')):.2f} |")
+        ttft = f"{row['median_ttft_s']:.2f}" if "median_ttft_s" in row else "–"
+        lines.append(f"| {row['clients']} | {row['wall_s']:.2f} | {row['tokens']} | {row['tokens_per_s']:.1f} | {ttft} |")
     return "\n".join(lines) + "\n"
 
 
