@@ -292,6 +292,15 @@ class Job:
         _touch_device()
         self.engine = self.model.engine()
 
+    def load(self):
+        """The whole start of a run mode that needs no inputs first (chat, serve): check, build, load, announce."""
+        self.check_checkpoint()
+        with self.console():
+            self.build()
+            self.load_model()
+        self.announce()
+        return self
+
     def announce(self):
         """Under tensor parallelism every rank says what it loaded (after the console is restored)."""
         tp, model = self.tp, self.model

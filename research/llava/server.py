@@ -354,12 +354,7 @@ def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_nam
 def run(args, root):
     """`run_mindformer.py --run_mode serve`: load once, then serve."""
     from llava_predict import Job
-    job = Job(args, root)
-    job.check_checkpoint()
-    with job.console():
-        job.build()
-        job.load_model()
-    job.announce()
+    job = Job(args, root).load()
     lock = None
     if job.tp.enabled:   # rank 0 serves HTTP; the other ranks run its batches with it
         from lockstep import Lockstep
