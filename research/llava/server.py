@@ -330,9 +330,6 @@ def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_nam
     """Serve the loaded job until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
     from serving import Scheduler
-    # A server sees many prompt lengths, and every prompt bucket (per batch size) compiles its own prefill graph:
-    # coarser buckets than predict's compile less often for a few more padded positions per request.
-    job.engine.prefill_bucket = max(job.engine.prefill_bucket, 32)
     scheduler = Scheduler(job.engine, job.tokenizer, max_batch=max_batch, max_queue=max_queue, lockstep=lockstep)
     processor = job.processor
 
@@ -355,6 +352,10 @@ def run(args, root):
     """`run_mindformer.py --run_mode serve`: load once, then serve."""
     from llava_predict import Job
     job = Job(args, root).load()
+    # A server sees many prompt lengths, and every prompt bucket (per batch size) compiles its own prefill graph:
+    # coarser buckets than predict's compile less often for a few more padded positions per request. Every rank
+    # pads alike (the ranks' collectives must see the same shapes).
+    job.engine.prefill_bucket = max(job.engine.prefill_bucket, 32)
     lock = None
     if job.tp.enabled:   # rank 0 serves HTTP; the other ranks run its batches with it
         from lockstep import Lockstep
