@@ -5,19 +5,12 @@ Plugin modules are imported the way MindFormers' `--register_path research/llava
 """
 import hashlib
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-PLUGIN = os.path.join(ROOT, "research", "llava")
-for path in (PLUGIN, FIXTURES, ROOT):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+# helpers puts the plugin, the fixtures and tests/ on sys.path
+from helpers import FIXTURES, IMAGES, PLUGIN, ROOT, TOKENIZER_MODEL  # noqa: F401 (PLUGIN: for the tests)
 
-IMAGES = os.path.join(FIXTURES, "images")
-TOKENIZER_MODEL = os.path.join(FIXTURES, "tokenizer.model")
 CACHE = os.environ.get("LLAVA_FIXTURE_CACHE", os.path.join(ROOT, ".cache", "fixtures"))
 
 

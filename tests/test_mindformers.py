@@ -11,11 +11,10 @@ import sys
 
 import pytest
 
-from conftest import IMAGES, PLUGIN, ROOT, TOKENIZER_MODEL
-from test_predict import MAX_NEW, PAIRS, convert, predict, yaml_for
+from helpers import (IMAGES, MAX_NEW, PAIRS, PLUGIN, ROOT, TOKENIZER_MODEL, convert, launcher_argv, predict,
+                     results, yaml_for)
 
 HELPER = os.path.join(ROOT, "tests", "mindformers_run.py")
-LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
 QUERY_ARGS = ["--predict_data", *[x for pair in PAIRS for x in pair], "--modal_type", "image", "text", "image",
               "text"]
 
@@ -37,11 +36,8 @@ def setups(tmp_path_factory, tiny_hf_dir, tiny_gqa_hf_dir):
     out = {}
     for name, hf_dir in (("tiny", tiny_hf_dir), ("tiny_gqa", tiny_gqa_hf_dir)):
         ckpt = convert(hf_dir, str(base / f"{name}.ckpt"))
-        cfg = yaml_for(hf_dir, str(base / f"{name}.yaml"), max_new_tokens=MAX_NEW)
-        with open(cfg) as f:   # MindFormers' tokenizer build takes a relative vocab_file from the working folder
-            text = f.read().replace("tests/fixtures/tokenizer.model", TOKENIZER_MODEL)
-        with open(cfg, "w") as f:
-            f.write(text)
+        # MindFormers' tokenizer build takes a relative vocab_file from the working folder
+        cfg = yaml_for(hf_dir, str(base / f"{name}.yaml"), vocab_file=TOKENIZER_MODEL, max_new_tokens=MAX_NEW)
         oracle = HFOracle(hf_dir)
         expected = [oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS]
         _, records = predict(cfg, ckpt, str(base / f"{name}_cli"), PAIRS)   # this project's run_mindformer.py
@@ -56,11 +52,6 @@ def run_helper(checkout, cwd, *args, timeout=600):
     os.makedirs(cwd, exist_ok=True)
     return subprocess.run([sys.executable, str(checkout / "mindformers_run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def records_in(out_dir):
-    with open(os.path.join(out_dir, "predict_results.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def check_ids(records, s):
@@ -79,7 +70,7 @@ def test_mindformers_run_script_single_card(preset, setups, checkout, tmp_path):
                       "research/llava", "--run_mode", "predict", *QUERY_ARGS, "--load_checkpoint", s["ckpt"],
                       "--use_parallel", "False", "--auto_trans_ckpt", "False", "--output_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_ids(records_in(out), s)
+    check_ids(results(out), s)
     # the batch's answers are streamed to stdout by the plugin's trainer, one "[i] text" line per input
     for i, (_, text) in enumerate(s["expected"]):
         assert f"[{i}] {text}" in proc.stdout.splitlines()
@@ -96,7 +87,7 @@ def test_trainer_predict_with_plugin_trainer(preset, setups, checkout, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out_json) as f:
         check_ids(json.load(f), s)
-    check_ids(records_in(tmp_path / "out"), s)
+    check_ids(results(tmp_path / "out"), s)
     assert os.listdir(cwd) == []
 
 
@@ -184,10 +175,10 @@ def test_mindformers_run_script_two_ranks_under_msrun(setups, checkout, tmp_path
              f"--load_checkpoint {s['ckpt']} --use_parallel True --auto_trans_ckpt True --output_dir {out}")
     log_dir = tmp_path / "msrun_log"
     env = dict(os.environ, GLOG_v="3", LOG_MF_PATH=str(tmp_path / "mf_log"))
-    proc = subprocess.run(["bash", LAUNCHER, order, "2", "8331", str(log_dir), "True", "300"], cwd=cwd, env=env,
+    proc = subprocess.run(launcher_argv(order, 2, 8331, str(log_dir), 300), cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stderr[-2000:], open(log_dir / "worker_0.log", errors="replace").read()[-3000:])
-    check_ids(records_in(out), s)
+    check_ids(results(out), s)
     for rank in (0, 1):   # each rank holds its half of the language model, sliced from the complete file
         assert os.path.isfile(out / "transformed_checkpoint" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt")
     assert sorted(os.listdir(cwd)) == []

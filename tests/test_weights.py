@@ -17,7 +17,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conftest import ROOT, hf_checkpoint
+from conftest import hf_checkpoint
+from helpers import MAX_NEW, PAIRS, ROOT, check_records, convert, predict, run_cli, yaml_for
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 from parallel import TensorParallel
@@ -74,10 +75,7 @@ def tiny_sharded_dir():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_hf_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("weights") / "tiny.ckpt")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_weight.py"), "--model", "llava",
-                        "--input_path", tiny_hf_dir, "--output_path", out, "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+    return convert(tiny_hf_dir, out)
 
 
 # ------------------------------------------------------------------------------------------------ match
@@ -263,7 +261,6 @@ def test_loading_the_mid_hf_folder_peaks_at_the_model_plus_one_tensor(mid_hf_dir
 @pytest.fixture(scope="module")
 def predict_setup(tiny_hf_dir, tiny_ckpt, tmp_path_factory):
     from oracle import HFOracle
-    from test_predict import MAX_NEW, PAIRS, yaml_for
     base = tmp_path_factory.mktemp("predict_hf")
     return dict(yaml=yaml_for(tiny_hf_dir, str(base / "tiny.yaml")),
                 expected=[HFOracle(tiny_hf_dir).generate(img, prompt, MAX_NEW) for img, prompt in PAIRS])
@@ -274,7 +271,6 @@ def test_predict_from_the_hf_folder_equals_hf_and_the_converted_ckpt(source, pre
                                                                      tiny_sharded_dir, tiny_ckpt, tmp_path):
     """`--load_checkpoint HF_DIR` (no conversion) gives the HF oracle's answers, and the very records and
     console output of the converted .ckpt."""
-    from test_predict import PAIRS, check_records, predict
     folder = tiny_hf_dir if source == "single" else tiny_sharded_dir
     proc, records = predict(predict_setup["yaml"], folder, str(tmp_path / "hf"), PAIRS)
     check_records(records, PAIRS, predict_setup["expected"])
@@ -284,7 +280,6 @@ def test_predict_from_the_hf_folder_equals_hf_and_the_converted_ckpt(source, pre
 
 
 def test_predict_names_a_config_that_disagrees_with_the_yaml(predict_setup, tiny_gqa_hf_dir, tmp_path):
-    from test_predict import PAIRS, run_cli
     proc = run_cli(["run_mindformer.py", "--config", predict_setup["yaml"], "--predict_data", *PAIRS[0],
                     "--load_checkpoint", tiny_gqa_hf_dir, "--output_dir", str(tmp_path / "o")])
     assert proc.returncode == 2, proc.stderr[-2000:]
