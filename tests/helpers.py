@@ -92,6 +92,19 @@ def predict(yaml_path, ckpt, out_dir, pairs, *extra):
     return proc, results(out_dir)
 
 
+def oracle_setups(base, hf_dirs, **yaml_overrides):
+    """For each name -> HF folder: dict(hf_dir, ckpt (converted into `base`), yaml (yaml_for with
+    `yaml_overrides`), expected (the HF oracle's (ids, text) for PAIRS, MAX_NEW tokens))."""
+    from oracle import HFOracle
+    out = {}
+    for name, hf_dir in hf_dirs.items():
+        oracle = HFOracle(hf_dir)
+        out[name] = dict(hf_dir=hf_dir, ckpt=convert(hf_dir, str(base / f"{name}.ckpt")),
+                         yaml=yaml_for(hf_dir, str(base / f"{name}.yaml"), **yaml_overrides),
+                         expected=[oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS])
+    return out
+
+
 def results(out_dir):
     """The records of out_dir/predict_results.jsonl."""
     with open(os.path.join(out_dir, "predict_results.jsonl")) as f:
@@ -122,6 +135,23 @@ def launcher_argv(order, workers, port, log_dir, timeout_s, join=True):
     return ["bash", LAUNCHER, order, str(workers), str(port), log_dir, str(join), str(timeout_s)]
 
 
+def signal_midway(proc, marker, ready, signum, limit=120):
+    """Once `marker` (bytes) shows on proc's stderr and ready() holds, send `signum`; (the stderr read before
+    the signal, stdout, the rest of stderr), as bytes."""
+    seen, deadline = b"", time.monotonic() + limit
+    while marker not in seen and time.monotonic() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert marker in seen, seen
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    return seen, stdout, stderr
+
+
 def interrupt_convert(mid_hf_dir, out, signum, cwd, env=None):
     """Start convert_weight.py on `mid_hf_dir`, wait until the progress bar is up and the temp file is filling,
     send `signum`: (returncode, stderr, stdout, temp file, its size at the signal)."""
@@ -129,20 +159,34 @@ def interrupt_convert(mid_hf_dir, out, signum, cwd, env=None):
                              "--output_path", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
                             env=env)
     tmp = f"{out}.tmp-{proc.pid}"
-    seen = b""
-    deadline = time.monotonic() + 120
-    while b"hf -> ckpt" not in seen and time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-    assert b"hf -> ckpt" in seen, seen
-    while not (os.path.exists(tmp) and os.path.getsize(tmp) > 0) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    size_at_signal = os.path.getsize(tmp)
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
-    return proc.returncode, (seen + stderr).decode(), stdout.decode(), tmp, size_at_signal
+    sizes = []
+
+    def filling():
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        sizes.append(size)
+        return size > 0
+
+    seen, stdout, stderr = signal_midway(proc, b"hf -> ckpt", filling, signum)
+    return proc.returncode, (seen + stderr).decode(), stdout.decode(), tmp, sizes[-1]
+
+
+def config_of(folder, **overrides):
+    """LlavaConfig.from_hf_config of an HF folder's config.json (`overrides`: its keyword arguments)."""
+    from llava_config import LlavaConfig
+    with open(os.path.join(folder, "config.json")) as f:
+        return LlavaConfig.from_hf_config(json.load(f), **overrides)
+
+
+def hf_tensors(folder):
+    """name -> numpy array of every tensor in a llava-hf folder, via the safetensors library."""
+    from safetensors import safe_open
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="np") as f:
+                for key in f.keys():
+                    out[key] = f.get_tensor(key)
+    return out
 
 
 def free_port():
@@ -210,7 +254,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, path):
         end = time.monotonic() + SLOW_LIMIT
-        if path == "/cat.jpg":
+        if path in ("/cat.jpg", "/photo"):      # /photo: a URL without a file extension
             self._head(200, "image/jpeg", len(self.image_bytes))
             self.wfile.write(self.image_bytes)
         elif path == "/missing.jpg":
@@ -256,7 +300,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class ImageServer:
-    """http://127.0.0.1:PORT/... in a daemon thread serving `image_path` at /cat.jpg and misbehaving URLs
+    """http://127.0.0.1:PORT/... in a daemon thread serving `image_path` at /cat.jpg and /photo, misbehaving URLs
     around it (bounded by SLOW_LIMIT); close() stops it."""
 
     def __init__(self, image_path):

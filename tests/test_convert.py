@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import helpers
-from helpers import CONVERT, ROOT, interrupt_convert
+from helpers import CONVERT, ROOT, config_of, hf_tensors, interrupt_convert, signal_midway
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 import checkpoint_io
@@ -37,17 +37,6 @@ def run_cli(*args, cwd=None, timeout=300):
     return helpers.run_cli([CONVERT, "--model", "llava", *args], cwd=cwd, timeout=timeout)
 
 
-def hf_tensors(folder):
-    """name -> numpy array of every tensor in a llava-hf folder, via the safetensors library."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="np") as f:
-                for key in f.keys():
-                    out[key] = f.get_tensor(key)
-    return out
-
-
 def leftovers(folder):
     return sorted(n for n in os.listdir(folder) if ".tmp-" in n)
 
@@ -55,11 +44,6 @@ def leftovers(folder):
 def config_7b():
     with open(FIXTURE_KEYS) as f:
         return LlavaConfig.from_hf_config(json.load(f)["config"])
-
-
-def config_of(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        return LlavaConfig.from_hf_config(json.load(f))
 
 
 # ------------------------------------------------------------------------------------------------ weight_map
@@ -680,17 +664,8 @@ def test_mid_reversed_interrupted_leaves_no_folder(mid_run, mid_hf_dir, tmp_path
                              mid_run["out"], "--output_path", str(out), "--config",
                              os.path.join(mid_hf_dir, "config.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path))
-    seen, deadline = b"", time.monotonic() + 120
-    while b"ckpt -> hf" not in seen and time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-    assert b"ckpt -> hf" in seen, seen
-    while not (out.is_dir() and any(".tmp-" in n for n in os.listdir(out))) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, _, stderr = signal_midway(proc, b"ckpt -> hf",
+                                 lambda: out.is_dir() and any(".tmp-" in n for n in os.listdir(out)), signal.SIGINT)
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert stderr.decode().rstrip().splitlines()[-1] == \
         "convert_weight.py: error: interrupted by SIGINT; no output written"

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from helpers import (IMAGES, MAX_NEW, PAIRS, PLUGIN, ROOT, TOKENIZER_MODEL, convert, launcher_argv, predict,
-                     results, yaml_for)
+from helpers import (IMAGES, MAX_NEW, PAIRS, PLUGIN, ROOT, TOKENIZER_MODEL, ImageServer, launcher_argv,
+                     oracle_setups, predict, results)
 
 HELPER = os.path.join(ROOT, "tests", "mindformers_run.py")
 QUERY_ARGS = ["--predict_data", *[x for pair in PAIRS for x in pair], "--modal_type", "image", "text", "image",
@@ -31,17 +31,12 @@ def checkout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setups(tmp_path_factory, tiny_hf_dir, tiny_gqa_hf_dir):
-    from oracle import HFOracle
     base = tmp_path_factory.mktemp("mf")
-    out = {}
-    for name, hf_dir in (("tiny", tiny_hf_dir), ("tiny_gqa", tiny_gqa_hf_dir)):
-        ckpt = convert(hf_dir, str(base / f"{name}.ckpt"))
-        # MindFormers' tokenizer build takes a relative vocab_file from the working folder
-        cfg = yaml_for(hf_dir, str(base / f"{name}.yaml"), vocab_file=TOKENIZER_MODEL, max_new_tokens=MAX_NEW)
-        oracle = HFOracle(hf_dir)
-        expected = [oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS]
-        _, records = predict(cfg, ckpt, str(base / f"{name}_cli"), PAIRS)   # this project's run_mindformer.py
-        out[name] = dict(ckpt=ckpt, yaml=cfg, expected=expected, cli=records)
+    # MindFormers' tokenizer build takes a relative vocab_file from the working folder
+    out = oracle_setups(base, {"tiny": tiny_hf_dir, "tiny_gqa": tiny_gqa_hf_dir}, vocab_file=TOKENIZER_MODEL,
+                        max_new_tokens=MAX_NEW)
+    for name, s in out.items():   # this project's run_mindformer.py
+        _, s["cli"] = predict(s["yaml"], s["ckpt"], str(base / f"{name}_cli"), PAIRS)
     return out
 
 
@@ -187,33 +182,15 @@ def test_mindformers_run_script_two_ranks_under_msrun(setups, checkout, tmp_path
 def test_upper_case_extension_and_url_without_extension(setups, tmp_path):
     """MindFormers' run_mindformer.py refuses `X.JPG` and `http://host/photo` with --modal_type image (its
     extension check is case-sensitive); the plugin's run_mindformer.py reads images by content."""
-    import http.server
-    import threading
     s = setups["tiny"]
     upper = str(tmp_path / "CHELSEA.JPG")
     shutil.copy(os.path.join(IMAGES, "chelsea.jpg"), upper)
-    with open(os.path.join(IMAGES, "coffee.jpg"), "rb") as f:
-        body = f.read()
-
-    class Photo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            self.send_response(200 if self.path == "/photo" else 404)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Photo)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    images = ImageServer(os.path.join(IMAGES, "coffee.jpg"))
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/photo"
+        url = images.url("/photo")
         _, records = predict(s["yaml"], s["ckpt"], str(tmp_path / "o"), [(upper, PAIRS[0][1]), (url, PAIRS[1][1])])
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        images.close()
     assert [r["output_ids"] for r in records] == [ids for ids, _ in s["expected"]]
 
 
@@ -228,3 +205,12 @@ def test_query_list_splits_into_requests_as_the_cli_pairs_do():
     assert split([[{"image": "a"}, {"image": "b"}, {"text": "P"}, {"text": "R"}]]) == [(["a", "b"], "P\nR")]
     with pytest.raises(LlavaError, match="ends with an image"):
         split([[{"image": "a"}, {"text": "P"}, {"image": "b"}]])
+
+
+def test_package_and_plugin_modules_are_the_same_classes():
+    """`research.llava` re-exports the top-level plugin modules: one class, registered once."""
+    import llava_model
+    import research.llava as pkg
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    assert pkg.LlavaModel is llava_model.LlavaModel
+    assert MindFormerRegister.get_cls(MindFormerModuleType.MODELS, "LlavaModel") is llava_model.LlavaModel

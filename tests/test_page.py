@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from helpers import IMAGES, ImageServer, ServerProcess, data_url, image_part, serve_files, text_part
+from helpers import IMAGES, ImageServer, ServerProcess, data_url, image_part, text_part
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,18 +31,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_hf_dir):
-    return serve_files(tmp_path_factory.mktemp("page"), tiny_hf_dir)
-
-
-@pytest.fixture(scope="module")
-def server(setup):
-    s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out_page"))
-    yield s
-    s.close()
 
 
 class Page:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import hf_checkpoint
-from helpers import (MAX_NEW, PAIRS, ROOT, check_records, convert, launcher_argv, predict_order, results, run_cli,
-                     yaml_for)
+from helpers import (MAX_NEW, PAIRS, ROOT, check_records, launcher_argv, oracle_setups, predict_order, results,
+                     run_cli)
 
 
 def launch(yaml_path, ckpt, out_dir, pairs, port, *extra, workers=2, timeout_s=120, auto_trans=True):
@@ -36,15 +36,10 @@ def worker_log(log_dir, rank):
 
 @pytest.fixture(scope="module")
 def tp_setups(tmp_path_factory, tiny_hf_dir, mid_hf_dir):
-    from oracle import HFOracle
     base = tmp_path_factory.mktemp("parallel")
     out = {}
     for name, hf_dir, seq in (("tiny", tiny_hf_dir, 256), ("mid", mid_hf_dir, 1024)):
-        oracle = HFOracle(hf_dir)
-        out[name] = dict(
-            hf_dir=hf_dir, ckpt=convert(hf_dir, str(base / f"{name}.ckpt")),
-            yaml=yaml_for(hf_dir, str(base / f"{name}.yaml"), seq_length=seq),
-            expected=[oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS])
+        out.update(oracle_setups(base, {name: hf_dir}, seq_length=seq))
         with open(out[name]["yaml"]) as f:
             text = f.read()
         with open(out[name]["yaml"], "w") as f:

@@ -3,21 +3,12 @@ import os
 
 import pytest
 
-from helpers import MAX_NEW, PAIRS, check_records, convert, predict, run_cli, yaml_for
+from helpers import PAIRS, check_records, oracle_setups, predict, run_cli, yaml_for
 
 
 @pytest.fixture(scope="module")
 def setups(tmp_path_factory, tiny_hf_dir, tiny_gqa_hf_dir):
-    from oracle import HFOracle
-    base = tmp_path_factory.mktemp("predict")
-    out = {}
-    for name, hf_dir in (("tiny", tiny_hf_dir), ("tiny_gqa", tiny_gqa_hf_dir)):
-        ckpt = convert(hf_dir, str(base / f"{name}.ckpt"))
-        cfg = yaml_for(hf_dir, str(base / f"{name}.yaml"))
-        oracle = HFOracle(hf_dir)
-        expected = [oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS]
-        out[name] = dict(ckpt=ckpt, yaml=cfg, expected=expected)
-    return out
+    return oracle_setups(tmp_path_factory.mktemp("predict"), {"tiny": tiny_hf_dir, "tiny_gqa": tiny_gqa_hf_dir})
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_gqa"])

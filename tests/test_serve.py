@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from helpers import (IMAGES, ROOT, TOKENIZER_MODEL, ImageServer, ServerProcess, data_url, free_port, image_part,
-                     launcher_argv, serve_files, text_part)
+                     launcher_argv, text_part)
 from oracle import HFChat
 
 torch = pytest.importorskip("torch")
@@ -78,18 +78,7 @@ def test_template_text_is_llava_hf_s():
 
 
 # ---------------------------------------------------------------------------------------------- the server
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_hf_dir):
-    return serve_files(tmp_path_factory.mktemp("serve"), tiny_hf_dir)
-
-
-@pytest.fixture(scope="module")
-def server(setup):
-    s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out"))
-    yield s
-    s.close()
-
-
+# `setup` and `server`: the served tiny model (conftest.py)
 @pytest.fixture(scope="module")
 def images():
     server = ImageServer(ROCKET)

@@ -14,32 +14,14 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from conftest import hf_checkpoint
-from helpers import MAX_NEW, PAIRS, ROOT, check_records, convert, predict, run_cli, yaml_for
-from llava_config import LlavaConfig
+from helpers import MAX_NEW, PAIRS, ROOT, check_records, config_of, convert, hf_tensors, predict, run_cli, yaml_for
 from llava_errors import LlavaError
 from parallel import TensorParallel
 import weight_map
 import weights
-
-
-def hf_arrays(folder):
-    """name -> numpy array of every tensor of a llava-hf folder, via the safetensors library."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="np") as f:
-                for key in f.keys():
-                    out[key] = f.get_tensor(key)
-    return out
-
-
-def config_of(folder, **overrides):
-    with open(os.path.join(folder, "config.json")) as f:
-        return LlavaConfig.from_hf_config(json.load(f), **overrides)
 
 
 class Holder:
@@ -103,7 +85,7 @@ def test_check_refuses_non_float_tensors(tiny_hf_dir):
 
 # ------------------------------------------------------------------------------------- sources, one process
 def test_hf_folder_single_and_sharded_equal_the_safetensors(tiny_hf_dir, tiny_sharded_dir, tiny_ckpt):
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     config = config_of(tiny_hf_dir)
     assert len([n for n in os.listdir(tiny_sharded_dir) if n.endswith(".safetensors")]) > 1
     for source in (tiny_hf_dir, tiny_sharded_dir, tiny_ckpt):
@@ -117,7 +99,7 @@ def test_hf_folder_dtypes_are_cast_per_tensor(tiny_hf_dir, tmp_path):
     """float16 and bfloat16 safetensors into a float32 model, and float32 safetensors into a float16 model."""
     import torch
     from safetensors.torch import save_file as save_torch
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     config = config_of(tiny_hf_dir)
     for dtype in ("float16", "bfloat16"):
         folder = tmp_path / dtype
@@ -139,7 +121,7 @@ def test_hf_folder_is_sliced_per_rank(tiny_hf_dir, tiny_sharded_dir, source):
     """Each of 2 ranks gets its half of every split weight (rows for column/vocab, columns for row splits),
     the whole of every replicated one; the halves put together are the HF tensors."""
     folder = tiny_hf_dir if source == "single" else tiny_sharded_dir
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     config = config_of(tiny_hf_dir)
     ranks = [load(folder, config, TensorParallel(rank, 2)) for rank in range(2)]
     t = "language_model.model.layers.1."
@@ -170,7 +152,7 @@ def test_hf_config_that_disagrees_with_the_yaml_is_named(tiny_hf_dir, tiny_gqa_h
 
 
 def test_hf_folder_with_wrong_weights_fails_strictly(tiny_hf_dir, tmp_path):
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     folder = tmp_path / "bad"
     folder.mkdir()
     shutil.copy(os.path.join(tiny_hf_dir, "config.json"), folder / "config.json")
@@ -217,7 +199,6 @@ sys.path.insert(0, {plugin!r})
 import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 ms.set_context(device_target="CPU", mode=ms.PYNATIVE_MODE)
-from llava_config import LlavaConfig
 from llava_model import LlavaModel
 from parallel import TensorParallel
 import weights
