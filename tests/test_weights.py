@@ -199,6 +199,7 @@ sys.path.insert(0, {plugin!r})
 import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 ms.set_context(device_target="CPU", mode=ms.PYNATIVE_MODE)
+from llava_config import LlavaConfig
 from llava_model import LlavaModel
 from parallel import TensorParallel
 import weights
