@@ -39,20 +39,8 @@ SEQ_LENGTH = {"tiny": 512, "mid": 1024}
 
 
 def write_yaml(hf_dir, path, seq_length):
-    import yaml
-    from llava_config import LlavaConfig
-    with open(os.path.join(ROOT, "research", "llava", "llava_tiny", "predict_llava_tiny.yaml")) as f:
-        data = yaml.safe_load(f)
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        shapes = LlavaConfig.from_hf_config(json.load(f)).to_dict()
-    mc = data["model"]["model_config"]
-    mc["vision_config"]["model_config"].update(shapes["vision_config"])
-    mc["text_config"]["model_config"].update(shapes["text_config"])
-    mc["seq_length"] = seq_length
-    data["processor"]["tokenizer"]["vocab_file"] = os.path.join(ROOT, "tests", "fixtures", "tokenizer.model")
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f)
-    return path
+    from helpers import TOKENIZER_MODEL, yaml_for
+    return yaml_for(hf_dir, path, vocab_file=TOKENIZER_MODEL, seq_length=seq_length)
 
 
 def predict_ttft(yaml_path, ckpt, work, new_tokens):
@@ -74,7 +62,7 @@ def predict_ttft(yaml_path, ckpt, work, new_tokens):
 class Server:
     def __init__(self, yaml_path, ckpt, work, max_batch):
         import httpx
-        from robust_inputs import free_port
+        from helpers import free_port
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         t0 = time.perf_counter()

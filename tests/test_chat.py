@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from conftest import ROOT
-from test_predict import convert, yaml_for
-from test_serve import CAT, HFChat, image_part, text_part
+from helpers import IMAGES, ROOT, convert, image_part, text_part, yaml_for
+from oracle import HFChat
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
+
+CAT = os.path.join(IMAGES, "chelsea.jpg")
 
 
 class ChatProcess:

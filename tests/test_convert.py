@@ -20,32 +20,21 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conftest import ROOT
+import helpers
+from helpers import CONVERT, ROOT, config_of, hf_tensors, interrupt_convert, signal_midway
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 import checkpoint_io
 import weight_map
 
-CONVERT = os.path.join(ROOT, "convert_weight.py")
 FIXTURE_KEYS = os.path.join(ROOT, "tests", "fixtures", "llava_1_5_7b_keys.json")
 sys.path.insert(0, ROOT)
 import convert_weight as cw  # noqa: E402
 
 
 def run_cli(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, CONVERT, "--model", "llava", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
-
-
-def hf_tensors(folder):
-    """name -> numpy array of every tensor in a llava-hf folder, via the safetensors library."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="np") as f:
-                for key in f.keys():
-                    out[key] = f.get_tensor(key)
-    return out
+    """convert_weight.py --model llava *args; cwd None: this process's working folder."""
+    return helpers.run_cli([CONVERT, "--model", "llava", *args], cwd=cwd, timeout=timeout)
 
 
 def leftovers(folder):
@@ -55,11 +44,6 @@ def leftovers(folder):
 def config_7b():
     with open(FIXTURE_KEYS) as f:
         return LlavaConfig.from_hf_config(json.load(f)["config"])
-
-
-def config_of(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        return LlavaConfig.from_hf_config(json.load(f))
 
 
 # ------------------------------------------------------------------------------------------------ weight_map
@@ -606,35 +590,13 @@ def test_help_documents_the_interface():
 
 # -------------------------------------------------------------------------------------------- mid (CLI)
 
-def _interrupt(mid_hf_dir, out, signum, cwd, env=None):
-    """Start a conversion, wait until the progress bar is up and the temp file is filling, send `signum`."""
-    proc = subprocess.Popen([sys.executable, CONVERT, "--model", "llava", "--input_path", mid_hf_dir,
-                             "--output_path", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                            env=env)
-    tmp = f"{out}.tmp-{proc.pid}"
-    seen = b""
-    deadline = time.monotonic() + 120
-    while b"hf -> ckpt" not in seen and time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-    assert b"hf -> ckpt" in seen, seen
-    while not (os.path.exists(tmp) and os.path.getsize(tmp) > 0) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    size_at_signal = os.path.getsize(tmp)
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
-    return proc.returncode, (seen + stderr).decode(), stdout.decode(), tmp, size_at_signal
-
-
 @pytest.fixture(scope="module")
 def mid_run(mid_hf_dir, tmp_path_factory):
     """SIGTERM during a conversion of `mid`, then a rerun to the same path (SIGINT and SIGKILL: the fault
-    suite, tests/test_robustness.py, which reuses `_interrupt`)."""
+    suite, tests/test_robustness.py, which also uses `interrupt_convert`)."""
     base = tmp_path_factory.mktemp("mid")
     outs = {signal.SIGTERM: str(base / "mid.ckpt")}
-    interrupted = {s: _interrupt(mid_hf_dir, o, s, str(base)) for s, o in outs.items()}
+    interrupted = {s: interrupt_convert(mid_hf_dir, o, s, str(base)) for s, o in outs.items()}
     after = {s: (os.path.exists(o), leftovers(os.path.dirname(o))) for s, o in outs.items()}
     out = outs[signal.SIGTERM]
     start = time.monotonic()
@@ -702,17 +664,8 @@ def test_mid_reversed_interrupted_leaves_no_folder(mid_run, mid_hf_dir, tmp_path
                              mid_run["out"], "--output_path", str(out), "--config",
                              os.path.join(mid_hf_dir, "config.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path))
-    seen, deadline = b"", time.monotonic() + 120
-    while b"ckpt -> hf" not in seen and time.monotonic() < deadline:
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-    assert b"ckpt -> hf" in seen, seen
-    while not (out.is_dir() and any(".tmp-" in n for n in os.listdir(out))) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, _, stderr = signal_midway(proc, b"ckpt -> hf",
+                                 lambda: out.is_dir() and any(".tmp-" in n for n in os.listdir(out)), signal.SIGINT)
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert stderr.decode().rstrip().splitlines()[-1] == \
         "convert_weight.py: error: interrupted by SIGINT; no output written"

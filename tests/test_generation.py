@@ -4,7 +4,7 @@ import io
 import numpy as np
 import pytest
 
-from conftest import TOKENIZER_MODEL
+from helpers import TOKENIZER_MODEL
 from generation import GenerationSettings, TextStreamer, TokenSelector, check_fits
 from llava_config import LlavaConfig
 from llava_errors import LlavaError

@@ -11,11 +11,10 @@ import sys
 
 import pytest
 
-from conftest import IMAGES, PLUGIN, ROOT, TOKENIZER_MODEL
-from test_predict import MAX_NEW, PAIRS, convert, predict, yaml_for
+from helpers import (IMAGES, MAX_NEW, PAIRS, PLUGIN, ROOT, TOKENIZER_MODEL, ImageServer, launcher_argv,
+                     oracle_setups, predict, results)
 
 HELPER = os.path.join(ROOT, "tests", "mindformers_run.py")
-LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
 QUERY_ARGS = ["--predict_data", *[x for pair in PAIRS for x in pair], "--modal_type", "image", "text", "image",
               "text"]
 
@@ -32,20 +31,12 @@ def checkout(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setups(tmp_path_factory, tiny_hf_dir, tiny_gqa_hf_dir):
-    from oracle import HFOracle
     base = tmp_path_factory.mktemp("mf")
-    out = {}
-    for name, hf_dir in (("tiny", tiny_hf_dir), ("tiny_gqa", tiny_gqa_hf_dir)):
-        ckpt = convert(hf_dir, str(base / f"{name}.ckpt"))
-        cfg = yaml_for(hf_dir, str(base / f"{name}.yaml"), max_new_tokens=MAX_NEW)
-        with open(cfg) as f:   # MindFormers' tokenizer build takes a relative vocab_file from the working folder
-            text = f.read().replace("tests/fixtures/tokenizer.model", TOKENIZER_MODEL)
-        with open(cfg, "w") as f:
-            f.write(text)
-        oracle = HFOracle(hf_dir)
-        expected = [oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS]
-        _, records = predict(cfg, ckpt, str(base / f"{name}_cli"), PAIRS)   # this project's run_mindformer.py
-        out[name] = dict(ckpt=ckpt, yaml=cfg, expected=expected, cli=records)
+    # MindFormers' tokenizer build takes a relative vocab_file from the working folder
+    out = oracle_setups(base, {"tiny": tiny_hf_dir, "tiny_gqa": tiny_gqa_hf_dir}, vocab_file=TOKENIZER_MODEL,
+                        max_new_tokens=MAX_NEW)
+    for name, s in out.items():   # this project's run_mindformer.py
+        _, s["cli"] = predict(s["yaml"], s["ckpt"], str(base / f"{name}_cli"), PAIRS)
     return out
 
 
@@ -56,11 +47,6 @@ def run_helper(checkout, cwd, *args, timeout=600):
     os.makedirs(cwd, exist_ok=True)
     return subprocess.run([sys.executable, str(checkout / "mindformers_run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def records_in(out_dir):
-    with open(os.path.join(out_dir, "predict_results.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def check_ids(records, s):
@@ -79,7 +65,7 @@ def test_mindformers_run_script_single_card(preset, setups, checkout, tmp_path):
                       "research/llava", "--run_mode", "predict", *QUERY_ARGS, "--load_checkpoint", s["ckpt"],
                       "--use_parallel", "False", "--auto_trans_ckpt", "False", "--output_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_ids(records_in(out), s)
+    check_ids(results(out), s)
     # the batch's answers are streamed to stdout by the plugin's trainer, one "[i] text" line per input
     for i, (_, text) in enumerate(s["expected"]):
         assert f"[{i}] {text}" in proc.stdout.splitlines()
@@ -96,7 +82,7 @@ def test_trainer_predict_with_plugin_trainer(preset, setups, checkout, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out_json) as f:
         check_ids(json.load(f), s)
-    check_ids(records_in(tmp_path / "out"), s)
+    check_ids(results(tmp_path / "out"), s)
     assert os.listdir(cwd) == []
 
 
@@ -184,10 +170,10 @@ def test_mindformers_run_script_two_ranks_under_msrun(setups, checkout, tmp_path
              f"--load_checkpoint {s['ckpt']} --use_parallel True --auto_trans_ckpt True --output_dir {out}")
     log_dir = tmp_path / "msrun_log"
     env = dict(os.environ, GLOG_v="3", LOG_MF_PATH=str(tmp_path / "mf_log"))
-    proc = subprocess.run(["bash", LAUNCHER, order, "2", "8331", str(log_dir), "True", "300"], cwd=cwd, env=env,
+    proc = subprocess.run(launcher_argv(order, 2, 8331, str(log_dir), 300), cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stderr[-2000:], open(log_dir / "worker_0.log", errors="replace").read()[-3000:])
-    check_ids(records_in(out), s)
+    check_ids(results(out), s)
     for rank in (0, 1):   # each rank holds its half of the language model, sliced from the complete file
         assert os.path.isfile(out / "transformed_checkpoint" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt")
     assert sorted(os.listdir(cwd)) == []
@@ -196,33 +182,15 @@ def test_mindformers_run_script_two_ranks_under_msrun(setups, checkout, tmp_path
 def test_upper_case_extension_and_url_without_extension(setups, tmp_path):
     """MindFormers' run_mindformer.py refuses `X.JPG` and `http://host/photo` with --modal_type image (its
     extension check is case-sensitive); the plugin's run_mindformer.py reads images by content."""
-    import http.server
-    import threading
     s = setups["tiny"]
     upper = str(tmp_path / "CHELSEA.JPG")
     shutil.copy(os.path.join(IMAGES, "chelsea.jpg"), upper)
-    with open(os.path.join(IMAGES, "coffee.jpg"), "rb") as f:
-        body = f.read()
-
-    class Photo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            self.send_response(200 if self.path == "/photo" else 404)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Photo)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    images = ImageServer(os.path.join(IMAGES, "coffee.jpg"))
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/photo"
+        url = images.url("/photo")
         _, records = predict(s["yaml"], s["ckpt"], str(tmp_path / "o"), [(upper, PAIRS[0][1]), (url, PAIRS[1][1])])
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        images.close()
     assert [r["output_ids"] for r in records] == [ids for ids, _ in s["expected"]]
 
 
@@ -237,3 +205,12 @@ def test_query_list_splits_into_requests_as_the_cli_pairs_do():
     assert split([[{"image": "a"}, {"image": "b"}, {"text": "P"}, {"text": "R"}]]) == [(["a", "b"], "P\nR")]
     with pytest.raises(LlavaError, match="ends with an image"):
         split([[{"image": "a"}, {"text": "P"}, {"image": "b"}]])
+
+
+def test_package_and_plugin_modules_are_the_same_classes():
+    """`research.llava` re-exports the top-level plugin modules: one class, registered once."""
+    import llava_model
+    import research.llava as pkg
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    assert pkg.LlavaModel is llava_model.LlavaModel
+    assert MindFormerRegister.get_cls(MindFormerModuleType.MODELS, "LlavaModel") is llava_model.LlavaModel

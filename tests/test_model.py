@@ -15,7 +15,6 @@ import pytest
 
 import mindspore as ms
 
-from conftest import TOKENIZER_MODEL
 from llama_text import QUERY_BLOCK, query_blocks
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
@@ -63,19 +62,20 @@ class Side:
     def __init__(self, hf_dir, seq_length=SEQ_LENGTH):
         import glob
         from safetensors.numpy import load_file
-        from transformers import LlavaForConditionalGeneration
+        from oracle import HFOracle
         with open(os.path.join(hf_dir, "config.json")) as f:
             self.hf_config = json.load(f)
         self.config = LlavaConfig.from_hf_config(self.hf_config, seq_length=seq_length)
-        self.hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.reference = HFOracle(hf_dir)
+        self.hf = self.reference.model
         self.ms = LlavaModel(self.config)
         weights = {}
         for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):    # one file or shards
             weights.update(load_file(path))
         load_weights(self.ms, weights)
         self.engine = self.ms.engine()
-        self.tokenizer = make_tiny_llava.make_hf_tokenizer(TOKENIZER_MODEL)
-        self.processor = make_tiny_llava.make_hf_image_processor(self.config.vision_config.image_size)
+        self.tokenizer = self.reference.tokenizer
+        self.processor = self.reference.image_processor
         self.num_image_tokens = self.config.num_image_tokens
         self._oracle = {}
 
@@ -85,12 +85,7 @@ class Side:
         return self.processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
 
     def ids(self, prompt_text, n_images=1):
-        body = "\n".join(["<image>"] * n_images) + "\n" + prompt_text
-        ids = self.tokenizer(f"USER: {body} ASSISTANT:")["input_ids"]
-        out = []
-        for t in ids:
-            out.extend([t] * self.num_image_tokens if t == make_tiny_llava.IMAGE_TOKEN_INDEX else [t])
-        return out
+        return self.reference.ids(prompt_text, n_images)
 
     def hf_generate(self, ids, pixels, mask=None, max_new_tokens=32):
         ids_t = torch.tensor(np.asarray(ids), dtype=torch.long)

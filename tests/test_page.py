@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from conftest import IMAGES
-import robust_inputs as ri
-from test_serve import ServerProcess, data_url, image_part, setup, text_part  # noqa: F401 (setup: a fixture)
+from helpers import IMAGES, ImageServer, ServerProcess, data_url, image_part, text_part
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -33,13 +31,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-@pytest.fixture(scope="module")
-def server(setup):
-    s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out_page"))
-    yield s
-    s.close()
 
 
 class Page:
@@ -177,7 +168,7 @@ def test_a_dropped_or_pasted_photo_is_attached_as_its_bytes(kind, server, browse
 
 def test_oversized_image_is_a_message_and_the_page_goes_on(server, browser, tmp_path):
     big = noise_jpeg(tmp_path)
-    images = ri.ImageServer(big)
+    images = ImageServer(big)
     page = Page(browser, server.base, width=390, height=844)
     try:
         page.settings(**{"max-tokens": 8})

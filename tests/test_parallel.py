@@ -3,7 +3,6 @@
 A rank killed mid-run and a folder with a missing rank are covered, with the fault suite's stricter checks
 (no stray processes, nothing outside --output_dir), by tests/test_robustness.py.
 """
-import json
 import os
 import re
 import subprocess
@@ -11,32 +10,23 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import ROOT, hf_checkpoint
-from test_predict import MAX_NEW, PAIRS, check_records, convert, run_cli, yaml_for
-
-LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
+from conftest import hf_checkpoint
+from helpers import (MAX_NEW, PAIRS, ROOT, check_records, launcher_argv, oracle_setups, predict_order, results,
+                     run_cli)
 
 
 def launch(yaml_path, ckpt, out_dir, pairs, port, *extra, workers=2, timeout_s=120, auto_trans=True):
-    items = " ".join(f"'{x}'" for pair in pairs for x in pair)
-    order = (f"run_mindformer.py --config {yaml_path} --register_path research/llava --run_mode predict "
-             f"--predict_data {items} --modal_type image text --load_checkpoint {ckpt} "
-             f"--use_parallel True --auto_trans_ckpt {auto_trans} --output_dir {out_dir} "
-             f"--max_new_tokens {MAX_NEW} " + " ".join(extra))
+    items = [x for pair in pairs for x in pair]
+    order = predict_order(yaml_path, ckpt, out_dir, items, auto_trans, ("--max_new_tokens", str(MAX_NEW), *extra))
     log_dir = os.path.join(out_dir, "msrun_log")
-    args = ["bash", LAUNCHER, order, str(workers), str(port), log_dir, "True", str(timeout_s)]
-    return subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True), log_dir
+    return subprocess.Popen(launcher_argv(order, workers, port, log_dir, timeout_s), cwd=ROOT,
+                            env=dict(os.environ, GLOG_v="3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True), log_dir
 
 
 def finish(proc, limit=900):
     out, err = proc.communicate(timeout=limit)
     return proc.returncode, out, err
-
-
-def results(out_dir):
-    with open(os.path.join(out_dir, "predict_results.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def worker_log(log_dir, rank):
@@ -46,15 +36,10 @@ def worker_log(log_dir, rank):
 
 @pytest.fixture(scope="module")
 def tp_setups(tmp_path_factory, tiny_hf_dir, mid_hf_dir):
-    from oracle import HFOracle
     base = tmp_path_factory.mktemp("parallel")
     out = {}
     for name, hf_dir, seq in (("tiny", tiny_hf_dir, 256), ("mid", mid_hf_dir, 1024)):
-        oracle = HFOracle(hf_dir)
-        out[name] = dict(
-            hf_dir=hf_dir, ckpt=convert(hf_dir, str(base / f"{name}.ckpt")),
-            yaml=yaml_for(hf_dir, str(base / f"{name}.yaml"), seq_length=seq),
-            expected=[oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS])
+        out.update(oracle_setups(base, {name: hf_dir}, seq_length=seq))
         with open(out[name]["yaml"]) as f:
             text = f.read()
         with open(out[name]["yaml"], "w") as f:

@@ -1,81 +1,14 @@
 """[E] run_mindformer.py end to end, as a subprocess: convert → predict → predict_results.jsonl == HF generate."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from conftest import IMAGES, ROOT
-
-TINY_YAML = os.path.join(ROOT, "research", "llava", "llava_tiny", "predict_llava_tiny.yaml")
-MAX_NEW = 24
-PAIRS = [(os.path.join(IMAGES, "chelsea.jpg"), "Describe the image in English:"),
-         (os.path.join(IMAGES, "coffee.jpg"), "What is on the table? Answer briefly.")]
-
-
-def run_cli(args, timeout=600):
-    env = dict(os.environ, GLOG_v="3")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def convert(hf_dir, out):
-    proc = run_cli(["convert_weight.py", "--model", "llava", "--input_path", hf_dir, "--output_path", out,
-                    "--quiet"])
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-def yaml_for(hf_dir, path, **model_overrides):
-    """The tiny yaml with model_config shapes taken from an HF checkpoint's config.json."""
-    from llava_config import LlavaConfig
-    with open(TINY_YAML) as f:
-        data = yaml.safe_load(f)
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        shapes = LlavaConfig.from_hf_config(json.load(f)).to_dict()
-    mc = data["model"]["model_config"]
-    mc["vision_config"]["model_config"].update(shapes["vision_config"])
-    mc["text_config"]["model_config"].update(shapes["text_config"])
-    mc.update(model_overrides)
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f)
-    return path
-
-
-def predict(yaml_path, ckpt, out_dir, pairs, *extra):
-    items = [x for pair in pairs for x in pair]
-    proc = run_cli(["run_mindformer.py", "--config", yaml_path, "--register_path", "research/llava",
-                    "--run_mode", "predict", "--predict_data", *items, "--modal_type", "image", "text",
-                    "--load_checkpoint", ckpt, "--use_parallel", "False", "--auto_trans_ckpt", "False",
-                    "--output_dir", out_dir, "--max_new_tokens", str(MAX_NEW), *extra])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(out_dir, "predict_results.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return proc, records
+from helpers import PAIRS, check_records, oracle_setups, predict, run_cli, yaml_for
 
 
 @pytest.fixture(scope="module")
 def setups(tmp_path_factory, tiny_hf_dir, tiny_gqa_hf_dir):
-    from oracle import HFOracle
-    base = tmp_path_factory.mktemp("predict")
-    out = {}
-    for name, hf_dir in (("tiny", tiny_hf_dir), ("tiny_gqa", tiny_gqa_hf_dir)):
-        ckpt = convert(hf_dir, str(base / f"{name}.ckpt"))
-        cfg = yaml_for(hf_dir, str(base / f"{name}.yaml"))
-        oracle = HFOracle(hf_dir)
-        expected = [oracle.generate(img, prompt, MAX_NEW) for img, prompt in PAIRS]
-        out[name] = dict(ckpt=ckpt, yaml=cfg, expected=expected)
-    return out
-
-
-def check_records(records, pairs, expected):
-    assert len(records) == len(pairs)
-    for rec, (img, prompt), (ids, text) in zip(records, pairs, expected):
-        assert rec["image"] == img and rec["prompt"] == prompt
-        assert rec["output_ids"] == ids
-        assert rec["output_text"] == text
+    return oracle_setups(tmp_path_factory.mktemp("predict"), {"tiny": tiny_hf_dir, "tiny_gqa": tiny_gqa_hf_dir})
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_gqa"])

@@ -1,17 +1,13 @@
 """LlavaProcessor: CLIP pixels vs transformers' CLIPImageProcessor, prompt/ids vs transformers' LlavaProcessor,
 and every bad image input (local files and a local http.server) ending in a LlavaError that names the input."""
 import io
-import struct
-import threading
 import time
-import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TOKENIZER_MODEL
+from helpers import TOKENIZER_MODEL, ImageServer, free_port, png_bytes
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 from llava_processor import (CLIP_MEAN, CLIP_STD, LlavaProcessor, build_prompt, clip_pixels, load_image)
@@ -279,15 +275,6 @@ def _assert_names(err, name):
     assert "\n" not in msg
 
 
-def _png_header(width, height):
-    """A PNG whose IHDR claims width x height (tiny IDAT): Pillow knows the size before decoding."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + \
-        chunk(b"IEND", b"")
-
-
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, image_paths):
     d = tmp_path_factory.mktemp("bad")
@@ -302,8 +289,8 @@ def bad_files(tmp_path_factory, image_paths):
         "html": b"<!doctype html><html><body>404</body></html>",
         "truncated_jpeg": jpeg[: len(jpeg) // 2],
         "truncated_png": png[: len(png) // 3],
-        "bomb": _png_header(100_000, 100_000),            # > 2x Pillow's limit: DecompressionBombError
-        "bomb_warning": _png_header(10_000, 10_000),      # between 1x and 2x: Pillow only warns
+        "bomb": png_bytes(100_000, 100_000),            # > 2x Pillow's limit: DecompressionBombError
+        "bomb_warning": png_bytes(10_000, 10_000),      # between 1x and 2x: Pillow only warns
         "good": jpeg,
     }
     paths = {}
@@ -381,83 +368,11 @@ def test_bad_types_and_processor_errors(proc):
 
 
 # a local HTTP server (127.0.0.1, ephemeral port) serving the URL cases
-class _Handler(BaseHTTPRequestHandler):
-    image_bytes = b""
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, body, ctype, length=None):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        path = self.path
-        if path == "/cat.jpg":
-            self._send(200, self.image_bytes, "image/jpeg")
-        elif path == "/missing.jpg":
-            self._send(404, b"not found", "text/plain")
-        elif path == "/error.jpg":
-            self._send(500, b"oops", "text/plain")
-        elif path == "/page.jpg":
-            self._send(200, b"<!DOCTYPE html><html><head><title>x</title></head><body>hi</body></html>",
-                       "text/html")
-        elif path == "/huge-declared.jpg":
-            self._send(200, b"", "image/jpeg", length=10 ** 9)
-        elif path == "/huge-streamed.jpg":  # no Content-Length, endless body
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            try:
-                for _ in range(10_000):
-                    self.wfile.write(b"\xff" * 65536)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-        elif path == "/slow.jpg":
-            time.sleep(3)
-            try:
-                self._send(200, self.image_bytes, "image/jpeg")
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-        elif path == "/trickle.jpg":  # a byte at a time: each read is quick, the whole is too slow
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            try:
-                for b in self.image_bytes[:40]:
-                    self.wfile.write(bytes([b]))
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-        elif path == "/to-file.jpg":
-            self.send_response(302)
-            self.send_header("Location", "file:///etc/passwd")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif path == "/loop.jpg":
-            self.send_response(302)
-            self.send_header("Location", "/loop.jpg")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        else:
-            self._send(404, b"", "text/plain")
-
-
 @pytest.fixture(scope="module")
 def server(image_paths):
-    with open(image_paths["chelsea"], "rb") as f:
-        _Handler.image_bytes = f.read()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    images = ImageServer(image_paths["chelsea"])
+    yield images.url("")
+    images.close()
 
 
 def test_url_loads_the_same_pixels(server, image_paths):
@@ -469,12 +384,12 @@ def test_url_loads_the_same_pixels(server, image_paths):
     ("/missing.jpg", "HTTP 404", {}),
     ("/error.jpg", "HTTP 500", {}),
     ("/page.jpg", "not an image", {}),
-    ("/huge-declared.jpg", "more than the limit", {"max_bytes": 1_000_000}),
-    ("/huge-streamed.jpg", "more than the limit", {"max_bytes": 1_000_000}),
+    ("/huge.jpg", "more than the limit", {"max_bytes": 1_000_000}),
+    ("/endless.jpg", "more than the limit", {"max_bytes": 1_000_000}),
     ("/cat.jpg", "more than the limit of 1000 bytes", {"max_bytes": 1000}),
-    ("/slow.jpg", "timed out", {"timeout": 0.5}),
+    ("/stall.jpg", "timed out", {"timeout": 0.5}),
     ("/trickle.jpg", "timed out", {"timeout": 0.5}),
-    ("/to-file.jpg", "download failed", {}),
+    ("/to_file.jpg", "download failed", {}),
     ("/loop.jpg", "too many redirects", {}),
 ])
 def test_bad_urls(server, route, problem, kwargs):
@@ -488,10 +403,7 @@ def test_bad_urls(server, route, problem, kwargs):
 
 
 def test_unreachable_url_is_a_llava_error():
-    import socket
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/a.jpg"
     with pytest.raises(LlavaError, match="download failed") as err:
         load_image(url, timeout=2)

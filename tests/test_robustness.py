@@ -19,8 +19,8 @@ even root cannot create files while os.access() says it may).
 All subprocesses are submitted at once to one pool (fixture `jobs`), slowest first: a run_mindformer.py
 process that gets as far as the model config spends ~7 s importing MindSpore/MindFormers, while the cases that
 fail before (arguments, yaml shape, images and URLs, checkpoint files, output folder) take under a second. One
-converted tiny checkpoint serves all predict cases. The tensor-parallel cases (a missing rank folder, a rank killed
-mid-run) are skipped until research/llava/parallel.py exists.
+converted tiny checkpoint serves all predict cases. The tensor-parallel cases are a missing rank folder and a rank killed
+mid-run.
 """
 import concurrent.futures
 import json
@@ -33,16 +33,11 @@ import sys
 import time
 
 import pytest
-import yaml
 
 import robust_inputs as ri
-from conftest import IMAGES, ROOT, TOKENIZER_MODEL
+from helpers import (CONVERT, IMAGES, LAUNCHER, PLUGIN, ROOT, RUN, TOKENIZER_MODEL, ImageServer, free_port,
+                     interrupt_convert, launcher_argv, png_bomb, png_header, predict_order, yaml_for)
 
-RUN = os.path.join(ROOT, "run_mindformer.py")
-CONVERT = os.path.join(ROOT, "convert_weight.py")
-LAUNCHER = os.path.join(ROOT, "scripts", "msrun_launcher.sh")
-PLUGIN = os.path.join(ROOT, "research", "llava")
-TINY_YAML = os.path.join(PLUGIN, "llava_tiny", "predict_llava_tiny.yaml")
 CAT = os.path.join(IMAGES, "chelsea.jpg")
 NET_TIMEOUT = 2          # processor.timeout in the yaml of the URL cases (seconds)
 NET_MAX_BYTES = 100_000  # processor.max_bytes in the yaml of the URL cases
@@ -112,35 +107,6 @@ def check_failure(run, case):
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def tiny_yaml(path, hf_dir, processor=None, model=None, top=None, drop_vocab=False):
-    """The tiny predict yaml with the shapes of `hf_dir`'s config.json, an absolute vocab_file and overrides."""
-    with open(TINY_YAML) as f:
-        data = yaml.safe_load(f)
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        hf = json.load(f)
-    mc = data["model"]["model_config"]
-    text, vision = hf["text_config"], hf["vision_config"]
-    mc["text_config"]["model_config"].update(hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
-                                             num_heads=text["num_attention_heads"],
-                                             n_kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
-                                             intermediate_size=text["intermediate_size"],
-                                             vocab_size=text["vocab_size"])
-    mc["vision_config"]["model_config"].update(hidden_size=vision["hidden_size"],
-                                               intermediate_size=vision["intermediate_size"],
-                                               num_hidden_layers=vision["num_hidden_layers"],
-                                               num_attention_heads=vision["num_attention_heads"],
-                                               image_size=vision["image_size"], patch_size=vision["patch_size"])
-    mc.update(model or {})
-    data["processor"]["tokenizer"]["vocab_file"] = TOKENIZER_MODEL
-    if drop_vocab:
-        del data["processor"]["tokenizer"]["vocab_file"]
-    data["processor"].update(processor or {})
-    data.update(top or {})
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f)
-    return path
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_hf_dir):
     """Inputs shared by the predict cases: a converted tiny checkpoint, yamls, bad files, a local HTTP server."""
@@ -154,11 +120,11 @@ def env(tmp_path_factory, tiny_hf_dir):
     assert conv.proc.returncode == 0, conv.proc.stderr
     ckpt = os.path.join(inp, "tiny.ckpt")
     shutil.move(os.path.join(conv.out, "tiny.ckpt"), ckpt)
-    server = ri.ImageServer(CAT)
+    server = ImageServer(CAT)
     e = dict(base=base, inp=inp, ckpt=ckpt, hf=tiny_hf_dir, server=server, convert_run=conv)
-    e["yaml"] = tiny_yaml(os.path.join(inp, "tiny.yaml"), tiny_hf_dir)
-    e["net_yaml"] = tiny_yaml(os.path.join(inp, "net.yaml"), tiny_hf_dir,
-                              processor={"timeout": NET_TIMEOUT, "max_bytes": NET_MAX_BYTES})
+    e["yaml"] = yaml_for(tiny_hf_dir, os.path.join(inp, "tiny.yaml"), vocab_file=TOKENIZER_MODEL)
+    e["net_yaml"] = yaml_for(tiny_hf_dir, os.path.join(inp, "net.yaml"), vocab_file=TOKENIZER_MODEL,
+                             processor={"timeout": NET_TIMEOUT, "max_bytes": NET_MAX_BYTES})
     e["cases"] = {**predict_cases(e), **convert_cases(e), **launcher_cases(e)}   # predict first: makes resnet.ckpt
     yield e
     server.close()
@@ -212,9 +178,9 @@ def predict_cases(e):
     image("image_not_an_image", ri.write(j("notes.jpg"), "shopping list: milk, eggs\n"),
           ["notes.jpg", "not an image"])
     image("image_is_a_folder", inp, [inp, "directory"])
-    image("image_20000x20000_header", ri.png_header_only(j("huge_header.png")),
+    image("image_20000x20000_header", png_header(j("huge_header.png")),
           ["huge_header.png", "400000000 pixels", "limit of 89478485"])
-    image("image_decompression_bomb", ri.png_bomb(j("bomb.png")), ["bomb.png", "10000x10000 = 100000000 pixels", "limit of 89478485", "decompression-bomb"])
+    image("image_decompression_bomb", png_bomb(j("bomb.png")), ["bomb.png", "10000x10000 = 100000000 pixels", "limit of 89478485", "decompression-bomb"])
     # URLs (yaml: processor.timeout 2 s, processor.max_bytes 100000; one case with the 64 MB default cap)
     net = dict(cfg=e["net_yaml"])
     t = NET_TIMEOUT + 25   # imports (~6-15 s on a busy machine) + the time-out + slack
@@ -230,7 +196,7 @@ def predict_cases(e):
         data=[url("/huge.jpg"), "Hi"])
     add("url_redirect_loop", ["loop.jpg", "redirects"], data=[url("/loop.jpg"), "Hi"], **net)
     add("url_redirect_to_file_scheme", ["to_file.jpg", "download failed"], data=[url("/to_file.jpg"), "Hi"], **net)
-    port = ri.free_port()   # nobody listens there (a port just freed by the kernel)
+    port = free_port()   # nobody listens there (a port just freed by the kernel)
     add("url_connection_refused", [f"127.0.0.1:{port}", "download failed"],
         data=[f"http://127.0.0.1:{port}/x.jpg", "Hi"], **net)
     add("scheme_file", ["file:///etc/hostname", "unsupported scheme 'file:'"], data=["file:///etc/hostname", "Hi"])
@@ -254,16 +220,19 @@ def predict_cases(e):
     add("yaml_python_tag_refused", ["tag.yaml", "not valid YAML"], sentinel=tag_sentinel,
         cfg=ri.write(j("tag.yaml"), f"seed: !!python/object/apply:builtins.open ['{tag_sentinel}', 'w']\n"))
     add("yaml_unknown_top_level_key", ["top.yaml", "unknown top-level key", "modle"],
-        cfg=tiny_yaml(j("top.yaml"), hf, top={"modle": {"x": 1}}))
-    add("yaml_unknown_model_key", ["numm_layers"], cfg=tiny_yaml(j("key.yaml"), hf, model={"numm_layers": 3}))
+        cfg=yaml_for(hf, j("top.yaml"), vocab_file=TOKENIZER_MODEL, top={"modle": {"x": 1}}))
+    add("yaml_unknown_model_key", ["numm_layers"], cfg=yaml_for(hf, j("key.yaml"), vocab_file=TOKENIZER_MODEL,
+                                                                    numm_layers=3))
     add("yaml_wrong_type_seq_length", ["seq_length", "'long'"],
-        cfg=tiny_yaml(j("type.yaml"), hf, model={"seq_length": "long"}))
-    add("yaml_wrong_type_section", ["section.yaml", "context"], cfg=tiny_yaml(j("section.yaml"), hf, top={"context": "CPU"}))
+        cfg=yaml_for(hf, j("type.yaml"), vocab_file=TOKENIZER_MODEL, seq_length="long"))
+    add("yaml_wrong_type_section", ["section.yaml", "context"], cfg=yaml_for(hf, j("section.yaml"), vocab_file=TOKENIZER_MODEL,
+                                                                                top={"context": "CPU"}))
     add("yaml_wrong_type_processor_timeout", ["timeout", "'ten'"],
-        cfg=tiny_yaml(j("timeout.yaml"), hf, processor={"timeout": "ten"}))
+        cfg=yaml_for(hf, j("timeout.yaml"), vocab_file=TOKENIZER_MODEL, processor={"timeout": "ten"}))
     add("yaml_bad_context_mode", ["could not set up the context", "mode=7"],
-        cfg=tiny_yaml(j("mode.yaml"), hf, top={"context": {"mode": 7, "device_target": "CPU"}}))
-    add("yaml_missing_vocab_file", ["novocab.yaml", "vocab_file"], cfg=tiny_yaml(j("novocab.yaml"), hf, drop_vocab=True))
+        cfg=yaml_for(hf, j("mode.yaml"), vocab_file=TOKENIZER_MODEL,
+                     top={"context": {"mode": 7, "device_target": "CPU"}}))
+    add("yaml_missing_vocab_file", ["novocab.yaml", "vocab_file"], cfg=yaml_for(hf, j("novocab.yaml"), drop_vocab=True))
     # tokenizer
     add("vocab_file_missing", ["no_such.model", "no such file"], extra=("--vocab_file", j("no_such.model")))
     add("vocab_file_not_sentencepiece", ["junk.model", "not a SentencePiece model"],
@@ -462,8 +431,7 @@ def _convert_and_signal(mid_hf_dir, work, signum):
     target = os.path.join(out, "mid.ckpt")
     env = dict(os.environ, GLOG_v="3", TMPDIR=tmp)
     env.pop("LOG_MF_PATH", None)
-    from test_convert import _interrupt
-    rc, stderr, stdout, temp, size = _interrupt(mid_hf_dir, target, signum, cwd, env=env)
+    rc, stderr, stdout, temp, size = interrupt_convert(mid_hf_dir, target, signum, cwd, env=env)
     return dict(rc=rc, stderr=stderr, stdout=stdout, temp=temp,
                 size=size, target=target, cwd=cwd, out=out, tmp=tmp,
                 after=dict(target=os.path.exists(target), temp=os.path.exists(temp), cwd=sorted(os.listdir(cwd)),
@@ -555,17 +523,15 @@ def _parallel_order(e, out, ckpt, auto_trans, long_run=False):
     decoding), so that a rank can be killed while both ranks are in the decode loop."""
     cfg = os.path.join(e["inp"], "tp2_long.yaml" if long_run else "tp2.yaml")
     if not os.path.exists(cfg):
-        tiny_yaml(cfg, e["hf"], model={"seq_length": 512} if long_run else None,
-                  top={"parallel_config": {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1}})
-    new = "--max_new_tokens 380 --mode 1" if long_run else "--max_new_tokens 4"
-    return (f"{RUN} --config {cfg} --register_path {PLUGIN} --run_mode predict --predict_data {CAT} Describe: "
-            f"--modal_type image text --load_checkpoint {ckpt} --use_parallel True --auto_trans_ckpt {auto_trans} "
-            f"--output_dir {out} {new}")
+        yaml_for(e["hf"], cfg, vocab_file=TOKENIZER_MODEL, **({"seq_length": 512} if long_run else {}),
+                 top={"parallel_config": {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1}})
+    new = ("--max_new_tokens", "380", "--mode", "1") if long_run else ("--max_new_tokens", "4")
+    return predict_order(cfg, ckpt, out, [CAT, "Describe:"], auto_trans, new)
 
 
 def _launch(e, out, ckpt, auto_trans, long_run=False):
-    return ["bash", LAUNCHER, _parallel_order(e, out, ckpt, auto_trans, long_run), "2", str(ri.free_port()),
-            os.path.join(out, "msrun_log"), "True", str(CLUSTER_TIME_OUT)]
+    return launcher_argv(_parallel_order(e, out, ckpt, auto_trans, long_run), 2, free_port(),
+                         os.path.join(out, "msrun_log"), CLUSTER_TIME_OUT)
 
 
 def tp_missing_rank_job(e):

@@ -5,99 +5,26 @@ The reference for every answer is transformers: llava-hf's chat template through
 (greedy). The server is a real `run_mindformer.py --run_mode serve` process on 127.0.0.1, driven with the
 `openai` package, httpx for raw HTTP and a local image server for http(s) images.
 """
-import base64
 import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import IMAGES, ROOT, TOKENIZER_MODEL
-import robust_inputs as ri
-from test_predict import convert, yaml_for
+from helpers import (IMAGES, ROOT, TOKENIZER_MODEL, ImageServer, ServerProcess, data_url, free_port, image_part,
+                     launcher_argv, text_part)
+from oracle import HFChat
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import make_tiny_llava  # noqa: E402
-
-TEMPLATE = os.path.join(ROOT, "research", "llava", "chat_template.jinja")
 CAT, COFFEE, ROCKET = (os.path.join(IMAGES, n) for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg"))
-
-
-def data_url(path):
-    with open(path, "rb") as f:
-        return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
-
-
-def image_part(url):
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def text_part(text):
-    return {"type": "text", "text": text}
-
-
-# ---------------------------------------------------------------------------------------------- the oracle
-class HFChat:
-    """HF processor (llava-hf's chat template) + HF model: ids and greedy answers for OpenAI-style messages."""
-
-    def __init__(self, hf_dir):
-        from transformers import LlavaForConditionalGeneration, LlavaProcessor
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            config = json.load(f)
-        with open(TEMPLATE) as f:
-            template = f.read()
-        vision = config["vision_config"]
-        self.processor = LlavaProcessor(
-            image_processor=make_tiny_llava.make_hf_image_processor(vision["image_size"]),
-            tokenizer=make_tiny_llava.make_hf_tokenizer(TOKENIZER_MODEL), chat_template=template,
-            patch_size=vision["patch_size"], vision_feature_select_strategy="default",
-            num_additional_image_tokens=1)
-        self.model = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
-
-    @staticmethod
-    def hf_messages(messages):
-        """OpenAI messages -> HF's conversation format (image parts as {"type": "image"}) and the image paths."""
-        out, images = [], []
-        for m in messages:
-            content = m["content"]
-            if isinstance(content, str):
-                content = [text_part(content)]
-            parts = []
-            for p in content:
-                if p["type"] == "image_url":
-                    parts.append({"type": "image"})
-                    images.append(p["image_url"]["url"])
-                else:
-                    parts.append(p)
-            out.append({"role": m["role"], "content": parts})
-        return out, images
-
-    def inputs(self, messages, paths):
-        from PIL import Image
-        conversation, _ = self.hf_messages(messages)
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        images = [Image.open(p) for p in paths] or None
-        return self.processor(images=images, text=text, return_tensors="pt")
-
-    def answer(self, messages, paths, max_new_tokens):
-        """(greedy new ids cut after the first EOS, their text) for the conversation."""
-        inputs = self.inputs(messages, paths)
-        with torch.no_grad():
-            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                      pad_token_id=make_tiny_llava.PAD_TOKEN_ID)
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        if 2 in new:
-            new = new[:new.index(2) + 1]
-        return new, self.processor.tokenizer.decode(new, skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -151,67 +78,10 @@ def test_template_text_is_llava_hf_s():
 
 
 # ---------------------------------------------------------------------------------------------- the server
-class ServerProcess:
-    def __init__(self, yaml_path, ckpt, out_dir, *extra):
-        self.port = ri.free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        os.makedirs(out_dir, exist_ok=True)
-        self.err_path = os.path.join(out_dir, "server.err")
-        self.err = open(self.err_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "run_mindformer.py", "--config", yaml_path, "--run_mode", "serve",
-             "--load_checkpoint", ckpt, "--output_dir", out_dir, "--port", str(self.port), *extra],
-            cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.DEVNULL, stderr=self.err)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.stderr()
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            raise AssertionError("the server did not start: " + self.stderr())
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def stderr(self):
-        self.err.flush()
-        with open(self.err_path) as f:
-            return f.read()[-3000:]
-
-    def close(self):
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.err.close()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_hf_dir):
-    d = tmp_path_factory.mktemp("serve")
-    # processor.max_bytes small enough that a forged large image is refused with 413
-    yaml_path = yaml_for(tiny_hf_dir, str(d / "tiny.yaml"), seq_length=512)
-    import yaml
-    with open(yaml_path) as f:
-        data = yaml.safe_load(f)
-    data["processor"]["max_bytes"] = 300_000
-    with open(yaml_path, "w") as f:
-        yaml.safe_dump(data, f)
-    return {"yaml": yaml_path, "ckpt": convert(tiny_hf_dir, str(d / "tiny.ckpt")), "dir": d}
-
-
-@pytest.fixture(scope="module")
-def server(setup):
-    s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out"))
-    yield s
-    s.close()
-
-
+# `setup` and `server`: the served tiny model (conftest.py)
 @pytest.fixture(scope="module")
 def images():
-    server = ri.ImageServer(ROCKET)
+    server = ImageServer(ROCKET)
     yield server
     server.close()
 
@@ -440,11 +310,10 @@ def test_two_ranks_serve_the_single_process_answers(setup, server, hf):
     with open(yaml2, "w") as f:
         f.write(text.replace("model_parallel: 1", "model_parallel: 2"))
     out = str(d / "out_tp2")
-    port = ri.free_port()
+    port = free_port()
     order = (f"run_mindformer.py --config {yaml2} --run_mode serve --load_checkpoint {setup['ckpt']} "
              f"--use_parallel True --auto_trans_ckpt True --output_dir {out} --port {port}")
-    launcher = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "msrun_launcher.sh"), order, "2",
-                                 str(ri.free_port()), os.path.join(out, "msrun_log"), "True", "300"],
+    launcher = subprocess.Popen(launcher_argv(order, 2, free_port(), os.path.join(out, "msrun_log"), 300),
                                 cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

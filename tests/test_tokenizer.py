@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import TOKENIZER_MODEL
+from helpers import TOKENIZER_MODEL
 from llava_errors import LlavaError
 from llava_tokenizer import LlavaTokenizer
 
@@ -65,8 +65,14 @@ CORPUS = build_corpus()
 
 @pytest.fixture(scope="module")
 def hf_tok():
+    """The reference: transformers' LlamaTokenizer on the fixture tokenizer.model, which gives llava-hf's ids."""
     from make_tiny_llava import make_hf_tokenizer
-    return make_hf_tokenizer(TOKENIZER_MODEL)
+    tok = make_hf_tokenizer(TOKENIZER_MODEL)
+    ids = tok("USER: <image>\nDescribe the image. ASSISTANT:")["input_ids"]
+    assert ids == [1, 3148, 1001, 29901, 29871, 32000, 29871, 13, 4002, 29581, 278, 1967, 29889,
+                   319, 1799, 9047, 13566, 29901]
+    assert tok.convert_ids_to_tokens([0, 1, 2, 29871, 32001]) == ["<unk>", "<s>", "</s>", "\u2581", "<pad>"]
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +202,7 @@ def test_built_with_auto_register_from_register_path(tmp_path, monkeypatch):
     `openmind_modules.llava.llava_tokenizer`, re-registering the name: the class it builds is NOT
     `llava_tokenizer.LlavaTokenizer`. The registry entry is restored afterwards."""
     import sys
-    from conftest import PLUGIN
+    from helpers import PLUGIN
     from mindformers.models.build_tokenizer import build_tokenizer
     from mindformers.tools.hub.hub import HubConstants
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister

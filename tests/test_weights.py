@@ -14,31 +14,14 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conftest import ROOT, hf_checkpoint
-from llava_config import LlavaConfig
+from conftest import hf_checkpoint
+from helpers import MAX_NEW, PAIRS, ROOT, check_records, config_of, convert, hf_tensors, predict, run_cli, yaml_for
 from llava_errors import LlavaError
 from parallel import TensorParallel
 import weight_map
 import weights
-
-
-def hf_arrays(folder):
-    """name -> numpy array of every tensor of a llava-hf folder, via the safetensors library."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="np") as f:
-                for key in f.keys():
-                    out[key] = f.get_tensor(key)
-    return out
-
-
-def config_of(folder, **overrides):
-    with open(os.path.join(folder, "config.json")) as f:
-        return LlavaConfig.from_hf_config(json.load(f), **overrides)
 
 
 class Holder:
@@ -74,10 +57,7 @@ def tiny_sharded_dir():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_hf_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("weights") / "tiny.ckpt")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_weight.py"), "--model", "llava",
-                        "--input_path", tiny_hf_dir, "--output_path", out, "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+    return convert(tiny_hf_dir, out)
 
 
 # ------------------------------------------------------------------------------------------------ match
@@ -105,7 +85,7 @@ def test_check_refuses_non_float_tensors(tiny_hf_dir):
 
 # ------------------------------------------------------------------------------------- sources, one process
 def test_hf_folder_single_and_sharded_equal_the_safetensors(tiny_hf_dir, tiny_sharded_dir, tiny_ckpt):
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     config = config_of(tiny_hf_dir)
     assert len([n for n in os.listdir(tiny_sharded_dir) if n.endswith(".safetensors")]) > 1
     for source in (tiny_hf_dir, tiny_sharded_dir, tiny_ckpt):
@@ -119,7 +99,7 @@ def test_hf_folder_dtypes_are_cast_per_tensor(tiny_hf_dir, tmp_path):
     """float16 and bfloat16 safetensors into a float32 model, and float32 safetensors into a float16 model."""
     import torch
     from safetensors.torch import save_file as save_torch
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     config = config_of(tiny_hf_dir)
     for dtype in ("float16", "bfloat16"):
         folder = tmp_path / dtype
@@ -141,7 +121,7 @@ def test_hf_folder_is_sliced_per_rank(tiny_hf_dir, tiny_sharded_dir, source):
     """Each of 2 ranks gets its half of every split weight (rows for column/vocab, columns for row splits),
     the whole of every replicated one; the halves put together are the HF tensors."""
     folder = tiny_hf_dir if source == "single" else tiny_sharded_dir
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     config = config_of(tiny_hf_dir)
     ranks = [load(folder, config, TensorParallel(rank, 2)) for rank in range(2)]
     t = "language_model.model.layers.1."
@@ -172,7 +152,7 @@ def test_hf_config_that_disagrees_with_the_yaml_is_named(tiny_hf_dir, tiny_gqa_h
 
 
 def test_hf_folder_with_wrong_weights_fails_strictly(tiny_hf_dir, tmp_path):
-    ref = hf_arrays(tiny_hf_dir)
+    ref = hf_tensors(tiny_hf_dir)
     folder = tmp_path / "bad"
     folder.mkdir()
     shutil.copy(os.path.join(tiny_hf_dir, "config.json"), folder / "config.json")
@@ -263,7 +243,6 @@ def test_loading_the_mid_hf_folder_peaks_at_the_model_plus_one_tensor(mid_hf_dir
 @pytest.fixture(scope="module")
 def predict_setup(tiny_hf_dir, tiny_ckpt, tmp_path_factory):
     from oracle import HFOracle
-    from test_predict import MAX_NEW, PAIRS, yaml_for
     base = tmp_path_factory.mktemp("predict_hf")
     return dict(yaml=yaml_for(tiny_hf_dir, str(base / "tiny.yaml")),
                 expected=[HFOracle(tiny_hf_dir).generate(img, prompt, MAX_NEW) for img, prompt in PAIRS])
@@ -274,7 +253,6 @@ def test_predict_from_the_hf_folder_equals_hf_and_the_converted_ckpt(source, pre
                                                                      tiny_sharded_dir, tiny_ckpt, tmp_path):
     """`--load_checkpoint HF_DIR` (no conversion) gives the HF oracle's answers, and the very records and
     console output of the converted .ckpt."""
-    from test_predict import PAIRS, check_records, predict
     folder = tiny_hf_dir if source == "single" else tiny_sharded_dir
     proc, records = predict(predict_setup["yaml"], folder, str(tmp_path / "hf"), PAIRS)
     check_records(records, PAIRS, predict_setup["expected"])
@@ -284,7 +262,6 @@ def test_predict_from_the_hf_folder_equals_hf_and_the_converted_ckpt(source, pre
 
 
 def test_predict_names_a_config_that_disagrees_with_the_yaml(predict_setup, tiny_gqa_hf_dir, tmp_path):
-    from test_predict import PAIRS, run_cli
     proc = run_cli(["run_mindformer.py", "--config", predict_setup["yaml"], "--predict_data", *PAIRS[0],
                     "--load_checkpoint", tiny_gqa_hf_dir, "--output_dir", str(tmp_path / "o")])
     assert proc.returncode == 2, proc.stderr[-2000:]
