@@ -10,6 +10,23 @@ import pytest
 
 from helpers import FIXTURES, IMAGES, ROOT  # helpers also puts the plugin and the fixtures on sys.path
 
+SLOW = "--slow / CI / LLAVA_SLOW_TESTS=1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (CI runs them; a local run skips them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or os.environ.get("CI") or os.environ.get("LLAVA_SLOW_TESTS"):
+        return
+    skip = pytest.mark.skip(reason=f"slow: run with {SLOW}")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 CACHE = os.environ.get("LLAVA_FIXTURE_CACHE", os.path.join(ROOT, ".cache", "fixtures"))
 
 

@@ -55,7 +55,7 @@ def check_ids(records, s):
     assert [r["output_ids"] for r in records] == [r["output_ids"] for r in s["cli"]]      # our run_mindformer.py
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_gqa"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("tiny_gqa", marks=pytest.mark.slow)])
 def test_mindformers_run_script_single_card(preset, setups, checkout, tmp_path):
     """The seed's single-card command as typed in a MindFormers checkout (relative --config/--register_path)."""
     s = setups[preset]
@@ -72,7 +72,7 @@ def test_mindformers_run_script_single_card(preset, setups, checkout, tmp_path):
     assert os.listdir(cwd) == []   # no ./modules, no result file, no ./output in the working folder
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_gqa"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("tiny_gqa", marks=pytest.mark.slow)])
 def test_trainer_predict_with_plugin_trainer(preset, setups, checkout, tmp_path):
     s = setups[preset]
     cwd = tmp_path / "cwd"
@@ -86,7 +86,7 @@ def test_trainer_predict_with_plugin_trainer(preset, setups, checkout, tmp_path)
     assert os.listdir(cwd) == []
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_gqa"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("tiny_gqa", marks=pytest.mark.slow)])
 def test_trainer_predict_with_stock_trainer(preset, setups, checkout, tmp_path):
     """MindFormers' own MultiModalToTextGenerationTrainer: its processor build, network build (delayed init),
     load_ckpt (through LlavaModel.fuse_weight_from_ckpt) and the multi_modal_to_text_generation pipeline."""
@@ -102,7 +102,7 @@ def test_trainer_predict_with_stock_trainer(preset, setups, checkout, tmp_path):
     assert os.listdir(cwd) == []
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_gqa"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("tiny_gqa", marks=pytest.mark.slow)])
 def test_mindformers_pipeline(preset, setups, checkout, tmp_path):
     s = setups[preset]
     out_json = str(tmp_path / "out" / "result.json")
@@ -131,7 +131,7 @@ def _bad_checkpoint(src, dst, kind):
     return dst
 
 
-@pytest.mark.parametrize("entry", ["stock", "plugin"])
+@pytest.mark.parametrize("entry", [pytest.param("stock", marks=pytest.mark.slow), "plugin"])
 @pytest.mark.parametrize("kind", ["missing_and_unknown", "wrong_shape"])
 def test_bad_checkpoint_is_refused(entry, kind, setups, checkout, tmp_path):
     s = setups["tiny"]
@@ -151,6 +151,7 @@ def test_bad_checkpoint_is_refused(entry, kind, setups, checkout, tmp_path):
     assert not os.path.exists(tmp_path / "out" / "predict_results.jsonl")
 
 
+@pytest.mark.slow
 def test_mindformers_run_script_two_ranks_under_msrun(setups, checkout, tmp_path):
     """The seed's 2-card command: msrun_launcher.sh with MindFormers' run_mindformer.py flow, a complete
     checkpoint and --auto_trans_ckpt True (each rank slices it), model_parallel 2, parallel_mode 0."""

@@ -482,7 +482,7 @@ def test_float16_compute_runs_close_to_float32(pynative_mode, sides, tiny_hf_dir
     assert rel_err(engine.decode(ref["tokens"][:1]), ref["step_logits"][1:2]) <= 1e-2
 
 
-@pytest.mark.skipif(not os.environ.get("LLAVA_SLOW_TESTS"), reason="set LLAVA_SLOW_TESTS=1 (~1 min: 175M params)")
+@pytest.mark.slow
 def test_mid_preset_336px_576_image_tokens_matches_hf(graph_mode, mid_hf_dir, image_paths):
     """The real image geometry (336 px, 576 image tokens) and an 8-layer, 1024-wide decoder."""
     side = Side(mid_hf_dir, seq_length=1024)

@@ -81,6 +81,7 @@ def test_each_rank_holds_half_of_the_language_model(tp_setups, tiny_run):
         assert 0.49 * full <= lm <= 0.51 * full, (lm, full)
 
 
+@pytest.mark.slow
 def test_presliced_rank_folder_loads_directly(tp_setups, tiny_run, tmp_path):
     s = tp_setups["tiny"]
     sliced = os.path.join(tiny_run["out_dir"], "transformed_checkpoint")
@@ -91,7 +92,7 @@ def test_presliced_rank_folder_loads_directly(tp_setups, tiny_run, tmp_path):
     assert not os.path.exists(tmp_path / "transformed_checkpoint")
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("layout", ["single", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_two_ranks_load_the_hf_folder_directly(tp_setups, tmp_path, layout):
     """--load_checkpoint HF_DIR (model.safetensors, or shards + index; no conversion): each rank reads its half
     of the language model from the safetensors, nothing is written, and the answers are HF's."""
@@ -115,6 +116,7 @@ def test_two_ranks_load_the_hf_folder_directly(tp_setups, tmp_path, layout):
         assert 0.49 * full <= int(m.group(2)) <= 0.51 * full
 
 
+@pytest.mark.slow
 def test_last_step_logits_match_hf(tp_setups, tiny_run, tmp_path):
     import torch
     from PIL import Image
@@ -146,6 +148,7 @@ def test_last_step_logits_match_hf(tp_setups, tiny_run, tmp_path):
     assert np.abs(ours - ref).max() / scale <= 1e-5
 
 
+@pytest.mark.slow
 def test_mid_two_ranks_equal_hf(tp_setups, tmp_path):
     s = tp_setups["mid"]
     proc, log_dir = launch(s["yaml"], s["ckpt"], str(tmp_path), PAIRS, 8314, timeout_s=300)
@@ -175,6 +178,7 @@ def test_model_parallel_without_use_parallel_is_an_error(tp_setups, tmp_path):
     assert "model_parallel=2 needs --use_parallel True" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_kv_heads_fewer_than_ranks_is_an_error_before_loading(tp_setups, tmp_path):
     s = tp_setups["tiny"]
     one_kv = str(tmp_path / "one_kv.yaml")

@@ -300,6 +300,7 @@ def test_full_queue_answers_429(setup):
         s.close()
 
 
+@pytest.mark.slow
 def test_two_ranks_serve_the_single_process_answers(setup, server, hf):
     """Tensor-parallel serving with msrun_launcher.sh: rank 0 serves HTTP, rank 1 follows its batches; greedy,
     seeded-sampling and stop-string answers, batched, equal the one-process server's (and HF's)."""

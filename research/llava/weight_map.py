@@ -135,20 +135,21 @@ def hf_to_ms(name):
     return hit[0]
 
 
-def ms_to_hf(name):
-    """Hugging Face weight name for a MindSpore parameter name; LlavaError if unknown."""
+def _ms_rule(name):
     hit = _lookup(_MS_RULES, name)
     if hit is None:
         raise LlavaError(f"unknown LLaVA parameter name {name!r}")
-    return hit[0]
+    return hit
+
+
+def ms_to_hf(name):
+    """Hugging Face weight name for a MindSpore parameter name; LlavaError if unknown."""
+    return _ms_rule(name)[0]
 
 
 def split_rule(name):
     """The tensor-parallel split rule ("column", "row", "vocab", "replicated") of a MindSpore parameter."""
-    hit = _lookup(_MS_RULES, name)
-    if hit is None:
-        raise LlavaError(f"unknown LLaVA parameter name {name!r}")
-    return hit[1]
+    return _ms_rule(name)[1]
 
 
 def split_axis(name):
@@ -202,6 +203,23 @@ def shard(name, array, rank, world):
     """
     index = shard_index(name, array.shape, rank, world)
     return array if index is None else array[index]
+
+
+def local_shape(name, config, world):
+    """This rank's shape of parameter `name` (a name, or a template with "{i}" for the layer index) when
+    `config` is split over `world` ranks: the table's shape divided along the split rule's dimension. The
+    cells size their layers with it, so the split rules live in this table only."""
+    for _, ms, split, shape in _TABLE:
+        if ms == name or _pattern(ms).match(name):
+            shape, axis = [int(d) for d in shape(config)], SPLITS[split]
+            if axis is not None and world > 1:
+                if shape[axis] % world:
+                    check_parallel(config, world)
+                    raise LlavaError(f"{name}: dim {axis} of shape {shape} is not divisible by {world} "
+                                     f"tensor-parallel ranks")
+                shape[axis] //= world
+            return tuple(shape)
+    raise LlavaError(f"unknown LLaVA parameter name {name!r}")
 
 
 def full_shape(name, shape, world):
