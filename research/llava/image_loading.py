@@ -44,6 +44,15 @@ def _name(source) -> str:
     return text if len(text) <= 160 else text[:150] + "...(" + str(len(text)) + " chars)"
 
 
+def display_name(source) -> str:
+    """How errors name an image source: a path as given, a URL masked (mask_url), long text shortened."""
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if _scheme(text) not in (None, "data"):
+            return _name(mask_url(text))
+    return _name(source)
+
+
 def mask_url(url: str) -> str:
     """`url` with its user-info and its query/fragment replaced by `***` (they may hold credentials or tokens):
     https://user:pass@host/a.jpg?sig=abc -> https://***@host/a.jpg?***"""
@@ -86,7 +95,7 @@ def load_image(source, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAUL
     if not text.strip():
         raise LlavaError("image '': empty path")
     scheme = _scheme(text)
-    name = _name(mask_url(text) if scheme not in (None, "data") else text)
+    name = display_name(text)
     if scheme in ("http", "https"):
         data = _read_url(text, name, timeout, max_bytes)
         what = "response"
