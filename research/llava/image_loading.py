@@ -323,7 +323,7 @@ def _decode(data: bytes, name: str, max_pixels: int, what: str = "file") -> Imag
         except UnidentifiedImageError:
             found = detect_format(data)
             if found:
-                raise LlavaError(f"image {name}: the content is {found}, not one of the accepted formats "
+                raise LlavaError(f"image {name}: the content looks like {found}, not one of the accepted formats "
                                  f"({ALLOWED_NAMES}; recognised by content, not by the file name)") from None
             head = data[:64].lstrip().lower()
             hint = " (looks like HTML/text)" if head.startswith((b"<", b"{")) else ""
