@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import threading
-import time
 import warnings
 from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
@@ -321,7 +320,7 @@ def _decode(data: bytes, name: str, max_pixels: int, what: str = "file") -> Imag
             raise LimitError(f"image {name}: {count} is more than the limit of {max_pixels} "
                              f"(decompression-bomb guard)") from None
         except UnidentifiedImageError:
-            found = detect_format(data)
+            found = _detect_format(data)
             if found:
                 raise LlavaError(f"image {name}: the content looks like {found}, not one of the accepted formats "
                                  f"({ALLOWED_NAMES}; recognised by content, not by the file name)") from None
@@ -334,7 +333,7 @@ def _decode(data: bytes, name: str, max_pixels: int, what: str = "file") -> Imag
     return img
 
 
-def detect_format(data: bytes) -> Optional[str]:
+def _detect_format(data: bytes) -> Optional[str]:
     """The format Pillow would take `data` for, from its signature checks alone (no plugin opens it), e.g.
     "EPS (Encapsulated Postscript)"; None when no signature matches."""
     Image.init()

@@ -1,8 +1,9 @@
 """LlavaProcessor: (image(s), prompt) pairs -> model inputs. Image loading with limits, CLIP pixels, prompt template.
 
 * `load_image(source)` (from image_loading.py, which needs no MindSpore/MindFormers): a local path or an http(s) URL
-  (streamed with a timeout and a byte cap), decoded by Pillow with its decompression-bomb guard plus an explicit
-  pixel cap, fully loaded so truncation is caught. Every failure is a `LlavaError` naming the input.
+  (a wall-clock time-out for the whole download and a byte cap), decoded by Pillow in the accepted photo formats
+  only, with its decompression-bomb guard plus an explicit pixel cap, fully loaded so truncation is caught. Every
+  failure is a `LlavaError` naming the input.
 * `clip_pixels(images, image_size)`: exactly transformers' `CLIPImageProcessor` with llava-hf's settings
   (convert to RGB, shortest edge -> image_size with PIL bicubic, center crop, x/255, OpenAI CLIP mean/std),
   float32 [N, 3, S, S], numpy + Pillow only. `aspect_ratio="pad"` first pads to a square with the mean colour,
@@ -26,7 +27,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from generation import GenerationSettings, check_fits
 from image_loading import (  # noqa: F401  (load_image and its limits are re-exported)
-    DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, _name, display_name, load_image)
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, display_name, load_image)
 from llava_errors import LimitError, LlavaError
 from mindformers_hooks import PLUGIN_DIR  # noqa: F401  (importing it installs the MindFormers hooks)
 
@@ -230,7 +231,7 @@ class LlavaProcessor:
         tags = sum(1 for t in ids if t == self.image_token_index)
         if tags != num_images:
             raise LlavaError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {num_images} image(s) were given "
-                             f"for it: {_name(prompt)}")
+                             f"for it: {display_name(prompt)}")
         return self._expand(ids)
 
     def encode_chat(self, messages) -> List[int]:
@@ -264,7 +265,7 @@ class LlavaProcessor:
         rows, sources = [], []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise LlavaError(f"processor: request {i} must be an (image(s), prompt) pair, got {_name(pair)}")
+                raise LlavaError(f"processor: request {i} must be an (image(s), prompt) pair, got {display_name(pair)}")
             images, prompt = _image_list(pair[0]), pair[1]
             rows.append(self.encode_prompt(prompt, len(images), index=i))
             sources.extend(images)
@@ -303,7 +304,7 @@ class LlavaProcessor:
         for i, query in enumerate(query_list):
             if not isinstance(query, (list, tuple)) or not all(isinstance(e, Mapping) for e in query):
                 raise LlavaError(f"processor: request {i} must be a list of {{'image': ...}} / {{'text': ...}} "
-                                 f"entries, got {_name(query)}")
+                                 f"entries, got {display_name(query)}")
             images, texts = [], []
             for element in query:
                 keys = set(element)
