@@ -620,3 +620,27 @@ def test_server_refuses_a_temperature_that_is_zero_in_float32(server):
                    json={"messages": _user(text_part("hi")), "temperature": 1e-320, "max_tokens": 2})
     assert r.status_code == 400, r.text
     assert "float32" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def test_chat_refuses_hostile_images_and_goes_on(cli):
+    """`/image` with an EPS named .jpg (the fake gs first on PATH) and a 1 x 400000 strip: one error line each,
+    no program started, and the conversation goes on."""
+    d = cli["dir"]
+    bin_dir, marker = fake_gs(os.path.join(d, "chat"))
+    env = dict(os.environ, GLOG_v="3", PATH=bin_dir + os.pathsep + os.environ["PATH"])
+    s = cli["image_size"]
+    proc = subprocess.run(
+        [sys.executable, RUN, "--config", cli["yaml"], "--run_mode", "chat", "--load_checkpoint", cli["ckpt"],
+         "--output_dir", os.path.join(d, "chat", "out"), "--max_new_tokens", "4"],
+        input=f"/image {os.path.join(d, 'holiday.jpg')}\n/image {os.path.join(d, 'tall.png')}\nHi\n/exit\n",
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error: image" in line]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert "holiday.jpg" in errors[0] and "EPS" in errors[0] and ACCEPTED in errors[0]
+    assert "tall.png" in errors[1] and f"{s}x{400000 * s}" in errors[1] and "processor.max_pixels" in errors[1]
+    assert "attached" not in proc.stderr
+    assert not os.path.exists(marker), "an external program was started"
+    assert [line for line in proc.stdout.splitlines() if line.lstrip("> ").strip()], proc.stdout

@@ -219,8 +219,12 @@ class LlavaProcessor:
         """Sources (paths, URLs, PIL images) -> float32 [N, 3, S, S], every intermediate image within
         max_pixels."""
         names = [display_name(s) if isinstance(s, str) else None for s in images]
-        return clip_pixels([self.load_image(s) for s in images], self.image_size, self.image_aspect_ratio,
-                           max_pixels=self.max_pixels, names=names)
+        return self.pixels([self.load_image(s) for s in images], names)
+
+    def pixels(self, images: Sequence[Image.Image], names: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+        """Decoded images -> float32 [N, 3, S, S] (clip_pixels with this processor's image_size, aspect ratio and
+        max_pixels, which bounds every intermediate image); `names` name the images in its errors."""
+        return clip_pixels(images, self.image_size, self.image_aspect_ratio, max_pixels=self.max_pixels, names=names)
 
     def build_prompt(self, prompt: str, num_images: int) -> str:
         return build_prompt(prompt, num_images, template=self.apply_template)

@@ -235,15 +235,13 @@ class Server:
 
     def _pixels(self, urls):
         """Fetch and preprocess the images (runs in a worker thread)."""
-        from llava_processor import clip_pixels
         p = self.processor
         pixels = []
         for where, url in urls:
             try:   # preprocessing too: an intermediate image over max_pixels is the request's fault
                 image = load_image(url, timeout=p.timeout, max_bytes=p.max_bytes, max_pixels=p.max_pixels,
                                    allow_paths=False)
-                pixels.append(clip_pixels([image], p.image_size, p.image_aspect_ratio, max_pixels=p.max_pixels,
-                                          names=[display_name(url)]))
+                pixels.append(p.pixels([image], names=[display_name(url)]))
             except LimitError as e:
                 raise ApiError(413, str(e), f"{where}.image_url.url") from None
             except LlavaError as e:
