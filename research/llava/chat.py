@@ -10,6 +10,7 @@ only clears the line. Every turn is rendered with llava-hf's chat template, earl
 import sys
 
 from generation import TextDeltas
+from image_loading import display_name
 from llava_errors import LlavaError
 from llava_predict import restore_ctrl_c
 
@@ -44,10 +45,9 @@ class Chat:
         print(message, file=self.err, flush=True)
 
     def attach(self, source):
-        from llava_processor import clip_pixels
         p = self.job.processor
         image = p.load_image(source)
-        self.conversation.pending.append(clip_pixels([image], p.image_size, p.image_aspect_ratio))
+        self.conversation.pending.append(p.pixels([image], names=[display_name(source)]))
         self.say(f"[image {len(self.conversation.pixels) + len(self.conversation.pending)} attached: "
                  f"{image.width}x{image.height}; it goes with your next message]")
 

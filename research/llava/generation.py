@@ -26,6 +26,21 @@ import numpy as np
 from llava_errors import LlavaError
 
 FILTER_VALUE = -np.inf
+_F32 = np.finfo(np.float32)
+
+
+def _check_float32(name: str, value):
+    """Sampling computes in float32: a setting that float32 rounds to 0 or a subnormal (1e-320) or to inf
+    (1e39) would silently act as another value (temperature 0: every logit infinite, every pick the last id)."""
+    with np.errstate(over="ignore", under="ignore"):
+        as32 = np.float32(value)
+    if not np.isfinite(as32):
+        raise LlavaError(f"{name}={value!r} is infinite in float32, the dtype sampling computes in: give at most "
+                         f"{float(_F32.max):.3g}")
+    if abs(as32) < _F32.tiny:
+        what = "0" if as32 == 0 else f"{float(as32):g}, a subnormal number,"
+        raise LlavaError(f"{name}={value!r} is {what} in float32, the dtype sampling computes in: give at least "
+                         f"{float(_F32.tiny):.3g}")
 
 
 @dataclass
@@ -87,6 +102,8 @@ class GenerationSettings:
         if not is_num(self.repetition_penalty) or not self.repetition_penalty > 0 \
                 or not np.isfinite(self.repetition_penalty):
             raise LlavaError(f"repetition_penalty must be positive, got {self.repetition_penalty!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            _check_float32(name, getattr(self, name))
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise LlavaError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.eos_token_id, (list, tuple)) or not all(is_int(e) for e in self.eos_token_id):

@@ -1,10 +1,12 @@
 """Image loading with limits, for LlavaProcessor and for run_mindformer.py's early input check.
 
-`load_image(source)`: a local path, an http(s) URL (streamed with connect/read timeouts, a whole-download deadline
+`load_image(source)`: a local path, an http(s) URL (a wall-clock deadline for the whole download, headers included,
 and a byte cap) or a `data:image/...;base64,` URL (no other scheme; `allow_paths=False` refuses local paths, for
 images that come from a network client), decoded by Pillow with its decompression-bomb guard plus an explicit pixel cap,
-fully loaded so truncation is caught. Every failure is a `LlavaError` naming the input. EXIF orientation is not
-applied (as in llava-hf's and the original LLaVA's examples, which feed `Image.open(...)` as is).
+fully loaded so truncation is caught. Only the photo formats in ALLOWED_FORMATS are decoded, recognised by their
+content, never by the file name: Pillow's other plugins include EPS, which runs Ghostscript on the file. Every
+failure is a `LlavaError` naming the input; a URL is named with its user-info and query masked (`mask_url`). EXIF
+orientation is not applied (as in llava-hf's and the original LLaVA's examples, which feed `Image.open(...)` as is).
 
 This module imports neither MindSpore nor MindFormers, so the predict command checks every image (downloads
 included) in a second, before its ~7 s of framework imports.
@@ -12,9 +14,11 @@ included) in a second, before its ~7 s of framework imports.
 import io
 import os
 import re
-import time
+import socket
+import threading
 import warnings
 from typing import Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +28,10 @@ from llava_errors import LimitError, LlavaError
 DEFAULT_TIMEOUT = 10.0                 # seconds, whole download
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024   # encoded size of one image (file or download)
 DEFAULT_MAX_PIXELS = 89_478_485        # Pillow's own default decompression-bomb limit (width * height)
+# Pillow format names (their content decides, never the name); Pillow's JPEG plugin also yields "MPO", the
+# multi-picture JPEG that phone cameras write.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ALLOWED_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 _USER_AGENT = "llava-mindspore/0.1 (+image loader)"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")
 _KNOWN_SCHEMES = {"http", "https", "file", "ftp", "ftps", "data", "sftp", "s3", "gs", "hdfs", "obs"}
@@ -33,6 +41,31 @@ def _name(source) -> str:
     text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
     text = text.replace("\n", "\\n")
     return text if len(text) <= 160 else text[:150] + "...(" + str(len(text)) + " chars)"
+
+
+def display_name(source) -> str:
+    """How errors name an image source: a path as given, a URL masked (mask_url), long text shortened."""
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if _scheme(text) not in (None, "data"):
+            return _name(mask_url(text))
+    return _name(source)
+
+
+def mask_url(url: str) -> str:
+    """`url` with its user-info and its query/fragment replaced by `***` (they may hold credentials or tokens):
+    https://user:pass@host/a.jpg?sig=abc -> https://***@host/a.jpg?***"""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+    except ValueError:          # e.g. an unclosed IPv6 bracket: keep nothing after the scheme
+        return url.split(":", 1)[0] + "://***"
+    if "@" not in netloc and not parts.query and not parts.fragment:
+        return url
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit((url[:len(parts.scheme)], netloc, parts.path, "***" if parts.query else "",
+                       "***" if parts.fragment else ""))
 
 
 def _scheme(text: str) -> Optional[str]:
@@ -58,10 +91,10 @@ def load_image(source, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAUL
         raise LlavaError(f"image {_name(source)}: expected a file path, an http(s) URL or a PIL image, "
                          f"got {type(source).__name__}")
     text = os.fspath(source)
-    name = _name(text)
     if not text.strip():
         raise LlavaError("image '': empty path")
     scheme = _scheme(text)
+    name = display_name(text)
     if scheme in ("http", "https"):
         data = _read_url(text, name, timeout, max_bytes)
         what = "response"
@@ -127,16 +160,105 @@ def _read_data_url(url: str, name: str, max_bytes: int) -> bytes:
 
 
 def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
-    """GET with connect/read timeouts, a whole-download deadline and a byte cap (no compressed transfer)."""
-    import socket
+    """GET within `timeout` seconds of wall-clock time for the whole download (connection, headers, body), with a
+    byte cap and no compressed transfer.
 
+    requests' own timeout bounds each socket read, so a server that sends a byte now and then (headers or body)
+    would hold the request forever: the download runs in a worker thread, and at the deadline its sockets are
+    shut down (so the worker ends at once) and the caller gets the time-out."""
+    watch = _SocketWatch()
+    box = {}
+
+    def work():
+        try:
+            box["data"] = _fetch(url, name, timeout, max_bytes, watch)
+        except BaseException as e:  # noqa: B036 (handed to the caller)
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name="image-download", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        watch.expire()
+        worker.join(1.0)
+        raise LlavaError(f"image {name}: download timed out after {timeout:g} s (processor.timeout, the limit for "
+                         f"the whole download)")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
+
+
+class _SocketWatch:
+    """The sockets one download opened; expire() shuts them down, so a read blocked on one returns at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sockets = []
+        self.expired = False
+
+    def add(self, sock):
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            self._shut(sock)
+
+    def expire(self):
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        try:   # the plain socket's shutdown (for TLS too): it wakes a read blocked in another thread
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, TypeError):
+            pass
+
+
+def _watched_adapter(watch: _SocketWatch):
+    """A requests adapter whose connections report their socket to `watch` once connected (directly or through
+    an HTTP proxy; a SOCKS proxy's are not watched, the caller's deadline still holds)."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def watched(base):
+        class Connection(base):
+            def connect(self):
+                super().connect()
+                watch.add(self.sock)
+        return Connection
+
+    pools = {"http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": watched(HTTPConnection)}),
+             "https": type("Pool", (HTTPSConnectionPool,), {"ConnectionCls": watched(HTTPSConnection)})}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if not proxy.lower().startswith("socks"):
+                manager.pool_classes_by_scheme = pools
+            return manager
+
+    return Adapter()
+
+
+def _fetch(url: str, name: str, timeout: float, max_bytes: int, watch: _SocketWatch) -> bytes:
     import requests  # imported here: only URL inputs need them
     import urllib3
 
-    deadline = time.monotonic() + timeout
     try:
         with requests.Session() as session:
             session.max_redirects = 5
+            adapter = _watched_adapter(watch)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             with session.get(url, stream=True, timeout=(timeout, timeout), allow_redirects=True,
                              headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity",
                                       "Accept": "image/*"}) as resp:
@@ -146,20 +268,18 @@ def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
                 if length and length.isdigit() and int(length) > max_bytes:
                     raise LimitError(f"image {name}: response is {int(length)} bytes, more than the limit of "
                                      f"{max_bytes} bytes")
-                # read1: return as soon as some bytes arrive, so the deadline and the cap are checked
-                # while a slow or endless body is still coming in (iter_content would block for a full chunk).
+                # read1: return as soon as some bytes arrive, so the cap is checked while an endless body is
+                # still coming in (iter_content would block for a full chunk).
                 raw = resp.raw
                 read = raw.read1 if hasattr(raw, "read1") else raw.read
                 buf = bytearray()
-                while True:
+                while not watch.expired:
                     chunk = read(65536)
                     if not chunk:
                         break
                     buf += chunk
                     if len(buf) > max_bytes:
                         raise LimitError(f"image {name}: response is more than the limit of {max_bytes} bytes")
-                    if time.monotonic() > deadline:
-                        raise LlavaError(f"image {name}: download timed out after {timeout:g} s")
                 return bytes(buf)
     except LlavaError:
         raise
@@ -189,7 +309,7 @@ def _decode(data: bytes, name: str, max_pixels: int, what: str = "file") -> Imag
         # default works; beyond twice that default Pillow refuses whatever max_pixels says.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             _check_pixels(img, name, max_pixels)
             img.load()
         except LlavaError:
@@ -200,12 +320,35 @@ def _decode(data: bytes, name: str, max_pixels: int, what: str = "file") -> Imag
             raise LimitError(f"image {name}: {count} is more than the limit of {max_pixels} "
                              f"(decompression-bomb guard)") from None
         except UnidentifiedImageError:
+            found = _detect_format(data)
+            if found:
+                raise LlavaError(f"image {name}: the content looks like {found}, not one of the accepted formats "
+                                 f"({ALLOWED_NAMES}; recognised by content, not by the file name)") from None
             head = data[:64].lstrip().lower()
             hint = " (looks like HTML/text)" if head.startswith((b"<", b"{")) else ""
-            raise LlavaError(f"image {name}: not an image Pillow can read{hint}") from None
+            raise LlavaError(f"image {name}: not an image Pillow can read{hint} (accepted: {ALLOWED_NAMES})") \
+                from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
             raise LlavaError(f"image {name}: corrupt or truncated image ({_short(e)})") from None
     return img
+
+
+def _detect_format(data: bytes) -> Optional[str]:
+    """The format Pillow would take `data` for, from its signature checks alone (no plugin opens it), e.g.
+    "EPS (Encapsulated Postscript)"; None when no signature matches."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            result = accept is not None and accept(prefix)
+            matched = bool(result) and not isinstance(result, str)   # a string is a plugin's warning
+        except Exception:  # noqa: BLE001 (a plugin's signature check failing means "not this format")
+            matched = False
+        if matched:
+            about = getattr(factory, "format_description", None)
+            return f"{fmt} ({about})" if about and about != fmt else fmt
+    return None
 
 
 def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:

@@ -1,12 +1,15 @@
 """LlavaProcessor: (image(s), prompt) pairs -> model inputs. Image loading with limits, CLIP pixels, prompt template.
 
 * `load_image(source)` (from image_loading.py, which needs no MindSpore/MindFormers): a local path or an http(s) URL
-  (streamed with a timeout and a byte cap), decoded by Pillow with its decompression-bomb guard plus an explicit
-  pixel cap, fully loaded so truncation is caught. Every failure is a `LlavaError` naming the input.
+  (a wall-clock time-out for the whole download and a byte cap), decoded by Pillow in the accepted photo formats
+  only, with its decompression-bomb guard plus an explicit pixel cap, fully loaded so truncation is caught. Every
+  failure is a `LlavaError` naming the input.
 * `clip_pixels(images, image_size)`: exactly transformers' `CLIPImageProcessor` with llava-hf's settings
   (convert to RGB, shortest edge -> image_size with PIL bicubic, center crop, x/255, OpenAI CLIP mean/std),
   float32 [N, 3, S, S], numpy + Pillow only. `aspect_ratio="pad"` first pads to a square with the mean colour,
-  as the original LLaVA-1.5 repository's `expand2square` does.
+  as the original LLaVA-1.5 repository's `expand2square` does. The size of every intermediate image (the padded
+  square, the resized image, whose long side grows with the aspect ratio) is computed first and refused above
+  `max_pixels`.
 * Prompt template `USER: <image>\\n{prompt} ASSISTANT:`; a prompt that already has `<image>` tags is used as
   `USER: {prompt} ASSISTANT:`. Each `<image>` becomes `num_image_tokens` copies of `image_token_index`.
 * `LlavaProcessor.process(pairs)` -> `{"input_ids": int32 [B, L] (left-padded with the pad id),
@@ -24,8 +27,8 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from generation import GenerationSettings, check_fits
 from image_loading import (  # noqa: F401  (load_image and its limits are re-exported)
-    DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, _name, load_image)
-from llava_errors import LlavaError
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, display_name, load_image)
+from llava_errors import LimitError, LlavaError
 from mindformers_hooks import PLUGIN_DIR  # noqa: F401  (importing it installs the MindFormers hooks)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -59,11 +62,43 @@ def resize_output_size(width: int, height: int, shortest_edge: int) -> Tuple[int
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
+def intermediate_sizes(width: int, height: int, image_size: int, aspect_ratio: str = "crop") -> list:
+    """[(what, (width, height))] of every image clip_pixels makes from a width x height one, in order: the
+    RGB copy, the square padded with the mean colour ("pad"), the image resized so its short side is image_size
+    (its long side grows with the aspect ratio: 1 x 400000 becomes 336 x 134400000)."""
+    sizes = [("as RGB", (width, height))]
+    if aspect_ratio == "pad" and width != height:
+        side = max(width, height)
+        sizes.append(("padded to a square", (side, side)))
+        width = height = side
+    sizes.append((f"resized to the short side {image_size}", resize_output_size(width, height, image_size)))
+    return sizes
+
+
+def check_intermediate_sizes(images: Sequence[Image.Image], image_size: int, aspect_ratio: str,
+                             max_pixels: int, names: Optional[Sequence[Optional[str]]] = None):
+    """LimitError, before any pixel is touched, if an image clip_pixels would make (intermediate_sizes) has more
+    than max_pixels pixels: the decompression-bomb cap bounds every image the pipeline holds, not only the
+    decoded one."""
+    for i, img in enumerate(images):
+        name = names[i] if names and names[i] else f"{i + 1} of {len(images)}"
+        w0, h0 = img.size
+        for what, (w, h) in intermediate_sizes(w0, h0, image_size, aspect_ratio):
+            if w * h > max_pixels:
+                raise LimitError(f"image {name}: {w0}x{h0} {what} would be {w}x{h} = {w * h} pixels, more than the "
+                                 f"limit of {max_pixels} (processor.max_pixels)")
+
+
 def clip_pixels(images: Sequence[Image.Image], image_size: int, aspect_ratio: str = "crop",
-                mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
-    """float32 [N, 3, image_size, image_size], bit-for-bit what CLIPImageProcessor (slow) gives."""
+                mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                max_pixels: int = DEFAULT_MAX_PIXELS,
+                names: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+    """float32 [N, 3, image_size, image_size], bit-for-bit what CLIPImageProcessor (slow) gives. Every
+    intermediate image is checked against max_pixels first (check_intermediate_sizes); `names` name the images
+    in that error (default: their position)."""
     if aspect_ratio not in ASPECT_RATIOS:
         raise LlavaError(f"image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, got {aspect_ratio!r}")
+    check_intermediate_sizes(images, image_size, aspect_ratio, max_pixels, names)
     mean32 = np.asarray(mean, dtype=np.float32)
     std32 = np.asarray(std, dtype=np.float32)
     background = tuple(int(x * 255) for x in mean)
@@ -181,8 +216,15 @@ class LlavaProcessor:
         return load_image(source, timeout=self.timeout, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
 
     def preprocess_images(self, images: Sequence) -> np.ndarray:
-        """Sources (paths, URLs, PIL images) -> float32 [N, 3, S, S]."""
-        return clip_pixels([self.load_image(s) for s in images], self.image_size, self.image_aspect_ratio)
+        """Sources (paths, URLs, PIL images) -> float32 [N, 3, S, S], every intermediate image within
+        max_pixels."""
+        names = [display_name(s) if isinstance(s, str) else None for s in images]
+        return self.pixels([self.load_image(s) for s in images], names)
+
+    def pixels(self, images: Sequence[Image.Image], names: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+        """Decoded images -> float32 [N, 3, S, S] (clip_pixels with this processor's image_size, aspect ratio and
+        max_pixels, which bounds every intermediate image); `names` name the images in its errors."""
+        return clip_pixels(images, self.image_size, self.image_aspect_ratio, max_pixels=self.max_pixels, names=names)
 
     def build_prompt(self, prompt: str, num_images: int) -> str:
         return build_prompt(prompt, num_images, template=self.apply_template)
@@ -193,7 +235,7 @@ class LlavaProcessor:
         tags = sum(1 for t in ids if t == self.image_token_index)
         if tags != num_images:
             raise LlavaError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {num_images} image(s) were given "
-                             f"for it: {_name(prompt)}")
+                             f"for it: {display_name(prompt)}")
         return self._expand(ids)
 
     def encode_chat(self, messages) -> List[int]:
@@ -227,7 +269,7 @@ class LlavaProcessor:
         rows, sources = [], []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise LlavaError(f"processor: request {i} must be an (image(s), prompt) pair, got {_name(pair)}")
+                raise LlavaError(f"processor: request {i} must be an (image(s), prompt) pair, got {display_name(pair)}")
             images, prompt = _image_list(pair[0]), pair[1]
             rows.append(self.encode_prompt(prompt, len(images), index=i))
             sources.extend(images)
@@ -266,7 +308,7 @@ class LlavaProcessor:
         for i, query in enumerate(query_list):
             if not isinstance(query, (list, tuple)) or not all(isinstance(e, Mapping) for e in query):
                 raise LlavaError(f"processor: request {i} must be a list of {{'image': ...}} / {{'text': ...}} "
-                                 f"entries, got {_name(query)}")
+                                 f"entries, got {display_name(query)}")
             images, texts = [], []
             for element in query:
                 keys = set(element)

@@ -27,13 +27,15 @@ import sys
 import time
 import uuid
 
+import numpy as np
+
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from generation import GenerationSettings
-from image_loading import load_image
+from image_loading import display_name, load_image
 from llava_errors import LimitError, LlavaError
 from serving import QueueFull, Request as GenerationRequest
 
@@ -233,18 +235,18 @@ class Server:
 
     def _pixels(self, urls):
         """Fetch and preprocess the images (runs in a worker thread)."""
-        from llava_processor import clip_pixels
         p = self.processor
-        images = []
+        pixels = []
         for where, url in urls:
-            try:
-                images.append(load_image(url, timeout=p.timeout, max_bytes=p.max_bytes, max_pixels=p.max_pixels,
-                                         allow_paths=False))
+            try:   # preprocessing too: an intermediate image over max_pixels is the request's fault
+                image = load_image(url, timeout=p.timeout, max_bytes=p.max_bytes, max_pixels=p.max_pixels,
+                                   allow_paths=False)
+                pixels.append(p.pixels([image], names=[display_name(url)]))
             except LimitError as e:
                 raise ApiError(413, str(e), f"{where}.image_url.url") from None
             except LlavaError as e:
                 raise ApiError(400, str(e), f"{where}.image_url.url") from None
-        return clip_pixels(images, p.image_size, p.image_aspect_ratio) if images else None
+        return np.concatenate(pixels) if pixels else None
 
     async def chat_completions(self, request):
         chat = ChatRequest(await self._body(request), self.defaults)
