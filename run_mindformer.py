@@ -55,8 +55,10 @@ def build_parser():
     p.add_argument("--mode", type=int, default=None, choices=[0, 1], help="0: Graph mode, 1: PyNative")
     p.add_argument("--vocab_file", default=None, help="tokenizer.model (overrides the yaml's)")
     g = p.add_argument_group("generation (override the yaml's model_config)")
-    g.add_argument("--max_new_tokens", type=int, default=None)
-    g.add_argument("--max_decode_length", type=int, default=None)
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help="new tokens per answer at most (beats the yaml's max_new_tokens / max_decode_length)")
+    g.add_argument("--max_decode_length", type=int, default=None,
+                   help="MindFormers' name for --max_new_tokens (giving both with different values is an error)")
     g.add_argument("--do_sample", type=str2bool, default=None)
     g.add_argument("--top_k", type=int, default=None)
     g.add_argument("--top_p", type=float, default=None)
