@@ -20,11 +20,10 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
-from helpers import (IMAGES, LAUNCHER, MAX_NEW, PAIRS, ROOT, RUN, TOKENIZER_MODEL, convert, free_port,
+from helpers import (IMAGES, LAUNCHER, MAX_NEW, PAIRS, RUN, TOKENIZER_MODEL, convert, free_port,
                      launcher_argv, predict_order, yaml_for)
 
 CAT = os.path.join(IMAGES, "chelsea.jpg")
@@ -289,7 +288,8 @@ BAD_TEXT = {
                                 "--predict_data: the prompt of input 1 is not valid UTF-8 (byte 0xff at position 8)"),
     "prompt cut inside a UTF-8 sequence": ([CAT, "caf".encode() + b"\xc3"],
                                            "the prompt of input 1 is not valid UTF-8 (byte 0xc3 at position 3)"),
-    "overlong encoding of '/'": ([CAT, b"a\xc0\xafb"], "the prompt of input 1 is not valid UTF-8 (byte 0xc0 at position 1)"),
+    "overlong encoding of '/'": ([CAT, b"a\xc0\xafb"],
+                                 "the prompt of input 1 is not valid UTF-8 (byte 0xc0 at position 1)"),
     "second input's prompt, Latin-1": ([CAT, "ok", CAT, "Gr\u00fc\u00dfe".encode("latin-1")],
                                        "the prompt of input 2 is not valid UTF-8 (byte 0xfc at position 2)"),
 }
@@ -380,7 +380,8 @@ def tiny_shapes(hf_dir):
         cfg = json.load(f)
     v, t = cfg["vision_config"], cfg["text_config"]
     return {"vision": dict(hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
-                           image_size=v["image_size"], patch_size=v["patch_size"], num_channels=v.get("num_channels", 3),
+                           image_size=v["image_size"], patch_size=v["patch_size"],
+                           num_channels=v.get("num_channels", 3),
                            layers=v["num_hidden_layers"]),
             "text": dict(hidden_size=t["hidden_size"], heads=t["num_attention_heads"],
                          kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
