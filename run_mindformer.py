@@ -55,8 +55,10 @@ def build_parser():
     p.add_argument("--mode", type=int, default=None, choices=[0, 1], help="0: Graph mode, 1: PyNative")
     p.add_argument("--vocab_file", default=None, help="tokenizer.model (overrides the yaml's)")
     g = p.add_argument_group("generation (override the yaml's model_config)")
-    g.add_argument("--max_new_tokens", type=int, default=None)
-    g.add_argument("--max_decode_length", type=int, default=None)
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help="new tokens per answer at most (beats the yaml's max_new_tokens / max_decode_length)")
+    g.add_argument("--max_decode_length", type=int, default=None,
+                   help="MindFormers' name for --max_new_tokens (giving both with different values is an error)")
     g.add_argument("--do_sample", type=str2bool, default=None)
     g.add_argument("--top_k", type=int, default=None)
     g.add_argument("--top_p", type=float, default=None)
@@ -90,8 +92,40 @@ def _setup_plugin(register_path):
     return path
 
 
+def check_args(args):
+    """What argparse cannot check, where the command line enters: one line and exit 2 instead of a failure
+    deep inside a run.
+
+    * Text that is not UTF-8: bytes that do not decode arrive as lone surrogates (Python's surrogateescape) and
+      would break the tokenizer, the yaml's paths in MindFormers' config and its logs. --predict_data is left
+      to the predict mode (its images are POSIX paths, which may hold any bytes; its prompts are checked there).
+    * --max_new_tokens and --max_decode_length name the same setting (MindFormers' name and this project's);
+      both beat the yaml. Two different values would leave one silently ignored: refused."""
+    for name, value in vars(args).items():
+        if name == "predict_data":
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    byte = ord(item[e.start]) - 0xDC00
+                    where = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else f"U+{ord(item[e.start]):04X}"
+                    return (f"--{name} is not valid UTF-8 ({where} at position "
+                            f"{len(item[:e.start].encode('utf-8'))}): use UTF-8 text, or rename the file")
+    if args.max_new_tokens is not None and args.max_decode_length is not None \
+            and args.max_new_tokens != args.max_decode_length:
+        return (f"--max_new_tokens {args.max_new_tokens} and --max_decode_length {args.max_decode_length} "
+                f"disagree: they are the same setting (MindFormers calls it max_decode_length); give one")
+    return None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
     _setup_plugin(args.register_path)
     from llava_errors import LlavaError
     import importlib
@@ -103,8 +137,9 @@ def main(argv=None):
             raise
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # the run mode says what was kept, if anything was under way
+        print(f"{PROG}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

@@ -69,22 +69,62 @@ if [ ! -f "$SCRIPT" ]; then
   echo "msrun_launcher.sh: error: script '${ORDER[0]}' not found" >&2; exit 2
 fi
 REST=${1#"${ORDER[0]}"}
-
-MSRUN_CMD="msrun --worker_num=$WORKER_NUM --local_worker_num=$LOCAL_WORKER --master_addr=$MASTER_ADDR \
- --master_port=$MASTER_PORT --node_rank=$NODE_RANK --log_dir=$LOG_DIR --join=$JOIN \
- --cluster_time_out=$CLUSTER_TIME_OUT --tail_worker_log=0"
-if [ "$WORKER_NUM" == "$LOCAL_WORKER" ]; then
-  MSRUN_CMD="msrun --worker_num=$WORKER_NUM --local_worker_num=$LOCAL_WORKER --master_addr=$MASTER_ADDR \
- --master_port=$MASTER_PORT --log_dir=$LOG_DIR --join=$JOIN --cluster_time_out=$CLUSTER_TIME_OUT \
- --tail_worker_log=0"
+# The rest of EXECUTE_ORDER is shell words (quoted prompts): split it the way the shell would, once, into an
+# array; every path below is passed as one word, whatever spaces it holds.
+if ! eval "ARGS=($REST)" 2>/dev/null; then
+  echo "msrun_launcher.sh: error: EXECUTE_ORDER is not valid shell words (unbalanced quotes?): $1" >&2; exit 2
 fi
 
-echo "Running Command: $MSRUN_CMD $SCRIPT$REST" >&2
+# msrun reports a failed job with os.system(f"cat {LOG_DIR}/scheduler.log | grep ..."), unquoted: a space only
+# makes that cat fail (its complaint is dropped below), but shell syntax in LOG_DIR would be run as a command.
+if [[ $LOG_DIR == *[\;\&\|\$\`\<\>\(\)\{\}\*\?\[\]\!\'\"\\~#$'\n']* ]]; then
+  echo "msrun_launcher.sh: error: LOG_DIR '$LOG_DIR' holds shell syntax (one of ;&|\$\`<>(){}*?[]!'\"\\~# or a newline), which msrun passes to a shell unquoted: choose a folder name without it" >&2
+  exit 2
+fi
+
+# msrun's scheduler listens on MASTER_PORT: a port already taken would make every rank wait out
+# CLUSTER_TIME_OUT and then fail without naming it. Checked on the node that hosts the scheduler (bind() to
+# an address of another machine fails with EADDRNOTAVAIL: nothing to check there).
+port_problem=$(python3 - "$MASTER_ADDR" "$MASTER_PORT" <<'PY'
+import errno, socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+if not 1 <= port <= 65535:
+    print(f"MASTER_PORT must be 1..65535, got {port}")
+    sys.exit()
+try:
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+except OSError:
+    sys.exit()
+with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as a server binds: TIME_WAIT is not "in use"
+    try:
+        s.bind((addr, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(f"MASTER_PORT {port} on {addr} is already in use (another job or program listens there): "
+                  f"pass a free port as MASTER_PORT")
+        elif e.errno == errno.EACCES:
+            print(f"MASTER_PORT {port} on {addr} cannot be used ({e.strerror}): pass a port above 1023")
+PY
+)
+if [ -n "$port_problem" ]; then
+  echo "msrun_launcher.sh: error: $port_problem" >&2; exit 2
+fi
+
+MSRUN=(msrun "--worker_num=$WORKER_NUM" "--local_worker_num=$LOCAL_WORKER" "--master_addr=$MASTER_ADDR"
+       "--master_port=$MASTER_PORT")
+if [ "$WORKER_NUM" != "$LOCAL_WORKER" ]; then
+  MSRUN+=("--node_rank=$NODE_RANK")
+fi
+MSRUN+=("--log_dir=$LOG_DIR" "--join=$JOIN" "--cluster_time_out=$CLUSTER_TIME_OUT" "--tail_worker_log=0")
+
+echo "Running Command: ${MSRUN[*]@Q} ${SCRIPT@Q}${ARGS[*]:+ ${ARGS[*]@Q}}" >&2
 echo "Please check log files in $(realpath -m "$LOG_DIR") (worker_K.log per rank)" >&2
 # msrun's own Python traceback on a failed job ("Distributed job exited with exception") is noise: keep its last
-# line, drop the frames. Each rank's message is in its log; the last line below quotes them.
-eval "$MSRUN_CMD \"$SCRIPT\"$REST" \
-  2> >(awk '/^Traceback \(most recent call last\):/ {tb=1; next} tb && /^[ \t]/ {next} {tb=0; print; fflush()}' >&2)
+# line, drop the frames, and drop the complaint of msrun's unquoted `cat LOG_DIR/scheduler.log` when LOG_DIR has a
+# space. Each rank's message is in its log; the last line below quotes them.
+"${MSRUN[@]}" "$SCRIPT" "${ARGS[@]}" \
+  2> >(awk '/^Traceback \(most recent call last\):/ {tb=1; next} tb && /^[ \t]/ {next} /^cat: .*: No such file or directory$/ {next} {tb=0; print; fflush()}' >&2)
 status=$?
 wait $! 2>/dev/null
 if [ $status -ne 0 ]; then

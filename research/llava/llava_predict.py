@@ -5,8 +5,11 @@ MindFormers' own entry points (its run_mindformer.py, Trainer.predict) reach the
 llava_trainer.LlavaTrainer (`load_model`, `predict`, `write_results`).
 """
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import signal
 import sys
 
@@ -17,6 +20,11 @@ from generation import GenerationSettings, TextStreamer
 from llava_errors import LlavaError
 
 RESULTS_FILE = "predict_results.jsonl"
+# The output folder's disk must have this much room when a run starts (results and logs take a few KiB per
+# run); the probe written there is PROBE_BYTES.
+MIN_FREE_BYTES = 1 << 20
+PROBE_BYTES = 64 << 10
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # Top-level keys of MindFormers' predict yaml (the seed's research/llava config) that this job reads or
 # tolerates; anything else is most likely a typo and is reported.
@@ -105,7 +113,23 @@ def parse_predict_data(items, modal_types):
     if len(items) % 2:
         raise LlavaError(f"--predict_data needs IMAGE PROMPT pairs, got {len(items)} item(s): "
                          f"the last image has no prompt")
+    for i in range(1, len(items), 2):
+        bad = undecodable(items[i])
+        if bad:
+            raise LlavaError(f"--predict_data: the prompt of input {i // 2 + 1} is not valid UTF-8 ({bad})")
     return [(items[i], items[i + 1].replace("\\n", "\n")) for i in range(0, len(items), 2)]
+
+
+def undecodable(text):
+    """Python hands argv bytes that are not UTF-8 over as lone surrogates (surrogateescape): None when `text`
+    is valid UTF-8, else "byte 0xNN at position P" for the first bad byte."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            pos = len(text[:i].encode("utf-8", "surrogateescape"))
+            code = ord(ch)
+            return f"byte 0x{code - 0xDC00:02x} at position {pos}" if 0xDC80 <= code <= 0xDCFF else \
+                f"code point U+{code:04X} at position {pos}"
+    return None
 
 
 def register_plugin(config):
@@ -126,30 +150,110 @@ def register_plugin(config):
     strip(config.processor)
 
 
-def write_results(output_dir, records):
-    """Append one JSON object per input in a single write, so a crash never leaves half a record."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, RESULTS_FILE)
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(payload)
-    except OSError as e:
-        raise LlavaError(f"cannot write {path}: {e.strerror}") from None
+# A lone surrogate is an undecodable byte of an image path (surrogateescape); JSON writes it as the escape
+# \udcNN, so json.loads + os.fsencode give the path's bytes back.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(record):
+    """One JSONL line: UTF-8 text as it is, an undecodable path byte 0xNN as the JSON escape \\udcNN."""
+    text = json.dumps(record, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+
+
+def _mount_point(path):
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
     return path
 
 
+def _size(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def free_bytes(folder):
+    """Bytes an unprivileged write may still use on `folder`'s disk; None for pseudo file systems."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize if st.f_blocks else None
+
+
+def disk_of(folder):
+    """"the disk mounted at M (N free)" for messages about `folder`."""
+    try:
+        free = free_bytes(folder)
+        return f"the disk mounted at {_mount_point(folder)}" + (f" ({_size(free)} free)" if free is not None else "")
+    except OSError:
+        return f"the disk of {folder}"
+
+
+def write_results(output_dir, records):
+    """Append one JSON line per record with a single write to an O_APPEND file: all the records or none. A
+    write the disk cannot take (full, quota) is undone: the file is cut back to its previous size (removed if
+    this call created it), so predict_results.jsonl stays valid JSONL whatever happens."""
+    path = os.path.join(output_dir, RESULTS_FILE)
+    payload = "".join(json_line(r) for r in records).encode("utf-8")
+    created = False
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as e:
+        raise LlavaError(_write_error(path, output_dir, e, len(records))) from None
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, payload)
+            if written != len(payload):       # a short write: the disk filled up part way
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            if created:
+                os.unlink(path)
+            else:
+                os.ftruncate(fd, before)
+            raise LlavaError(_write_error(path, output_dir, e, len(records))) from None
+    finally:
+        os.close(fd)
+    return path
+
+
+def _write_error(path, output_dir, e, count):
+    where = f"{disk_of(output_dir)} is full" if e.errno in FULL_DISK else (e.strerror or str(e))
+    return (f"cannot append to {path}: {where}; none of the {count} answer(s) was saved "
+            f"(the file is as it was before this run)")
+
+
 def _check_output_dir(output_dir):
-    """Fail before the model is built, not after minutes of generation. The folder is created and a probe
-    file written: os.access() says yes to root on read-only places (sysfs, read-only mounts)."""
+    """Fail before the model is built, not after minutes of generation: the folder is created, a probe file of
+    PROBE_BYTES written, synced and removed (os.access() says yes to root on read-only places such as sysfs or
+    read-only mounts, and statvfs alone misses quotas), and the disk must have MIN_FREE_BYTES left."""
     probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
     try:
         os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "xb"):
-            pass
-        os.unlink(probe)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if os.write(fd, b"\0" * PROBE_BYTES) != PROBE_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        free = free_bytes(output_dir)
     except OSError as e:
+        if e.errno in FULL_DISK:
+            raise LlavaError(f"--output_dir {output_dir}: {disk_of(output_dir)} is full "
+                             f"({e.strerror}): free some space or choose another folder") from None
         raise LlavaError(f"--output_dir {output_dir}: not a writable folder ({e.strerror or e})") from None
+    if free is not None and free < MIN_FREE_BYTES:
+        raise LlavaError(f"--output_dir {output_dir}: {disk_of(output_dir)} is nearly full, at least "
+                         f"{_size(MIN_FREE_BYTES)} is needed for the results and logs: free some space or "
+                         f"choose another folder")
 
 
 def setup_parallel(config, model_config):
@@ -186,26 +290,86 @@ def build_components(config):
     return model_config, tokenizer, processor, model_cls
 
 
+# Where a note about an unwritable log goes: the real stderr, also while fds 1/2 point at the console log.
+_stderr_fd = 2
+_log_trouble = []
+
+
+def note_log_trouble(where, error):
+    """Say once, in one line on the real stderr, that a log cannot be written (a full disk): logging then goes
+    on quietly instead of printing "--- Logging error ---" and a traceback per record."""
+    if _log_trouble:
+        return
+    _log_trouble.append(where)
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    with contextlib.suppress(OSError):
+        os.write(_stderr_fd, f"[log not written: {where}: {reason}; further log errors are not shown]\n".encode(
+            "utf-8", "backslashreplace"))
+
+
+def _handle_log_error(handler, record):
+    """logging.Handler.handleError for every handler of this process (MindFormers' file handlers included)."""
+    note_log_trouble(getattr(handler, "baseFilename", None) or type(handler).__name__, sys.exc_info()[1])
+
+
+def quiet_log_errors():
+    logging.Handler.handleError = _handle_log_error
+
+
+class QuietLog:
+    """The console log as a text stream that never raises: a write the disk cannot take is dropped (and noted
+    once), so a full disk cannot turn a print() or a warning during start-up into a traceback."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text):
+        try:
+            self.f.write(text)
+        except (OSError, ValueError) as e:
+            note_log_trouble(self.f.name, e)
+        return len(text)
+
+    def flush(self):
+        try:
+            self.f.flush()
+        except (OSError, ValueError) as e:
+            note_log_trouble(self.f.name, e)
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 @contextlib.contextmanager
 def console_to_log(path):
     """Send everything printed while MindFormers/MindSpore start up to the log file `path`: their import
     warnings, their console log handler (bound to sys.stdout when it is created, so it keeps writing to this
     file afterwards) and the C++ runtime's banners on fds 1 and 2. stdout belongs to the answer, stderr to the
     plugin's own messages; an exception still propagates and is reported after the console is restored."""
+    global _stderr_fd
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    log = open(path, "a", encoding="utf-8", buffering=1)   # stays open: MindFormers' handler keeps it
+    raw = open(path, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
+    log = QuietLog(raw)           # stays open: MindFormers' handler keeps it
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     streams = sys.stdout, sys.stderr
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
+    os.dup2(raw.fileno(), 1)
+    os.dup2(raw.fileno(), 2)
     sys.stdout = sys.stderr = log
+    _stderr_fd = saved[1]
     try:
         yield
     finally:
         log.flush()
         sys.stdout, sys.stderr = streams
+        _stderr_fd = 2
         for fd, copy in zip((1, 2), saved):
             os.dup2(copy, fd)
             os.close(copy)
@@ -260,7 +424,12 @@ class Job:
         self.path = _resolve(args.config, root)
         self.data = read_yaml(self.path)
         self.output_dir = os.path.abspath(args.output_dir or self.data.get("output_dir") or "./output")
+        quiet_log_errors()
         _check_output_dir(self.output_dir)
+        real = os.path.realpath(self.output_dir)
+        if real != self.output_dir:
+            print(f"[output folder {self.output_dir} is {real} (through a symbolic link): results and logs "
+                  f"are written there]", file=sys.stderr)
         # MindFormers writes its log under ./output unless told otherwise: keep it inside --output_dir.
         os.environ.setdefault("LOG_MF_PATH", os.path.join(self.output_dir, "log"))
         os.environ.setdefault("LOCAL_DEFAULT_PATH", self.output_dir)   # MindFormers' output root
@@ -285,9 +454,13 @@ class Job:
         self.settings = GenerationSettings.from_config(
             self.model_config, **{k: getattr(self.args, k) for k in GENERATION_FLAGS})
 
-    def load_model(self):
-        """This rank's weights into the registered model; the engine that runs it."""
+    def load_model(self, batch=None):
+        """This rank's weights into the registered model; the engine that runs it. The memory the run needs
+        (`batch` inputs at once; default the yaml's batch_size) is checked first."""
+        import memory_budget
         self.tp = setup_parallel(self.config, self.model_config)
+        memory_budget.check(self.model_config, batch, self.tp.world, self.config.context.get("device_target"),
+                            self.config.context.get("max_device_memory"))
         self.model, self.checkpoint = load_model(self.config, self.model_config, self._model_cls, self.tp)
         _touch_device()
         self.engine = self.model.engine()
@@ -327,7 +500,7 @@ def predict(engine, tokenizer, requests, inputs, settings, rank, stream=None):
     """Generate for processed `inputs` of the (image, prompt) `requests` -> one record per request,
     {"image", "prompt", "output_text", "output_ids"}. Every rank computes the same tokens (logits are gathered);
     rank 0 alone streams the answer to `stream` (stdout)."""
-    streamer = TextStreamer(tokenizer, stream=stream or sys.stdout) if rank == 0 else None
+    streamer = CtrlCStreamer(tokenizer, stream=stream or sys.stdout) if rank == 0 else None
     outputs = engine.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
                               settings=settings, streamer=streamer)
     return [{"image": image, "prompt": prompt, "output_text": tokenizer.decode(ids, skip_special_tokens=True),
@@ -341,6 +514,15 @@ def restore_ctrl_c():
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class CtrlCStreamer(TextStreamer):
+    """The answer's streamer, which puts Python's Ctrl-C back at every step (each graph compilation installs
+    MindSpore's again)."""
+
+    def put(self, token_ids):
+        restore_ctrl_c()
+        super().put(token_ids)
+
+
 def run(args, root):
     pairs = parse_predict_data(args.predict_data, args.modal_type)
     job = Job(args, root)
@@ -350,11 +532,22 @@ def run(args, root):
         job.build()
         # checks the length budget before the model is built
         inputs = job.processor.process(loaded, max_new_tokens=job.settings.max_new_tokens)
-        job.load_model()
+        job.load_model(batch=len(pairs))
     job.announce()
 
-    records = predict(job.engine, job.tokenizer, pairs, inputs, job.settings, job.tp.rank)
-    if job.tp.rank == 0:
-        path = write_results(job.output_dir, records)
-        print(f"[results appended to {path}]", file=sys.stderr)
+    path = os.path.join(job.output_dir, RESULTS_FILE)
+    saved = 0
+    try:
+        restore_ctrl_c()
+        records = predict(job.engine, job.tokenizer, pairs, inputs, job.settings, job.tp.rank)
+        if job.tp.rank == 0:
+            write_results(job.output_dir, records)
+            saved = len(records)
+            print(f"[results appended to {path}]", file=sys.stderr)
+    except KeyboardInterrupt:
+        if job.tp.rank == 0:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        unchanged = "" if saved else " (the file is unchanged)"
+        raise KeyboardInterrupt(f"{saved} of {len(pairs)} answers written to {path}{unchanged}") from None
     return 0
