@@ -44,7 +44,7 @@ class OursSide:
         self.load_s = time.perf_counter() - t0
         tokenizer = LlavaTokenizer(vocab_file=TOKENIZER_MODEL)
         processor = LlavaProcessor(self.config, tokenizer)
-        inputs = processor.process([(IMAGE, PROMPT)], max_new_tokens=args.new_tokens)
+        inputs = processor.process([(IMAGE, PROMPT)])
         self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.n = args.new_tokens
         self.engine = self.model.engine()

@@ -193,22 +193,25 @@ def test_text_only_prompt_has_no_image_tokens(proc):
     assert 32000 not in out["input_ids"]
 
 
-def test_seq_length_check_names_the_lengths(tok, photos):
-    cfg = tiny_config(seq_length=120, max_new_tokens=30)
+def test_budget_check_names_the_lengths(tok, photos):
+    """The engine's budget rule on the processor's output: 64 image tokens + 13 text tokens = 77 (counted by
+    hand from the template), + max_new_tokens against seq_length=120."""
+    from engine import check_budget
+    cfg = tiny_config(seq_length=120)
     p = LlavaProcessor(cfg, tok)
-    ok = p.process([(photos["rocket"], "hi")])  # 64 image tokens + 13 text tokens + 30 <= 120
-    length = ok["input_ids"].shape[1]
-    assert length == 77
+    ok = p.process([(photos["rocket"], "hi")])
+    assert ok["input_ids"].shape[1] == 77
+    check_budget(cfg, ok["input_ids"], ok["attention_mask"], 43)           # 77 + 43 = 120 fits exactly
+    with pytest.raises(LlavaError, match=r"the prompt is 77 tokens .* = 167 > seq_length=120"):
+        check_budget(cfg, ok["input_ids"], ok["attention_mask"], 90)
     long_prompt = "describe every detail " * 8
+    batch = p.process([(photos["rocket"], "hi"), (photos["rocket"], long_prompt)])
     with pytest.raises(LlavaError) as err:
-        p.process([(photos["rocket"], "hi"), (photos["rocket"], long_prompt)])
+        check_budget(cfg, batch["input_ids"], batch["attention_mask"], 30)
     msg = str(err.value)
     assert "prompt 1 is" in msg and "64 of them image tokens" in msg and "max_new_tokens=30" in msg
     assert "seq_length=120" in msg
-    # the budget follows the caller's max_new_tokens (the command line's value)
-    p.process([(photos["rocket"], long_prompt)], max_new_tokens=5)
-    with pytest.raises(LlavaError, match=r"the prompt is 77 tokens .* = 167 > seq_length=120"):
-        LlavaProcessor(cfg, tok, max_new_tokens=90).process([(photos["rocket"], "hi")])
+    check_budget(cfg, batch["input_ids"], batch["attention_mask"], 120 - batch["input_ids"].shape[1])
 
 
 def test_mindformers_pipeline_query_list(proc, image_paths):

@@ -71,7 +71,7 @@ def test_conversation_ids_equal_hf_apply_chat_template(name, hf, our_processor):
 def test_template_text_is_llava_hf_s():
     """Hand-written: what llava-hf's template renders (reference/README: earlier answers end with a space)."""
     from chat_template import ChatTemplate
-    text = ChatTemplate().render([{"role": "user", "content": [{"type": "image"}, text_part("What is shown?")]},
+    text, _ = ChatTemplate().render([{"role": "user", "content": [{"type": "image"}, text_part("What is shown?")]},
                                   {"role": "assistant", "content": "A cat."},
                                   {"role": "user", "content": "Sure?"}])
     assert text == "USER: <image>\nWhat is shown? ASSISTANT: A cat. USER: Sure? ASSISTANT:"

@@ -78,15 +78,16 @@ def normalize(messages):
 
 
 class ChatTemplate:
-    """The compiled template; `render(messages)` gives the prompt text ending with `ASSISTANT:`."""
+    """The compiled template; `render(messages)` gives the prompt text ending with `ASSISTANT:` and the number
+    of image parts (one `<image>` each in the text)."""
 
     def __init__(self, path=TEMPLATE_FILE):
         with open(path, encoding="utf-8") as f:
             self.template = _compile(f.read())
 
     def render(self, messages, add_generation_prompt=True):
-        messages, _ = normalize(messages)
+        messages, images = normalize(messages)
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt), images
         except jinja2.exceptions.TemplateError as e:
             raise LlavaError(f"chat template: {e}") from None

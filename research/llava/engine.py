@@ -18,7 +18,8 @@ pipeline through `LlavaModel.generate`, the benchmark, the tests) goes through `
 * `KVCache`: the cache Parameters per batch size, the pending prompt write, and per row which cache positions
   hold its tokens;
 * the generate loop over `generation.TokenSelector.step` (the one stop rule) and the prompt budget
-  (`generation.check_fits`, checked once per request in `prefill`).
+  (`check_budget`, checked once per request as it starts; the predict job also calls it before loading the
+  weights, so that a prompt too long fails in a second).
 
 Request API: `stream(input_ids, pixel_values, attention_mask, settings)` yields each step's tokens per row;
 `generate(..., streamer=)` collects them. On CPU in PyNative mode set `pynative_synchronize=True` in the
@@ -46,6 +47,17 @@ def _short_list(names):
 
 def _numpy(x):
     return np.asarray(x.asnumpy() if isinstance(x, Tensor) else x)
+
+
+def check_budget(config, input_ids, attention_mask, max_new_tokens):
+    """LlavaError unless every left-padded prompt of the batch + max_new_tokens fits seq_length (the KV-cache
+    size); the message names the longest prompt and its image tokens (never truncated)."""
+    ids = np.atleast_2d(_numpy(input_ids))
+    mask = ids != config.text_config.pad_token_id if attention_mask is None else np.atleast_2d(_numpy(attention_mask))
+    lengths = [int(n) for n in (mask != 0).sum(-1)]
+    lengths[int(np.argmax(lengths))] = ids.shape[-1]        # the KV cache holds the padded width
+    check_fits(lengths, max_new_tokens, config.seq_length,
+               image_tokens=[int(n) for n in (ids == config.image_token_index).sum(-1)])
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -312,7 +324,7 @@ class Engine:
         position, or [B, L, V] with return_all_logits. `reserve` positions are kept free for decoding: the
         prompt budget (prompt + reserve <= seq_length) is checked here, once per request."""
         length = np.shape(input_ids)[-1]
-        check_fits(length, reserve, self.config.seq_length)
+        check_budget(self.config, input_ids, attention_mask, reserve)
         feats, n_images = self._features(pixel_values)
         p = prepare_prompt(self.config, input_ids, attention_mask, n_images,
                            pad_to=self._bucket_length(length, reserve))
@@ -367,7 +379,7 @@ class Engine:
             logits = self.prefill(ids, pixel_values, attention_mask, reserve=steps)
             next_logits = self.decode
         else:
-            check_fits(ids.shape[-1], steps, self.config.seq_length)
+            check_budget(self.config, ids, attention_mask, steps)
             feats, n_images = self._features(pixel_values)
             running = {"ids": ids.astype(np.int64),
                        "mask": prepare_prompt(self.config, ids, attention_mask, n_images).mask}

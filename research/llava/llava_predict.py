@@ -530,8 +530,10 @@ def run(args, root):
     job.check_checkpoint()
     with job.console():
         job.build()
-        # checks the length budget before the model is built
-        inputs = job.processor.process(loaded, max_new_tokens=job.settings.max_new_tokens)
+        from engine import check_budget
+        inputs = job.processor.process(loaded)
+        # the engine checks it again as it starts; here a prompt too long fails before the weights load
+        check_budget(job.model_config, inputs["input_ids"], inputs["attention_mask"], job.settings.max_new_tokens)
         job.load_model(batch=len(pairs))
     job.announce()
 

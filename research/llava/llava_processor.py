@@ -13,8 +13,8 @@
 * Prompt template `USER: <image>\\n{prompt} ASSISTANT:`; a prompt that already has `<image>` tags is used as
   `USER: {prompt} ASSISTANT:`. Each `<image>` becomes `num_image_tokens` copies of `image_token_index`.
 * `LlavaProcessor.process(pairs)` -> `{"input_ids": int32 [B, L] (left-padded with the pad id),
-  "attention_mask": int32 [B, L], "pixel_values": float32 [N_images, 3, S, S]}` (images in prompt order), after
-  checking that the padded prompt length + max_new_tokens fits `seq_length`.
+  "attention_mask": int32 [B, L], "pixel_values": float32 [N_images, 3, S, S]}` (images in prompt order). Whether
+  a prompt and its answer fit `seq_length` is the engine's rule (`engine.check_budget`), not the processor's.
 
 Image size, image-token count and token ids all come from the model's LlavaConfig (never hard-coded here).
 """
@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-from generation import GenerationSettings, check_fits
 from image_loading import (  # noqa: F401  (load_image and its limits are re-exported)
     DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, display_name, load_image)
 from llava_errors import LimitError, LlavaError
@@ -165,21 +164,18 @@ class LlavaProcessor:
     """Tokenizer + image loading/CLIP preprocessing + prompt template for LLaVA-1.5.
 
     LlavaProcessor(config, tokenizer, image_aspect_ratio="crop", timeout=10.0, max_bytes=64 MiB,
-                   max_pixels=89478485, max_new_tokens=None, apply_template=True, model_config=None)
+                   max_pixels=89478485, apply_template=True, model_config=None)
 
     `config` is the model's LlavaConfig (or its yaml mapping); `tokenizer` a LlavaTokenizer (or its yaml mapping).
     MindFormers builds a processor from the yaml's `processor` section alone: there, `model_config:
     *model_config` (a YAML alias of `model.model_config: &model_config`) gives it the model's shapes without a
     second copy of them; an explicit `config` wins.
-    `max_new_tokens=None` takes the yaml default (`GenerationSettings.from_config(config)`); pass the command
-    line's value so that the seq_length check uses the real budget.
     """
     output_columns = ["input_ids", "attention_mask", "pixel_values"]
 
     def __init__(self, config=None, tokenizer=None, image_aspect_ratio: str = "crop",
                  timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_new_tokens: Optional[int] = None,
-                 apply_template: bool = True, model_config=None, **kwargs):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, apply_template: bool = True, model_config=None, **kwargs):
         kwargs.pop("type", None)
         kwargs.pop("auto_register", None)
         if kwargs:
@@ -200,12 +196,6 @@ class LlavaProcessor:
         self.num_image_tokens = int(self.config.num_image_tokens)
         self.image_token_index = int(self.config.image_token_index)
         self.pad_token_id = int(self.config.text_config.pad_token_id)
-        self.seq_length = int(self.config.seq_length)
-        if max_new_tokens is None:
-            max_new_tokens = GenerationSettings.from_config(self.config).max_new_tokens
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-            raise LlavaError(f"processor.max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        self.max_new_tokens = max_new_tokens
         tok_image = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
         if tok_image != self.image_token_index:
             raise LlavaError(f"tokenizer maps {IMAGE_TAG} to {tok_image} but model_config.image_token_index is "
@@ -232,35 +222,33 @@ class LlavaProcessor:
     def encode_prompt(self, prompt: str, num_images: int, index: int = 0) -> List[int]:
         """Ids of the templated prompt with every `<image>` expanded to num_image_tokens image-token ids."""
         ids = self.tokenizer(self.build_prompt(prompt, num_images))["input_ids"]
-        tags = sum(1 for t in ids if t == self.image_token_index)
-        if tags != num_images:
-            raise LlavaError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {num_images} image(s) were given "
-                             f"for it: {display_name(prompt)}")
-        return self._expand(ids)
+        return self._expand(ids, num_images, lambda tags: f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but "
+                            f"{num_images} image(s) were given for it: {display_name(prompt)}")
 
     def encode_chat(self, messages) -> List[int]:
         """Ids of a conversation rendered with llava-hf's chat template (chat_template.py), ready for the
         assistant's next turn, every `<image>` expanded. Image parts count in message order."""
-        from chat_template import ChatTemplate, normalize
+        from chat_template import ChatTemplate
         if not hasattr(self, "_chat_template"):
             self._chat_template = ChatTemplate()
-        _, num_images = normalize(messages)
-        text = self._chat_template.render(messages, add_generation_prompt=True)
+        text, num_images = self._chat_template.render(messages, add_generation_prompt=True)
         ids = self.tokenizer(text)["input_ids"]
+        return self._expand(ids, num_images, lambda tags: f"the conversation has {num_images} image(s) but its "
+                            f"text holds {tags} {IMAGE_TAG} tag(s): write no {IMAGE_TAG} in message texts")
+
+    def _expand(self, ids, num_images, problem) -> List[int]:
+        """Every image tag -> num_image_tokens image-token ids; LlavaError(problem(tags)) unless the ids hold
+        exactly one tag per image."""
         tags = sum(1 for t in ids if t == self.image_token_index)
         if tags != num_images:
-            raise LlavaError(f"the conversation has {num_images} image(s) but its text holds {tags} {IMAGE_TAG} "
-                             f"tag(s): write no {IMAGE_TAG} in message texts")
-        return self._expand(ids)
-
-    def _expand(self, ids) -> List[int]:
+            raise LlavaError(problem(tags))
         out = []
         for t in ids:
             out.extend([self.image_token_index] * self.num_image_tokens if t == self.image_token_index else [t])
         return out
 
     # ----------------------------------------------------------------------------------------- batches
-    def process(self, pairs: Sequence, max_new_tokens: Optional[int] = None) -> dict:
+    def process(self, pairs: Sequence) -> dict:
         """[(image or [images] or None, prompt), ...] -> input_ids / attention_mask / pixel_values (numpy)."""
         if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[1], str):
             pairs = [pairs]
@@ -273,9 +261,6 @@ class LlavaProcessor:
             images, prompt = _image_list(pair[0]), pair[1]
             rows.append(self.encode_prompt(prompt, len(images), index=i))
             sources.extend(images)
-        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        check_fits([len(r) for r in rows], budget, self.seq_length,
-                   image_tokens=[r.count(self.image_token_index) for r in rows])
         width = max(len(r) for r in rows)
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int32)
         attention_mask = np.zeros((len(rows), width), dtype=np.int32)
@@ -285,12 +270,12 @@ class LlavaProcessor:
         pixel_values = self.preprocess_images(sources)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
-    def __call__(self, query_list=None, history_list=None, max_new_tokens: Optional[int] = None):
+    def __call__(self, query_list=None, history_list=None):
         """MindFormers' MultiModalToTextPipeline calls `processor(query_list=...)` with one request
         `[{"image": path}, {"text": prompt}]` or a batch of them; a list of (image(s), prompt) pairs works too."""
         if history_list:
             raise LlavaError("processor: chat history is not supported")
-        return self.process(self.pairs_from_query_list(query_list), max_new_tokens=max_new_tokens)
+        return self.process(self.pairs_from_query_list(query_list))
 
     @staticmethod
     def pairs_from_query_list(query_list) -> list:

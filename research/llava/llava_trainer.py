@@ -66,13 +66,15 @@ def predict_job(config, requests, network=None, stream=None):
     import llava_predict
     import weight_map
     import weights
+    from engine import check_budget
     from generation import GenerationSettings
 
     config.output_dir = os.path.abspath(config.output_dir or "./output")
     _resolve_vocab(config)
     model_config, tokenizer, processor, model_cls = llava_predict.build_components(config)
     settings = GenerationSettings.from_config(model_config)
-    inputs = processor.process(requests, max_new_tokens=settings.max_new_tokens)
+    inputs = processor.process(requests)
+    check_budget(model_config, inputs["input_ids"], inputs["attention_mask"], settings.max_new_tokens)
     if network is None:
         # MindFormers' Trainer has turned parallel_config into a TransformerOpParallelConfig object by now
         tp = tensor_parallel_for(config.parallel_config)
