@@ -1,10 +1,9 @@
 """The one strict check (missing / unknown / wrongly shaped weights) and the model's expected shapes."""
-import json
 import math
-import os
 
 import checkpoint_io as io
 import weight_map
+from file_checks import load_json
 from llava_errors import LlavaError
 
 # LlavaConfig fields that must agree between a llava-hf config.json and the yaml's model_config: the shapes,
@@ -71,13 +70,7 @@ def hf_names(tensors):
 def read_hf_config(path):
     """LlavaConfig from a llava-hf config.json (LlavaError naming the file when it is not one)."""
     import llava_config
-    if not os.path.isfile(path):
-        raise LlavaError(f"{path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LlavaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    hf = load_json(path)
     try:
         return llava_config.LlavaConfig.from_hf_config(hf)
     except LlavaError as e:

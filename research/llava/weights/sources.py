@@ -2,6 +2,7 @@
 import os
 
 import checkpoint_io as io
+from file_checks import check_type
 from llava_errors import LlavaError
 from weights.loading import slice_checkpoint
 from weights.matching import config_differences, expected_shapes, hf_names, read_hf_config
@@ -30,9 +31,10 @@ def is_hf_folder(path):
 
 def _hf_tensors(path):
     """name -> TensorInfo of a llava-hf folder, from its headers; file-level problems name the folder."""
-    if not os.path.isfile(os.path.join(path, HF_CONFIG)):
+    if not os.path.lexists(os.path.join(path, HF_CONFIG)):
         raise LlavaError(f"--load_checkpoint {path}: has no {HF_CONFIG} (a llava-hf folder holds config.json "
                          f"and the safetensors files)")
+    check_type(os.path.join(path, HF_CONFIG), "--load_checkpoint")
     try:
         return io.read_safetensors_folder(path)
     except LlavaError as e:
@@ -56,8 +58,7 @@ def check_early(path):
     or foreign checkpoint file or llava-hf folder (headers only). Rank folders are checked per rank later."""
     if not path:
         raise LlavaError(REQUIRED)
-    if not os.path.exists(path):
-        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
+    check_type(path, "--load_checkpoint", folder_ok=True)
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
             raise LlavaError(f"--load_checkpoint {path}: give the llava-hf folder that holds this file and its "
@@ -84,6 +85,7 @@ def rank_checkpoint(path, tp, model_config, auto_trans_ckpt=False, output_dir=".
     folder needs neither: its config.json must agree with the yaml and each rank reads its share directly."""
     if not path:
         raise LlavaError(REQUIRED)
+    check_type(path, "--load_checkpoint", folder_ok=True)
     if os.path.isfile(path):
         if tp.world == 1:
             return _ckpt_file(path, True)
