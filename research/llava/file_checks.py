@@ -119,6 +119,10 @@ def json_depth(raw):
     return int(np.cumsum(step).max(initial=0))
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json(raw, what):
     """JSON text (bytes) -> the value, with its depth checked first; LlavaError naming `what` when it is not
     JSON or nests deeper than LLAVA_JSON_MAX_DEPTH."""
@@ -127,7 +131,7 @@ def parse_json(raw, what):
     if depth > max_depth:
         raise LlavaError(f"{what} nests {depth} levels deep (limit {max_depth}, LLAVA_JSON_MAX_DEPTH)")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise LlavaError(f"{what} is not UTF-8 text") from None
     except ValueError as e:
