@@ -125,6 +125,8 @@ def ckpt_cases():
         "content_length_2_63": (ld(1, ld(1, b"w") + ld(2, ld(2, b"Float32") + varint(26) + varint(1 << 63))),
                                 "the tensor data of 9223372036854775808 bytes"),
         "unknown_field_of_huge_length": (ld(1, ld(1, b"w") + ld(9, b"", length=BIG)), "field 9 of"),
+        "unknown_field_of_length_2_63_minus_1": (ld(1, ld(1, b"w") + ld(9, b"", length=(1 << 63) - 1)),
+                                                 "field 9 of 9223372036854775807 bytes"),
         "unknown_field_inside_tensor": (entry(body=t + ld(7, b"", length=BIG)), "field 7 of"),
         "type_string_too_long": (entry(body=tensor([2], ttype=b"F" * 1000)), "at most 64 expected"),
         "varint_of_eleven_bytes": (b"\x0a" + b"\xff" * 11, "a number longer than 10 bytes"),
@@ -522,6 +524,20 @@ def test_absurd_config_is_refused_with_figures_at_once(tmp_path, tiny_hf_dir, na
     refused(lambda: weights.plan_ckpt(tensors, config, tiny_hf_dir), needle, f"the checkpoint holds {n} tensors")
     ms_named = weights.hf_names(tensors)[0]
     refused(lambda: weights.plan_hf(ms_named, config, "x.ckpt"), needle, f"the checkpoint holds {n} tensors")
+
+
+def test_predict_refuses_an_absurd_yaml_model_before_building_it(tmp_path, tiny_hf_dir):
+    """run_mindformer.py's weights step (rank_checkpoint, before the model is built) compares the yaml's model
+    with the checkpoint the same way."""
+    from types import SimpleNamespace
+    config = weights.read_hf_config(os.path.join(tiny_hf_dir, "config.json"))
+    ckpt = str(tmp_path / "tiny.ckpt")
+    weights.write_ckpt(weights.plan_ckpt(io.read_safetensors_folder(tiny_hf_dir), config, tiny_hf_dir), ckpt)
+    tp = SimpleNamespace(rank=0, world=1, enabled=False)
+    assert weights.rank_checkpoint(ckpt, tp, config).complete
+    absurd = shape_config(tmp_path, tiny_hf_dir, "text_config", "num_hidden_layers", 10 ** 9)
+    refused(lambda: weights.rank_checkpoint(ckpt, tp, absurd), f"--load_checkpoint {ckpt}",
+            "does not match the yaml's model_config", "num_layers=1000000000")
 
 
 def test_a_near_miss_still_lists_the_names(tmp_path, tiny_hf_dir):
