@@ -36,7 +36,7 @@ if PLUGIN not in sys.path:
 import checkpoint_io as io  # noqa: E402
 import weights  # noqa: E402
 from checkpoint_io import DTYPES, DTYPE_ALIASES, check_ckpt_crc, mb, scan_ckpt, short_list  # noqa: E402
-from file_checks import check_type, limit, read_capped  # noqa: E402
+from file_checks import check_type, limit, load_json, read_capped  # noqa: E402
 from llava_errors import LlavaError  # noqa: E402
 
 PROG = "convert_weight.py"
@@ -142,7 +142,7 @@ def load_llava_config(path):
     """LlavaConfig from a llava-hf config.json (LlavaError naming the file when it is not one)."""
     if not os.path.lexists(path):
         raise LlavaError(f"{path} does not exist")
-    check_type(path)
+    load_json(path)              # the file-level checks (type, size, JSON depth) before the slow imports
     _import_model_modules()
     return weights.read_hf_config(path)
 

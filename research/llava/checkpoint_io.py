@@ -145,7 +145,7 @@ def read_safetensors_header(path):
         raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
     if len(raw) != n:
         raise LlavaError(f"{path} is truncated (its header ended early)")
-    header = parse_json(raw, f"{path}: the safetensors header")
+    header = parse_json(raw, f"{path} is not a safetensors file: its header")
     if not isinstance(header, dict):
         raise LlavaError(f"{path} is not a safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", {})

@@ -107,35 +107,45 @@ def read_capped(path, max_bytes, what="", limit_name=None):
 # ---------------------------------------------------------------------------------------------------- JSON
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_OPEN = np.frombuffer(b"[{", dtype=np.uint8)
-_CLOSE = np.frombuffer(b"]}", dtype=np.uint8)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_CHUNK = 1 << 20
 
 
-def json_depth(raw):
-    """The deepest nesting of arrays and objects in JSON text `raw` (bytes), strings ignored; exact for valid
-    JSON, and a bound the parser cannot exceed for anything else."""
-    text = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    step = np.isin(text, _OPEN).astype(np.int64) - np.isin(text, _CLOSE)
-    return int(np.cumsum(step).max(initial=0))
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not a JSON number")
+def json_depth(raw, stop_above=None):
+    """(deepest nesting of arrays and objects in JSON text `raw` (bytes), strings ignored; whether all of it was
+    counted). Exact for valid JSON, and a bound the parser cannot exceed for anything else. Memory: a copy of
+    `raw` and a few bytes per bracket, counted in chunks; with `stop_above`, counting stops after the first
+    chunk that goes deeper."""
+    brackets = _JSON_STRING.sub(b'""', raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for start in range(0, len(brackets), _CHUNK):
+        chunk = np.frombuffer(brackets, dtype=np.uint8, count=min(_CHUNK, len(brackets) - start), offset=start)
+        running = depth + np.cumsum(np.where((chunk == ord("[")) | (chunk == ord("{")), 1, -1))
+        deepest = max(deepest, int(running.max()))
+        depth = int(running[-1])
+        if stop_above is not None and deepest > stop_above:
+            return deepest, start + _CHUNK >= len(brackets)
+    return deepest, True
 
 
 def parse_json(raw, what):
     """JSON text (bytes) -> the value, with its depth checked first; LlavaError naming `what` when it is not
     JSON or nests deeper than LLAVA_JSON_MAX_DEPTH."""
     max_depth = limit("JSON_MAX_DEPTH")
-    depth = json_depth(raw)
+    depth, complete = json_depth(raw, stop_above=max_depth)
     if depth > max_depth:
-        raise LlavaError(f"{what} nests {depth} levels deep (limit {max_depth}, LLAVA_JSON_MAX_DEPTH)")
+        raise LlavaError(f"{what} nests {'' if complete else 'at least '}{depth} levels deep "
+                         f"(limit {max_depth}, LLAVA_JSON_MAX_DEPTH)")
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise LlavaError(f"{what} is not UTF-8 text") from None
     except ValueError as e:
         raise LlavaError(f"{what} is not valid JSON ({e})") from None
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def load_json(path, what=""):

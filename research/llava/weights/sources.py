@@ -42,6 +42,7 @@ def _hf_tensors(path):
 
 
 def _ckpt_file(path, complete):
+    check_type(path, "--load_checkpoint")
     if os.path.getsize(path) == 0:
         raise LlavaError(f"--load_checkpoint {path}: empty file")
     try:
