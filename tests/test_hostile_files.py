@@ -354,6 +354,11 @@ def test_json_depth_limit_can_be_raised(tmp_path, monkeypatch):
     assert file_checks.load_json(path) == {"a": json.loads(deep(40))}
     monkeypatch.setenv("LLAVA_JSON_MAX_DEPTH", "lots")
     refused(lambda: file_checks.load_json(path), "LLAVA_JSON_MAX_DEPTH='lots' must be a positive integer")
+    monkeypatch.delenv("LLAVA_JSON_MAX_DEPTH")
+    big = write(tmp_path / "big.json", json.dumps({"a": "x" * (16 << 20)}))
+    refused(lambda: file_checks.load_json(big), big, "larger than 16777216 bytes", "LLAVA_JSON_MAX_BYTES")
+    monkeypatch.setenv("LLAVA_JSON_MAX_BYTES", str(17 << 20))
+    assert len(file_checks.load_json(big)["a"]) == 16 << 20
 
 
 @pytest.mark.parametrize("text,depth", [("{}", 1), ('{"a": "[[[{{"}', 1), ('[{"a": [1, [2]]}, "]]]"]', 4),
