@@ -504,12 +504,18 @@ def test_fifo_swapped_in_after_the_check_does_not_block(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- absurd shapes
+# name -> (config.json edit, needles). Layer counts beyond the files' tensors are refused from the counts alone;
+# absurd sizes by the strict check's wrong-shape figures (listing a few names is cheap).
 SHAPE_CASES = {
-    "text_layers_1e9": (("text_config", "num_hidden_layers", 10 ** 9), "text_config num_layers=1000000000"),
-    "vision_layers_1e9": (("vision_config", "num_hidden_layers", 10 ** 9), "num_hidden_layers=1000000000"),
-    "text_layers_1e6": (("text_config", "num_hidden_layers", 10 ** 6), "text_config num_layers=1000000 "),
-    "vocab_1e12": (("text_config", "vocab_size", 10 ** 12), "vocab_size=1000000000000"),
-    "hidden_1e9": (("text_config", "intermediate_size", 10 ** 9), "intermediate_size=1000000000"),
+    "text_layers_1e9": (("text_config", "num_hidden_layers", 10 ** 9),
+                        ["9000000062 weight tensors", "text_config num_layers=1000000000", "holds 80 tensors"]),
+    "vision_layers_1e9": (("vision_config", "num_hidden_layers", 10 ** 9),
+                          ["16000000032 weight tensors", "vision_config num_hidden_layers=1000000000"]),
+    "text_layers_1e6": (("text_config", "num_hidden_layers", 10 ** 6),
+                        ["9000062 weight tensors", "num_layers=1000000)", "holds 80 tensors"]),
+    "vocab_1e12": (("text_config", "vocab_size", 10 ** 12), ["2 with the wrong shape", "[1000000000000, 64]"]),
+    "intermediate_1e9": (("text_config", "intermediate_size", 10 ** 9), ["6 with the wrong shape", "1000000000"]),
+    "vision_hidden_1e8": (("vision_config", "hidden_size", 10 ** 8), ["with the wrong shape", "100000000"]),
 }
 
 
@@ -521,14 +527,13 @@ def shape_config(tmp_path, tiny_hf_dir, section, key, value):
 
 @pytest.mark.parametrize("name", sorted(SHAPE_CASES))
 def test_absurd_config_is_refused_with_figures_at_once(tmp_path, tiny_hf_dir, name):
-    """Against the files' own tensor count and values, in both directions, before any name is listed."""
-    (section, key, value), needle = SHAPE_CASES[name]
+    """In both directions of the converter, against the files' own tensors, before any name is listed."""
+    (section, key, value), needles = SHAPE_CASES[name]
     config = shape_config(tmp_path, tiny_hf_dir, section, key, value)
     tensors = io.read_safetensors_folder(tiny_hf_dir)
-    n = len(weights.hf_names(tensors)[0])
-    refused(lambda: weights.plan_ckpt(tensors, config, tiny_hf_dir), needle, f"the checkpoint holds {n} tensors")
+    refused(lambda: weights.plan_ckpt(tensors, config, tiny_hf_dir), "does not match the LLaVA config", *needles)
     ms_named = weights.hf_names(tensors)[0]
-    refused(lambda: weights.plan_hf(ms_named, config, "x.ckpt"), needle, f"the checkpoint holds {n} tensors")
+    refused(lambda: weights.plan_hf(ms_named, config, "x.ckpt"), "does not match the LLaVA config", *needles)
 
 
 def test_predict_refuses_an_absurd_yaml_model_before_building_it(tmp_path, tiny_hf_dir):
@@ -540,9 +545,11 @@ def test_predict_refuses_an_absurd_yaml_model_before_building_it(tmp_path, tiny_
     weights.write_ckpt(weights.plan_ckpt(io.read_safetensors_folder(tiny_hf_dir), config, tiny_hf_dir), ckpt)
     tp = SimpleNamespace(rank=0, world=1, enabled=False)
     assert weights.rank_checkpoint(ckpt, tp, config).complete
-    absurd = shape_config(tmp_path, tiny_hf_dir, "text_config", "num_hidden_layers", 10 ** 9)
-    refused(lambda: weights.rank_checkpoint(ckpt, tp, absurd), f"--load_checkpoint {ckpt}",
-            "does not match the yaml's model_config", "num_layers=1000000000")
+    for name in ("text_layers_1e9", "vision_hidden_1e8"):
+        (section, key, value), needles = SHAPE_CASES[name]
+        absurd = shape_config(tmp_path, tiny_hf_dir, section, key, value)
+        refused(lambda: weights.rank_checkpoint(ckpt, tp, absurd), f"--load_checkpoint {ckpt}",
+                "checkpoint does not match the model", *needles)
 
 
 def test_a_near_miss_still_lists_the_names(tmp_path, tiny_hf_dir):
@@ -679,7 +686,7 @@ def cli_cases(base, hf):
             ["config.json", "nests 50001 levels deep"])
     # class 12: absurd shapes
     forward("layers_1e9", {"config.json": json.dumps(absurd).encode(), "model.safetensors": weights_path},
-            ["text_config num_layers=1000000000", "the checkpoint holds"], CLI_IMPORT_SECONDS)
+            ["text_config num_layers=1000000000", "the checkpoint holds 80 tensors"], CLI_IMPORT_SECONDS)
     # class 5: crafted checkpoints
     for name in ("tag_longer_than_entry", "content_length_2_63", "unknown_field_of_huge_length", "tag_of_a_megabyte"):
         data, needle = ckpt_cases()[name]

@@ -5,7 +5,7 @@ import checkpoint_io as io
 from file_checks import check_type
 from llava_errors import LlavaError
 from weights.loading import slice_checkpoint
-from weights.matching import check_scale, config_differences, expected_shapes, hf_names, read_hf_config
+from weights.matching import check, check_scale, config_differences, expected_shapes, hf_names, read_hf_config
 
 REQUIRED = ("--load_checkpoint is required: a complete .ckpt file, a model_dir/rank_K/ folder or a "
             "llava-hf folder (config.json + safetensors)")
@@ -84,11 +84,15 @@ def rank_checkpoint(path, tp, model_config, auto_trans_ckpt=False, output_dir=".
     A complete .ckpt is loaded as it is by a single process; under tensor parallelism (with auto_trans_ckpt)
     each rank first writes its share to output_dir/transformed_checkpoint/rank_K/checkpoint_K.ckpt. A llava-hf
     folder needs neither: its config.json must agree with the yaml and each rank reads its share directly.
-    The yaml's model is first compared in size with the checkpoint (check_scale), before anything is built."""
+    The checkpoint is compared with the yaml's model before the model is built: its size (check_scale), and for
+    a complete checkpoint every name and shape (the check load_into makes again)."""
     checkpoint = _locate(path, tp, model_config, auto_trans_ckpt, output_dir)
-    check_scale(checkpoint.tensors, model_config,
-                f"--load_checkpoint {path}: checkpoint does not match the yaml's model_config",
-                1 if checkpoint.complete else tp.world)
+    what = f"--load_checkpoint {path}: checkpoint does not match the model"
+    check_scale(checkpoint.tensors, model_config, what)
+    if checkpoint.complete:
+        from llama_text import is_cache_param
+        check({n: t for n, t in checkpoint.tensors.items() if not is_cache_param(n)},
+              expected_shapes(model_config), what)
     return checkpoint
 
 
@@ -104,7 +108,7 @@ def _locate(path, tp, model_config, auto_trans_ckpt, output_dir):
                              f"to slice it for {tp.world} ranks, or give a folder with rank_0..rank_{tp.world - 1}")
         dst = os.path.join(output_dir, "transformed_checkpoint", f"rank_{tp.rank}", f"checkpoint_{tp.rank}.ckpt")
         check_scale(_ckpt_file(path, True).tensors, model_config,
-                    f"--load_checkpoint {path}: checkpoint does not match the yaml's model_config")
+                    f"--load_checkpoint {path}: checkpoint does not match the model")
         slice_checkpoint(path, dst, tp, expected_shapes(model_config))
         return _ckpt_file(dst, False)
     if not os.path.isdir(path):
