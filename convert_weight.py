@@ -36,6 +36,7 @@ if PLUGIN not in sys.path:
 import checkpoint_io as io  # noqa: E402
 import weights  # noqa: E402
 from checkpoint_io import DTYPES, DTYPE_ALIASES, check_ckpt_crc, mb, scan_ckpt, short_list  # noqa: E402
+from file_checks import check_type, limit, load_json, read_capped  # noqa: E402
 from llava_errors import LlavaError  # noqa: E402
 
 PROG = "convert_weight.py"
@@ -139,8 +140,9 @@ def _import_model_modules():
 
 def load_llava_config(path):
     """LlavaConfig from a llava-hf config.json (LlavaError naming the file when it is not one)."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise LlavaError(f"{path} does not exist")
+    load_json(path)              # the file-level checks (type, size, JSON depth) before the slow imports
     _import_model_modules()
     return weights.read_hf_config(path)
 
@@ -151,6 +153,7 @@ def load_llava_config(path):
 def convert_hf_to_ms(input_path, output_path, dtype=None, quiet=False):
     if not os.path.exists(input_path):
         raise LlavaError(f"input folder {input_path} does not exist")
+    check_type(input_path, "--input_path", folder_ok=True)
     if not os.path.isdir(input_path):
         if input_path.endswith(io.PICKLE_SUFFIXES):
             io.refuse_pickle(input_path)
@@ -158,8 +161,9 @@ def convert_hf_to_ms(input_path, output_path, dtype=None, quiet=False):
                          f"config.json and the safetensors files")
     out_folder = check_output_file(output_path, ".ckpt")
     config_path = os.path.join(input_path, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.lexists(config_path):
         raise LlavaError(f"{input_path} has no config.json (expected a llava-hf model folder)")
+    check_type(config_path)
     tensors = io.read_safetensors_folder(input_path)     # file-level checks first: they need no model code
     plan = weights.plan_ckpt(tensors, load_llava_config(config_path), input_path, dtype)
     check_free_space(out_folder, plan.total)
@@ -209,10 +213,11 @@ def _reversed_target(output_path, config_path):
 def _config_for(folder, config_path):
     if config_path is None:
         config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
+        if not os.path.lexists(config_path):
             raise LlavaError(f"no config.json in {folder}; pass the model's config with --config")
-    if not os.path.isfile(config_path):
+    if not os.path.lexists(config_path):
         raise LlavaError(f"config file {config_path} does not exist")
+    check_type(config_path, "config file")
     return folder, config_path
 
 
@@ -222,6 +227,7 @@ def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quie
     with model.safetensors.index.json), or a single FILE.safetensors."""
     if not os.path.exists(input_path):
         raise LlavaError(f"input checkpoint {input_path} does not exist")
+    check_type(input_path, "--input_path", folder_ok=True)
     if os.path.isdir(input_path):
         raise LlavaError(f"--input_path {input_path} is a folder; give the .ckpt file")
     folder, config_path, to_folder = _reversed_target(output_path, config_path)
@@ -235,8 +241,7 @@ def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quie
                          f"{short_list(stale)}; remove them or choose an empty folder")
     config_bytes = None
     if to_folder and os.path.abspath(config_path) != os.path.join(folder, "config.json"):
-        with open(config_path, "rb") as f:
-            config_bytes = f.read()
+        config_bytes = read_capped(config_path, limit("JSON_MAX_BYTES"), "config file", "JSON_MAX_BYTES")
     exists = os.path.isdir(folder)
     check_free_space(folder if exists else os.path.dirname(folder), plan.total + 1024 * 1024 * len(plan.shards))
     target = folder if to_folder else output_path

@@ -10,6 +10,7 @@ import struct
 
 import numpy as np
 
+from file_checks import load_json, open_regular, parse_json
 from llava_errors import LlavaError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -100,15 +101,38 @@ class TensorInfo:
         self.segments = segments if segments is not None else [(offset, nbytes)]
 
 
+def _is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _header_entry(path, name, info):
+    """(dtype, shape, begin, stop) of one safetensors header entry, its JSON types checked."""
+    if not isinstance(info, dict):
+        raise LlavaError(f"{path}: malformed header entry for {name!r} (not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise LlavaError(f"{path}: malformed header entry for {name!r} (dtype is not a string)")
+    if dtype not in SF_ITEMSIZE:
+        raise LlavaError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise LlavaError(f"{path}: malformed header entry for {name!r} (shape is not a list of sizes)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(d) for d in offsets) \
+            or offsets[0] > offsets[1]:
+        raise LlavaError(f"{path}: malformed header entry for {name!r} (data_offsets is not [begin, end])")
+    return dtype, shape, offsets[0], offsets[1]
+
+
 def read_safetensors_header(path):
     """name -> TensorInfo for every tensor of a .safetensors file, from its header; no tensor data is read.
 
-    Checks that the file is complete: a truncated file (its header promises more bytes than it holds) is a
-    LlavaError naming the file.
+    Checks what the format requires, as the safetensors library does: a regular file; a JSON header of at most
+    MAX_HEADER_BYTES whose entries have a known dtype, a shape and data_offsets that agree; and the tensors'
+    byte ranges, in offset order, tile the data area exactly (no overlap, no gap, nothing past the end). An
+    overlap would make two weights share bytes. Every problem is a LlavaError naming the file.
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise LlavaError(f"{path} is not a safetensors file or is truncated ({size} bytes)")
@@ -119,35 +143,47 @@ def read_safetensors_header(path):
             raw = f.read(n)
     except OSError as e:
         raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LlavaError(f"{path} is not a safetensors file (its header is not JSON)") from e
+    if len(raw) != n:
+        raise LlavaError(f"{path} is truncated (its header ended early)")
+    header = parse_json(raw, f"{path} is not a safetensors file: its header")
     if not isinstance(header, dict):
         raise LlavaError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LlavaError(f"{path}: malformed header (__metadata__ is not an object of strings)")
     data_start = 8 + n
     data_size = size - data_start
-    tensors, end = {}, 0
+    tensors, ranges = {}, []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in list(shape) + [begin, stop]):
-                raise TypeError
-        except (KeyError, TypeError, ValueError) as e:
-            raise LlavaError(f"{path}: malformed header entry for {name!r}") from e
-        if dtype not in SF_ITEMSIZE:
-            raise LlavaError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
+        dtype, shape, begin, stop = _header_entry(path, name, info)
         nbytes = math.prod(shape) * SF_ITEMSIZE[dtype]
         if stop - begin != nbytes:
             raise LlavaError(f"{path}: tensor {name} has {stop - begin} bytes for shape {list(shape)} "
                              f"of {dtype} ({nbytes} expected); the header is corrupt")
-        end = max(end, stop)
+        ranges.append((begin, stop, name))
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, nbytes)
-    if end > data_size:
-        raise LlavaError(f"{path} is truncated: its header describes {end} bytes of tensor data, "
-                         f"the file holds {max(data_size, 0)}")
+    _check_tiling(path, sorted(ranges), data_size)
     return tensors
+
+
+def _check_tiling(path, ranges, data_size):
+    """`ranges` [(begin, end, name)] sorted must cover [0, data_size) exactly, each starting where the last
+    one ended."""
+    pos, last = 0, None
+    for begin, stop, name in ranges:
+        if begin < pos:
+            raise LlavaError(f"{path}: the data of tensors {last} and {name} overlap (bytes {begin}..{pos}); "
+                             f"the header is corrupt")
+        if begin > pos:
+            raise LlavaError(f"{path}: {begin - pos} bytes before tensor {name} belong to no tensor "
+                             f"(offset {pos}); the header is corrupt")
+        pos, last = stop, name
+    if pos > data_size:
+        raise LlavaError(f"{path} is truncated: its header describes {pos} bytes of tensor data, "
+                         f"the file holds {max(data_size, 0)}")
+    if pos < data_size:
+        raise LlavaError(f"{path}: {data_size - pos} bytes after the last tensor belong to no tensor; "
+                         f"the header is corrupt")
 
 
 def iter_chunks(f, segments, itemsize, chunk_bytes=None):
@@ -193,18 +229,18 @@ def read_safetensors_folder(folder):
     key is listed); a folder with only pickles (.bin/.pt) is refused without opening them."""
     index_path = os.path.join(folder, SAFETENSORS_INDEX)
     single = os.path.join(folder, SAFETENSORS_FILE)
-    if os.path.exists(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError
-        except OSError as e:
-            raise LlavaError(f"cannot read {index_path}: {e.strerror or e}") from e
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-            raise LlavaError(f"{index_path} is not a safetensors index (no 'weight_map' of file names)") from e
+    if os.path.lexists(index_path):
+        index = load_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LlavaError(f"{index_path} is not a safetensors index (no 'weight_map' of file names)")
+        odd = sorted({v for v in weight_map.values()
+                      if os.path.basename(v) != v or v in ("", ".", "..") or not v.endswith(".safetensors")})
+        if odd:
+            raise LlavaError(f"{index_path} names shard(s) that are not .safetensors files of the folder: "
+                             f"{short_list(odd)}")
         files = sorted(set(weight_map.values()))
-        absent = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
+        absent = [n for n in files if not os.path.lexists(os.path.join(folder, n))]
         if absent:
             raise LlavaError(f"{index_path} lists shard file(s) that do not exist: {short_list(absent)}")
         tensors = {}
@@ -221,7 +257,7 @@ def read_safetensors_folder(folder):
         if not_listed:
             raise LlavaError(f"{index_path} does not list key(s) found in its shards: {short_list(not_listed)}")
         return tensors
-    if os.path.exists(single):
+    if os.path.lexists(single):
         return read_safetensors_header(single)
     pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -328,116 +364,159 @@ class CkptWriter:
         self.written += len(data)
 
 
-def _read_varint(f, where):
-    shift = result = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
-        result |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise LlavaError(f"{where} is not a MindSpore checkpoint (bad varint)")
+MAX_TAG_BYTES = 64 * 1024     # a parameter name; real ones are under 200 bytes
+MAX_TYPE_BYTES = 64           # a tensor_type string ("Float32", "BFloat16", "str")
+MAX_DIMS = 64                 # MindSpore tensors have at most 8
 
 
-def _skip_field(f, wire, end, where):
-    if wire == 0:
-        _read_varint(f, where)
-    elif wire == 1:
-        f.seek(8, 1)
-    elif wire == 2:
-        f.seek(_read_varint(f, where), 1)
-    elif wire == 5:
-        f.seek(4, 1)
-    else:
-        raise LlavaError(f"{where} is not a MindSpore checkpoint (wire type {wire})")
-    if f.tell() > end:
-        raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+class _CkptReader:
+    """Reads the protobuf fields of an open .ckpt, every read bounded by the end of the message it is in:
+    a length is compared with the bytes left in its message (and so in the file) before it is used."""
+
+    def __init__(self, f, where):
+        self.f, self.where = f, where
+
+    def bad(self, what):
+        return LlavaError(f"{self.where} is not a MindSpore checkpoint or is truncated ({what} at byte "
+                          f"{self.f.tell()})")
+
+    def varint(self, end):
+        f, shift, result = self.f, 0, 0
+        while True:
+            if f.tell() >= end:
+                raise self.bad("a number runs past the end of its entry")
+            b = f.read(1)
+            if not b:
+                raise self.bad("the file ended inside a number")
+            result |= (b[0] & 0x7F) << shift
+            if not b[0] & 0x80:
+                return result
+            shift += 7
+            if shift > 63:
+                raise self.bad("a number longer than 10 bytes")
+
+    def length(self, end, what, cap=None):
+        """A length-delimited field's length, checked against `end` (and `cap`); -> (start, stop)."""
+        n = self.varint(end)
+        start = self.f.tell()
+        if n > end - start:
+            raise self.bad(f"{what} of {n} bytes runs past the end of its entry ({end - start} bytes left)")
+        if cap is not None and n > cap:
+            raise self.bad(f"{what} of {n} bytes (at most {cap} expected)")
+        return start, start + n
+
+    def string(self, end, what, cap, encoding):
+        start, stop = self.length(end, what, cap)
+        data = self.f.read(stop - start)
+        if len(data) != stop - start:
+            raise self.bad(f"the file ended inside {what}")
+        return data.decode(encoding, "replace")
+
+    def skip(self, wire, end, what):
+        if wire == 0:
+            self.varint(end)
+            return
+        if wire == 2:
+            start, stop = self.length(end, what)
+        elif wire in (1, 5):
+            start = self.f.tell()
+            stop = start + (8 if wire == 1 else 4)
+            if stop > end:
+                raise self.bad(f"{what} runs past the end of its entry")
+        else:
+            raise self.bad(f"wire type {wire}")
+        self.f.seek(stop)
+
+
+def _ckpt_tensor(r, end, dims):
+    """The fields of one TensorProto ending at `end` -> (tensor_type, (content offset, length)); dims appended."""
+    ttype = content = None
+    while r.f.tell() < end:
+        key = r.varint(end)
+        field, wire = key >> 3, key & 7
+        if field == 1 and wire == 0:
+            dims.append(r.varint(end))
+        elif field == 1 and wire == 2:       # packed dims
+            _, packed_end = r.length(end, "the dims")
+            while r.f.tell() < packed_end:
+                dims.append(r.varint(packed_end))
+        elif field == 2 and wire == 2:
+            ttype = r.string(end, "the tensor type", MAX_TYPE_BYTES, "ascii")
+        elif field == 3 and wire == 2:
+            start, stop = r.length(end, "the tensor data")
+            content = (start, stop - start)
+            r.f.seek(stop)
+        else:
+            r.skip(wire, end, f"field {field}")
+        if len(dims) > MAX_DIMS:
+            raise r.bad(f"more than {MAX_DIMS} dims")
+    return ttype, content
 
 
 def scan_ckpt(path):
     """name -> TensorInfo (dtype name, dims, content segments) of a MindSpore .ckpt, without reading tensor data.
 
     Entries split into several slices (consecutive entries with the same tag) are joined. String entries
-    (save_checkpoint's append_dict) are skipped; map tensors are refused.
+    (save_checkpoint's append_dict) are skipped; map tensors are refused. The file must be a regular file;
+    every length in it is checked against the end of its entry before it is used, so a damaged or crafted file
+    is one LlavaError naming it, whatever its bytes.
     """
+    with open_regular(path) as f:
+        try:
+            return _scan_ckpt(f, path, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _scan_ckpt(f, path, size):
     where = path
-    try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
-    except OSError as e:
-        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from e
-    with f:
-        end = size
-        if size >= 17:
-            f.seek(size - 17)
-            if f.read(7) == b"crc_num":
-                end = size - 17
-        f.seek(0)
-        tensors, last = {}, None
-        while f.tell() < end:
-            key = _read_varint(f, where)
-            if key != 0x0A:
-                raise LlavaError(f"{where} is not a MindSpore checkpoint (unexpected field {key >> 3})")
-            value_end = _read_varint(f, where) + f.tell()
-            if value_end > end:
-                raise LlavaError(f"{where} is truncated (an entry runs past the end of the file)")
-            tag, dims, ttype, content, is_map = None, [], None, None, False
-            while f.tell() < value_end:
-                key = _read_varint(f, where)
-                field, wire = key >> 3, key & 7
-                if field == 1 and wire == 2:
-                    tag = f.read(_read_varint(f, where)).decode("utf-8", "replace")
-                elif field == 2 and wire == 2:
-                    tensor_end = _read_varint(f, where) + f.tell()
-                    while f.tell() < tensor_end:
-                        key = _read_varint(f, where)
-                        field, wire = key >> 3, key & 7
-                        if field == 1 and wire == 0:
-                            dims.append(_read_varint(f, where))
-                        elif field == 1 and wire == 2:       # packed dims
-                            packed_end = _read_varint(f, where) + f.tell()
-                            while f.tell() < packed_end:
-                                dims.append(_read_varint(f, where))
-                        elif field == 2 and wire == 2:
-                            ttype = f.read(_read_varint(f, where)).decode("ascii", "replace")
-                        elif field == 3 and wire == 2:
-                            n = _read_varint(f, where)
-                            content = (f.tell(), n)
-                            f.seek(n, 1)
-                        else:
-                            _skip_field(f, wire, tensor_end, where)
-                    if f.tell() != tensor_end:
-                        raise LlavaError(f"{where} is not a MindSpore checkpoint (malformed tensor entry)")
-                elif field == 3 and wire == 2:
-                    is_map = True
-                    _skip_field(f, wire, value_end, where)
-                else:
-                    _skip_field(f, wire, value_end, where)
-            if f.tell() != value_end or tag is None:
-                raise LlavaError(f"{where} is not a MindSpore checkpoint (malformed entry)")
-            if is_map:
-                raise LlavaError(f"{where}: entry {tag} is a map tensor, which is not a model weight")
-            if ttype == "str":
-                last = None
-                continue
-            if ttype is None or content is None:
-                raise LlavaError(f"{where}: entry {tag} has no tensor data")
-            if tag == last:
-                t = tensors[tag]
-                if list(t.shape) != dims or t.dtype != ttype:
-                    raise LlavaError(f"{where}: slices of {tag} disagree on shape or dtype")
-                t.segments.append(content)
-                t.nbytes += content[1]
-                continue
-            if tag in tensors:
-                raise LlavaError(f"{where}: {tag} appears twice")
-            tensors[tag] = TensorInfo(tag, path, ttype, dims, content[0], content[1], [content])
-            last = tag
-        if f.tell() != end:
-            raise LlavaError(f"{where} is truncated or not a MindSpore checkpoint")
+    r = _CkptReader(f, where)
+    end = size
+    if size >= 17:
+        f.seek(size - 17)
+        if f.read(7) == b"crc_num":
+            end = size - 17
+    f.seek(0)
+    tensors, last = {}, None
+    while f.tell() < end:
+        key = r.varint(end)
+        if key != 0x0A:
+            raise LlavaError(f"{where} is not a MindSpore checkpoint (unexpected field {key >> 3})")
+        _, value_end = r.length(end, "an entry")
+        tag, dims, ttype, content, is_map = None, [], None, None, False
+        while f.tell() < value_end:
+            key = r.varint(value_end)
+            field, wire = key >> 3, key & 7
+            if field == 1 and wire == 2:
+                tag = r.string(value_end, "the tag", MAX_TAG_BYTES, "utf-8")
+            elif field == 2 and wire == 2:
+                _, tensor_end = r.length(value_end, "the tensor")
+                ttype, content = _ckpt_tensor(r, tensor_end, dims)
+            elif field == 3 and wire == 2:
+                is_map = True
+                r.skip(wire, value_end, "a map tensor")
+            else:
+                r.skip(wire, value_end, f"field {field}")
+        if tag is None:
+            raise LlavaError(f"{where} is not a MindSpore checkpoint (an entry has no tag)")
+        if is_map:
+            raise LlavaError(f"{where}: entry {tag} is a map tensor, which is not a model weight")
+        if ttype == "str":
+            last = None
+            continue
+        if ttype is None or content is None:
+            raise LlavaError(f"{where}: entry {tag} has no tensor data")
+        if tag == last:
+            t = tensors[tag]
+            if list(t.shape) != dims or t.dtype != ttype:
+                raise LlavaError(f"{where}: slices of {tag} disagree on shape or dtype")
+            t.segments.append(content)
+            t.nbytes += content[1]
+            continue
+        if tag in tensors:
+            raise LlavaError(f"{where}: {tag} appears twice")
+        tensors[tag] = TensorInfo(tag, path, ttype, dims, content[0], content[1], [content])
+        last = tag
     for t in tensors.values():
         if t.dtype in MS_TO_DTYPE:
             expect = math.prod(t.shape) * ITEMSIZE[MS_TO_DTYPE[t.dtype]]

@@ -280,6 +280,9 @@ class LlavaConfig(PretrainedConfig):
             raise LlavaError(f"config.json is not a LLaVA config (model_type={got!r}, expected 'llava')")
         v = hf.get("vision_config") or {}
         t = hf.get("text_config") or {}
+        for key, section in (("vision_config", v), ("text_config", t)):
+            if not isinstance(section, dict):
+                raise LlavaError(f"config.json: {key} must be an object, got {type(section).__name__}")
         vision = dict(
             hidden_size=v.get("hidden_size", 1024), intermediate_size=v.get("intermediate_size", 4096),
             num_hidden_layers=v.get("num_hidden_layers", 24),
@@ -302,8 +305,11 @@ class LlavaConfig(PretrainedConfig):
             hidden_act=t.get("hidden_act", "silu"), bos_token_id=t.get("bos_token_id", 1),
             eos_token_id=t.get("eos_token_id", 2),
             pad_token_id=hf.get("pad_token_id", t.get("pad_token_id")) or 0)
+        positions = text["max_position_embedding"]
+        if isinstance(positions, bool) or not isinstance(positions, int):
+            raise LlavaError(f"config.json: text_config.max_position_embeddings must be int, got {positions!r}")
         kwargs = dict(image_token_index=hf.get("image_token_index", 32000),
                       projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
-                      seq_length=min(2048, text["max_position_embedding"]))
+                      seq_length=min(2048, positions))
         kwargs.update(overrides)
         return cls(vision_config=vision, text_config=text, **kwargs)

@@ -13,9 +13,8 @@ import re
 import signal
 import sys
 
-import yaml
-
 import weights
+from file_checks import load_yaml
 from generation import GenerationSettings, TextStreamer
 from llava_errors import LlavaError
 
@@ -50,13 +49,7 @@ def _resolve(path, root):
 
 def read_yaml(path):
     """Safe-load the yaml and check its overall shape (MindFormerConfig itself is lenient)."""
-    if not os.path.isfile(path):
-        raise LlavaError(f"--config {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LlavaError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = load_yaml(path, "--config")     # the one bounded yaml reader (file_checks)
     if not isinstance(data, dict):
         raise LlavaError(f"--config {path}: the top level must be a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - KNOWN_TOP_LEVEL)

@@ -11,6 +11,7 @@ Split rules (`SPLITS`):
   vocab       split the vocabulary dimension (dim 0): embed_tokens, lm_head
   replicated  every rank holds the whole tensor: norms, the vision tower, the projector
 """
+import math
 import re
 
 from llava_errors import LlavaError
@@ -112,6 +113,17 @@ def expected_params(config):
             name = ms if i is None else ms.replace("{i}", str(i))
             out[name] = (tuple(int(d) for d in shape(config)), split)
     return out
+
+
+def param_totals(config):
+    """(number of weight tensors, number of values) of the model of `config`, from the table without listing
+    the layers: constant time however large the config's layer counts and sizes are."""
+    count = values = 0
+    for _, ms, _, shape in _TABLE:
+        n = len(_layers(ms, config))
+        count += n
+        values += n * math.prod(int(d) for d in shape(config))
+    return count, values
 
 
 def _lookup(rules, name):

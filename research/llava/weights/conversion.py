@@ -10,7 +10,7 @@ import shutil
 import checkpoint_io as io
 import weight_map
 from llava_errors import LlavaError
-from weights.matching import check, expected_shapes, hf_names
+from weights.matching import check, check_scale, expected_shapes, hf_names
 
 SHARD_BYTES = 5 * 10 ** 9     # transformers' default max_shard_size ("5GB") of save_pretrained
 HF_CONFIG = "config.json"
@@ -48,6 +48,7 @@ def plan_ckpt(tensors, config, what, dtype=None):
     "`what` does not match the LLaVA config: ..." unless every weight is there with its shape. `dtype`: the
     output dtype (default: each tensor's stored one)."""
     named, skipped = hf_names(tensors)
+    check_scale(named, config, f"{what} does not match the LLaVA config")
     expected = expected_shapes(config)
     check(named, expected, f"{what} does not match the LLaVA config")
     rows = []
@@ -113,6 +114,7 @@ class HfPlan:
 def plan_hf(tensors, config, what, dtype=None, shard_bytes=SHARD_BYTES, file_name=None):
     """The HfPlan for a .ckpt's tensors (name -> TensorInfo) and a LlavaConfig, with the llava-hf key names:
     model.safetensors, or shards of at most `shard_bytes` when it is bigger; one file `file_name` if given."""
+    check_scale(tensors, config, f"{what} does not match the LLaVA config")
     expected = expected_shapes(config)
     check(tensors, expected, f"{what} does not match the LLaVA config")
     rows = {}

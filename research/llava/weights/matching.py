@@ -1,10 +1,9 @@
 """The one strict check (missing / unknown / wrongly shaped weights) and the model's expected shapes."""
-import json
 import math
-import os
 
 import checkpoint_io as io
 import weight_map
+from file_checks import load_json
 from llava_errors import LlavaError
 
 # LlavaConfig fields that must agree between a llava-hf config.json and the yaml's model_config: the shapes,
@@ -47,6 +46,29 @@ def check(tensors, expected, what):
         raise LlavaError(f"{what}: " + "; ".join(problems))
 
 
+# A config whose model lists more than SCALE_FACTOR times the weight tensors of the files, plus LISTABLE, is
+# refused with figures before its weights are listed: listing takes time and memory in proportion to the config
+# (a crafted num_hidden_layers of 10^9 would run for hours), and no list of missing names helps with such a
+# mismatch. Below that, the strict `check` lists the names (milliseconds for LISTABLE names); wrong sizes
+# (hidden_size, vocab_size) are its wrong-shape figures.
+SCALE_FACTOR = 2
+LISTABLE = 10_000
+
+
+def check_scale(tensors, config, what):
+    """Raise LlavaError, with the figures, when `config` describes a model of far more weight tensors than
+    `tensors` (name -> TensorInfo) hold; constant time in the config's layer counts."""
+    want_n, want_values = weight_map.param_totals(config)
+    have_n = len(tensors)
+    if want_n <= SCALE_FACTOR * have_n + LISTABLE:
+        return
+    v, t = config.vision_config, config.text_config
+    raise LlavaError(
+        f"{what}: the config describes a model of {want_n} weight tensors ({want_values:.3g} values; "
+        f"vision_config num_hidden_layers={v.num_hidden_layers}, text_config num_layers={t.num_layers}), "
+        f"the checkpoint holds {have_n} tensors")
+
+
 def expected_shapes(config):
     """Parameter name -> complete shape for `config` (a LlavaConfig), in model order."""
     return {name: shape for name, (shape, _) in weight_map.expected_params(config).items()}
@@ -71,13 +93,7 @@ def hf_names(tensors):
 def read_hf_config(path):
     """LlavaConfig from a llava-hf config.json (LlavaError naming the file when it is not one)."""
     import llava_config
-    if not os.path.isfile(path):
-        raise LlavaError(f"{path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LlavaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    hf = load_json(path)
     try:
         return llava_config.LlavaConfig.from_hf_config(hf)
     except LlavaError as e:

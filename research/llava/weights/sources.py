@@ -2,9 +2,10 @@
 import os
 
 import checkpoint_io as io
+from file_checks import check_type
 from llava_errors import LlavaError
 from weights.loading import slice_checkpoint
-from weights.matching import config_differences, expected_shapes, hf_names, read_hf_config
+from weights.matching import check, check_scale, config_differences, expected_shapes, hf_names, read_hf_config
 
 REQUIRED = ("--load_checkpoint is required: a complete .ckpt file, a model_dir/rank_K/ folder or a "
             "llava-hf folder (config.json + safetensors)")
@@ -30,9 +31,10 @@ def is_hf_folder(path):
 
 def _hf_tensors(path):
     """name -> TensorInfo of a llava-hf folder, from its headers; file-level problems name the folder."""
-    if not os.path.isfile(os.path.join(path, HF_CONFIG)):
+    if not os.path.lexists(os.path.join(path, HF_CONFIG)):
         raise LlavaError(f"--load_checkpoint {path}: has no {HF_CONFIG} (a llava-hf folder holds config.json "
                          f"and the safetensors files)")
+    check_type(os.path.join(path, HF_CONFIG), "--load_checkpoint")
     try:
         return io.read_safetensors_folder(path)
     except LlavaError as e:
@@ -40,6 +42,7 @@ def _hf_tensors(path):
 
 
 def _ckpt_file(path, complete):
+    check_type(path, "--load_checkpoint")
     if os.path.getsize(path) == 0:
         raise LlavaError(f"--load_checkpoint {path}: empty file")
     try:
@@ -56,8 +59,7 @@ def check_early(path):
     or foreign checkpoint file or llava-hf folder (headers only). Rank folders are checked per rank later."""
     if not path:
         raise LlavaError(REQUIRED)
-    if not os.path.exists(path):
-        raise LlavaError(f"--load_checkpoint {path}: no such file or folder")
+    check_type(path, "--load_checkpoint", folder_ok=True)
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
             raise LlavaError(f"--load_checkpoint {path}: give the llava-hf folder that holds this file and its "
@@ -81,9 +83,23 @@ def rank_checkpoint(path, tp, model_config, auto_trans_ckpt=False, output_dir=".
 
     A complete .ckpt is loaded as it is by a single process; under tensor parallelism (with auto_trans_ckpt)
     each rank first writes its share to output_dir/transformed_checkpoint/rank_K/checkpoint_K.ckpt. A llava-hf
-    folder needs neither: its config.json must agree with the yaml and each rank reads its share directly."""
+    folder needs neither: its config.json must agree with the yaml and each rank reads its share directly.
+    The checkpoint is compared with the yaml's model before the model is built: its size (check_scale), and for
+    a complete checkpoint every name and shape (the check load_into makes again)."""
+    checkpoint = _locate(path, tp, model_config, auto_trans_ckpt, output_dir)
+    what = f"--load_checkpoint {path}: checkpoint does not match the model"
+    check_scale(checkpoint.tensors, model_config, what)
+    if checkpoint.complete:
+        from llama_text import is_cache_param
+        check({n: t for n, t in checkpoint.tensors.items() if not is_cache_param(n)},
+              expected_shapes(model_config), what)
+    return checkpoint
+
+
+def _locate(path, tp, model_config, auto_trans_ckpt, output_dir):
     if not path:
         raise LlavaError(REQUIRED)
+    check_type(path, "--load_checkpoint", folder_ok=True)
     if os.path.isfile(path):
         if tp.world == 1:
             return _ckpt_file(path, True)
@@ -91,6 +107,8 @@ def rank_checkpoint(path, tp, model_config, auto_trans_ckpt=False, output_dir=".
             raise LlavaError(f"--load_checkpoint {path} is a complete checkpoint: pass --auto_trans_ckpt True "
                              f"to slice it for {tp.world} ranks, or give a folder with rank_0..rank_{tp.world - 1}")
         dst = os.path.join(output_dir, "transformed_checkpoint", f"rank_{tp.rank}", f"checkpoint_{tp.rank}.ckpt")
+        check_scale(_ckpt_file(path, True).tensors, model_config,
+                    f"--load_checkpoint {path}: checkpoint does not match the model")
         slice_checkpoint(path, dst, tp, expected_shapes(model_config))
         return _ckpt_file(dst, False)
     if not os.path.isdir(path):
