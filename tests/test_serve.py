@@ -359,3 +359,12 @@ def test_two_ranks_serve_the_single_process_answers(setup, server, hf):
             launcher.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_memory_check_counts_every_pooled_batch_size():
+    """The engine keeps a KV cache per batch size it ran; batches of 1..max_batch requests run with 1, 2, 4, ...
+    rows (at most max_batch), so a server holds 1 + 2 + 4 + 8 rows for max_batch 8 and 1 + 2 + 4 + 6 for 6."""
+    from serving import batch_rows, pooled_rows
+    assert [batch_rows(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert [batch_rows(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert pooled_rows(8) == 15 and pooled_rows(6) == 13 and pooled_rows(1) == 1

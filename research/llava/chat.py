@@ -124,7 +124,7 @@ class Chat:
 def run(args, root):
     """`run_mindformer.py --run_mode chat`: load once, then converse on stdin/stdout."""
     from llava_predict import Job
-    job = Job(args, root).load()
+    job = Job(args, root).load(batch=1)
     if job.tp.enabled:
         raise LlavaError("--run_mode chat runs on one process (use_parallel False)")
     return Chat(job).loop()

@@ -458,12 +458,13 @@ class Job:
         _touch_device()
         self.engine = self.model.engine()
 
-    def load(self):
-        """The whole start of a run mode that needs no inputs first (chat, serve): check, build, load, announce."""
+    def load(self, batch=None):
+        """The whole start of a run mode that needs no inputs first (chat, serve): check, build, load (for up to
+        `batch` rows at once), announce."""
         self.check_checkpoint()
         with self.console():
             self.build()
-            self.load_model()
+            self.load_model(batch)
         self.announce()
         return self
 

@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from generation import GenerationSettings
 from image_loading import display_name, load_image
 from llava_errors import LimitError, LlavaError
-from serving import QueueFull, Request as GenerationRequest
+from serving import QueueFull, Request as GenerationRequest, pooled_rows
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")   # the chat page, shipped with the package
 
@@ -353,7 +353,8 @@ def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_nam
 def run(args, root):
     """`run_mindformer.py --run_mode serve`: load once, then serve."""
     from llava_predict import Job
-    job = Job(args, root).load()
+    # the memory check counts the KV caches of every batch size the scheduler may run
+    job = Job(args, root).load(batch=pooled_rows(args.max_batch) if args.max_batch >= 1 else None)
     # A server sees many prompt lengths, and every prompt bucket (per batch size) compiles its own prefill graph:
     # coarser buckets than predict's compile less often for a few more padded positions per request. Every rank
     # pads alike (the ranks' collectives must see the same shapes).

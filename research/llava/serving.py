@@ -41,6 +41,22 @@ class Request:
         self.cancelled.set()
 
 
+def batch_rows(n, max_batch):
+    """Rows a batch of n requests runs with: n rounded up to a power of two (at most max_batch). Every new
+    batch size compiles its own prefill and decode graphs (seconds each); filler rows (one token, a one-step
+    answer, never shown) cost less than compiling for 3, 5, 6 and 7 rows as well."""
+    rows = 1
+    while rows < n:
+        rows *= 2
+    return max(n, min(rows, max_batch))
+
+
+def pooled_rows(max_batch):
+    """KV-cache rows a server holds at most: the engine keeps one cache per batch size it has run, and
+    batches run with batch_rows(n) rows for n = 1..max_batch."""
+    return sum({batch_rows(n, max_batch) for n in range(1, max_batch + 1)})
+
+
 class Scheduler:
     def __init__(self, engine, tokenizer, max_batch=8, max_queue=64, lockstep=None):
         if max_batch < 1 or max_queue < 1:
@@ -133,13 +149,7 @@ class Scheduler:
             self.lockstep.send(QUIT)
 
     def _rows(self, n):
-        """Rows a batch of n requests runs with: n rounded up to a power of two (at most max_batch). Every new
-        batch size compiles its own prefill and decode graphs (seconds each); filler rows (one token, a
-        one-step answer, never shown) cost less than compiling for 3, 5, 6 and 7 rows as well."""
-        rows = 1
-        while rows < n:
-            rows *= 2
-        return max(n, min(rows, self.max_batch))
+        return batch_rows(n, self.max_batch)
 
     def _generate(self, batch):
         self.batches += 1
