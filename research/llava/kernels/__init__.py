@@ -12,6 +12,9 @@ import sys
 from llava_errors import LlavaError
 
 BACKENDS = ("auto", "native", "fallback")
+# The per-output-channel scales of an int8 linear weight `<cell>.weight` are the parameter
+# `<cell>.weight_scale` ([out, 1] float32): derived at load time, not a checkpoint weight.
+WEIGHT_SCALE = "weight_scale"
 _built = {}          # LLAVA_KERNEL_CACHE at build time -> library path, or the LlavaError that stopped it
 _announced = []
 
@@ -47,6 +50,10 @@ def native_library():
         return None
     build.machine_isa(lib)
     return lib
+
+
+def is_scale_param(name):
+    return name.rsplit(".", 1)[-1] == WEIGHT_SCALE
 
 
 def _out_shape(x, w, *scale):
@@ -87,4 +94,4 @@ def make_matmul(int8):
     return LowbitMatmul()
 
 
-__all__ = ["make_matmul", "native_library", "backend_choice", "BACKENDS"]
+__all__ = ["make_matmul", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]

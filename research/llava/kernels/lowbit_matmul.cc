@@ -362,9 +362,13 @@ void pack_panel(const Problem& p, int64_t n0, int64_t k0, int64_t kc, float* pac
     int64_t k = 0;
     for (; k + W <= kc; k += W) V::store(row + k, V::lw(WK{}, wr + k));
     for (; k < kc; ++k) row[k] = V::sw(WK{}, wr[k]);
-    if (p.scale) {
+    if (p.scale) {  // one scale per run of G inputs: no division per element
       const float* sr = p.scale + n * p.groups;
-      for (k = 0; k < kc; ++k) row[k] *= sr[(k0 + k) / G];
+      for (k = 0; k < kc;) {
+        const int64_t g = (k0 + k) / G, end = std::min<int64_t>(kc, (g + 1) * G - k0);
+        const float sc = sr[g];
+        for (; k < end; ++k) row[k] *= sc;
+      }
     }
     for (k = 0; k < kc; ++k) pack[k * NR + j] = row[k];
   }
