@@ -15,8 +15,7 @@ BACKENDS = ("auto", "native", "fallback")
 # The per-output-channel scales of an int8 linear weight `<cell>.weight` are the parameter
 # `<cell>.weight_scale` ([out, 1] float32): derived at load time, not a checkpoint weight.
 WEIGHT_SCALE = "weight_scale"
-_built = {}          # LLAVA_KERNEL_CACHE at build time -> library path, or the LlavaError that stopped it
-_announced = []
+_built = {}          # cache folder -> library path, or the LlavaError that stopped its build
 
 
 def backend_choice():
@@ -40,13 +39,12 @@ def native_library():
             _built[key] = build.library_path()
         except LlavaError as e:
             _built[key] = e
+            if choice == "auto":
+                print(f"llava: {e}; using the slow MindSpore fallback for low-precision weights", file=sys.stderr)
     lib = _built[key]
     if isinstance(lib, LlavaError):
         if choice == "native":
             raise lib
-        if not _announced:
-            _announced.append(True)
-            print(f"llava: {lib}; using the slow MindSpore fallback for low-precision weights", file=sys.stderr)
         return None
     build.machine_isa(lib)
     return lib
