@@ -201,3 +201,45 @@ def test_unknown_weight_dtype_is_a_clear_error():
     with pytest.raises(LlavaError, match=r"model_config\.weight_dtype must be one of float32, float16, "
                                          r"bfloat16, int8, got 'int4'"):
         LlavaConfig(weight_dtype="int4")
+
+
+def test_fallback_gives_the_same_logits_as_the_kernel(sides, tiny_hf_dir, image_paths, monkeypatch):
+    """LLAVA_KERNEL=fallback (MindSpore casts the stored weight to float32 per call) on the same weights."""
+    side = sides("tiny", "int8")
+    ref = side.reference(image_paths["chelsea"])
+    monkeypatch.setenv("LLAVA_KERNEL", "fallback")
+    model = build(tiny_hf_dir, "int8")
+    assert not model.language_model.lm_head.matmul.native
+    logits = model.engine().prefill(ref["ids"], ref["pixels"], return_all_logits=True)
+    assert rel_err(logits, ref["prompt_logits"]) <= REL_TOL
+    steps = [model.engine().decode(ref["tokens"][i - 1:i]) for i in range(1, 8)]
+    assert rel_err(np.concatenate(steps), ref["step_logits"][1:8]) <= REL_TOL
+
+
+def test_two_ranks_equal_one_with_int8_weights(sides, tiny_hf_dir, image_paths, tmp_path):
+    """Each rank quantizes its share (a row-split share from whole rows): the 2-rank logits of prefill and 7
+    greedy steps are the single-process int8 model's, and so HF's on the dequantized weights."""
+    import subprocess
+    from helpers import free_port
+    side = sides("tiny", "int8")
+    image = image_paths["chelsea"]
+    steps = 8
+    out = str(tmp_path / "logits.npy")
+    proc = subprocess.run(
+        ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", f"--log_dir={tmp_path / 'log'}", "--join=True", "--cluster_time_out=120",
+         os.path.join(os.path.dirname(__file__), "lowbit_worker.py"), tiny_hf_dir, "int8", image, PROMPT,
+         str(steps), out],
+        cwd=str(tmp_path), env=dict(os.environ, GLOG_v="3"), capture_output=True, text=True, timeout=900)
+    logs = "".join(open(p, errors="replace").read()[-2000:] for p in glob.glob(str(tmp_path / "log" / "*.log")))
+    assert proc.returncode == 0, proc.stderr[-2000:] + logs
+    two = np.load(out)
+    ref = side.reference(image)
+    engine = side.engine
+    one = [engine.prefill(ref["ids"], ref["pixels"])]
+    for _ in range(steps - 1):
+        one.append(engine.decode(one[-1].argmax(-1)))
+    one = np.concatenate(one)
+    assert two.shape == one.shape
+    assert rel_err(two, one) <= 1e-5
+    assert rel_err(two, ref["step_logits"][:steps]) <= REL_TOL
