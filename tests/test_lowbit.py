@@ -61,9 +61,9 @@ def hf_weights(hf_dir):
     return out
 
 
-def build(hf_dir, weight_dtype, tp=None):
+def build(hf_dir, weight_dtype, tp=None, seq_length=SEQ_LENGTH):
     with open(os.path.join(hf_dir, "config.json")) as f:
-        config = LlavaConfig.from_hf_config(json.load(f), seq_length=SEQ_LENGTH, weight_dtype=weight_dtype)
+        config = LlavaConfig.from_hf_config(json.load(f), seq_length=seq_length, weight_dtype=weight_dtype)
     tp = tp or TensorParallel()
     model = LlavaModel(config, tensor_parallel=tp)
     weights.load_into(model, weights.rank_checkpoint(hf_dir, tp, config), tp)
@@ -105,9 +105,9 @@ def stored_as_float32(model, weight_dtype, original):
 class Side:
     """Our model with low-precision weights, and HF on those weights in float32 (a copy of the folder)."""
 
-    def __init__(self, hf_dir, weight_dtype, tmp_dir):
+    def __init__(self, hf_dir, weight_dtype, tmp_dir, seq_length=SEQ_LENGTH):
         from safetensors.numpy import save_file
-        self.model = build(hf_dir, weight_dtype)
+        self.model = build(hf_dir, weight_dtype, seq_length=seq_length)
         self.original = hf_weights(hf_dir)
         rounded = stored_as_float32(self.model, weight_dtype, self.original)
         folder = os.path.join(tmp_dir, f"hf-{weight_dtype}")
@@ -154,12 +154,8 @@ def mode(request):
     ms.set_context(mode=old[0], pynative_synchronize=old[1])
 
 
-@pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
-@pytest.mark.parametrize("preset", PRESETS)
-def test_prompt_logits_decode_steps_and_greedy_tokens_equal_hf_on_the_stored_weights(preset, weight_dtype, mode,
-                                                                                     sides, image_paths):
-    side = sides(preset, weight_dtype)
-    ref = side.reference(image_paths["chelsea"])
+def check_against_hf(side, image):
+    ref = side.reference(image)
     logits = side.engine.prefill(ref["ids"], ref["pixels"], return_all_logits=True)
     assert rel_err(logits, ref["prompt_logits"]) <= REL_TOL
     tokens = ref["tokens"]
@@ -169,6 +165,23 @@ def test_prompt_logits_decode_steps_and_greedy_tokens_equal_hf_on_the_stored_wei
     out = side.model.generate(ref["ids"], ref["pixels"], max_new_tokens=32)
     eos = tokens.tolist().index(2) + 1 if 2 in tokens.tolist() else 32
     assert out == [tokens[:eos].tolist()]
+
+
+@pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_prompt_logits_decode_steps_and_greedy_tokens_equal_hf_on_the_stored_weights(preset, weight_dtype, mode,
+                                                                                     sides, image_paths):
+    check_against_hf(sides(preset, weight_dtype), image_paths["chelsea"])
+
+
+@pytest.mark.skipif(not os.environ.get("LLAVA_SLOW_TESTS"), reason="set LLAVA_SLOW_TESTS=1 (175M params)")
+def test_mid_int8_equals_hf_on_the_dequantized_weights(mid_hf_dir, image_paths, tmp_path):
+    old = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        check_against_hf(Side(mid_hf_dir, "int8", str(tmp_path), seq_length=1024), image_paths["chelsea"])
+    finally:
+        ms.set_context(mode=old)
 
 
 @pytest.mark.parametrize("weight_dtype", ["int8", "bfloat16"])
