@@ -41,8 +41,12 @@ def quantize_int8(w, group=None):
 
 
 def scale_parameters(model):
-    """Weight name -> the Parameter holding its int8 scales, for every int8 linear weight of `model`."""
-    return {p.name[:-len(WEIGHT_SCALE)] + "weight": p for p in model.get_parameters() if is_scale_param(p.name)}
+    """Weight name -> the Parameter holding its int8 scales, for every int8 linear weight of `model` (a Cell;
+    anything else that offers weight_parameters() to the loader holds no scales)."""
+    cell_parameters = getattr(model, "get_parameters", None)
+    if cell_parameters is None:
+        return {}
+    return {p.name[:-len(WEIGHT_SCALE)] + "weight": p for p in cell_parameters() if is_scale_param(p.name)}
 
 
 def store_int8(weight, scale, array, index=None):
