@@ -88,7 +88,7 @@ def stored_as_float32(model, weight_dtype, original):
             assert s.shape == (w.shape[0], 1) and s.dtype == np.float32
             assert np.abs(q).max(1).tolist() == [127] * w.shape[0], name        # symmetric, per output row
             np.testing.assert_allclose(s[:, 0], np.abs(w).max(1) / 127, rtol=1e-6)
-            assert (np.abs(w - q * s) <= s / 2 * (1 + 1e-5) + 1e-12).all(), name
+            assert (np.abs(w - q * s) <= s / 2 * (1 + 1e-4)).all(), name         # float32 rounding of w / s
             out[name] = (q.astype(np.float32) * s).astype(np.float32)
         elif weight_dtype == "float16":
             assert param.dtype == ms.float16, name
