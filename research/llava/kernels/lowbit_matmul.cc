@@ -8,8 +8,8 @@
 //
 // The instruction set is chosen at run time (__builtin_cpu_supports): AVX-512F, AVX2+FMA+F16C, or plain C++.
 // One generic body (the part after `#else` at the end) is compiled three times, once per target, by
-// including this file into itself (so it must keep its name) inside `#pragma GCC target` regions: the compiler needs each ISA's
-// intrinsics to be defined in functions compiled for that ISA. LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a
+// including this file into itself (so it must keep its name) inside `#pragma GCC target` regions: the
+// compiler needs each ISA's intrinsics to be defined in functions compiled for that ISA. LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a
 // path (tests use it; an unsupported choice is an error), LLAVA_KERNEL_THREADS caps the threads.
 //
 // Entry point for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul.
@@ -348,6 +348,44 @@ void gemv_rows(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Decode of one row of x with one scale per output row (the model's case): two weight rows at a time, two
+// chains each, so four independent FMA chains and two weight streams are in flight.
+template <class WK>
+void gemv1_pairs(const Problem& p, int64_t n0, int64_t n1) {
+  using T = typename WK::T;
+  const int64_t K = p.K;
+  const T* Wm = static_cast<const T*>(p.w);
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const T* w0 = Wm + n * K;
+    const T* w1 = w0 + K;
+    typename V::reg a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();
+    int64_t k = 0;
+    for (; k + 2 * W <= K; k += 2 * W) {
+      const typename V::reg x0 = V::load(p.x + k), x1 = V::load(p.x + k + W);
+      a0 = V::fma(x0, V::lw(WK{}, w0 + k), a0);
+      a1 = V::fma(x1, V::lw(WK{}, w0 + k + W), a1);
+      b0 = V::fma(x0, V::lw(WK{}, w1 + k), b0);
+      b1 = V::fma(x1, V::lw(WK{}, w1 + k + W), b1);
+    }
+    for (; k + W <= K; k += W) {
+      const typename V::reg x0 = V::load(p.x + k);
+      a0 = V::fma(x0, V::lw(WK{}, w0 + k), a0);
+      b0 = V::fma(x0, V::lw(WK{}, w1 + k), b0);
+    }
+    float sa = 0.0f, sb = 0.0f;
+    for (; k < K; ++k) {
+      sa += p.x[k] * V::sw(WK{}, w0[k]);
+      sb += p.x[k] * V::sw(WK{}, w1[k]);
+    }
+    sa += V::sum(V::fma(a1, V::bcast(1.0f), a0));
+    sb += V::sum(V::fma(b1, V::bcast(1.0f), b0));
+    p.y[n] = p.scale ? sa * p.scale[n] : sa;
+    p.y[n + 1] = p.scale ? sb * p.scale[n + 1] : sb;
+  }
+  if (n < n1) gemv_rows<WK, 1>(p, n, n1);
+}
+
 // Converts W[n0 : n0 + NR, k0 : k0 + kc] (scaled) into pack[k][j]; rows past N are zeros.
 template <class WK>
 void pack_panel(const Problem& p, int64_t n0, int64_t k0, int64_t kc, float* pack) {
@@ -457,7 +495,10 @@ void matmul(const Problem& p) {
   if (p.M <= GEMV_ROWS) {
     parallel_ranges(p.N, threads, [&](int64_t a, int64_t b) {
       switch (p.M) {
-        case 1: gemv_rows<WK, 1>(p, a, b); break;
+        case 1:
+          if (p.groups == 1) gemv1_pairs<WK>(p, a, b);
+          else gemv_rows<WK, 1>(p, a, b);
+          break;
         case 2: gemv_rows<WK, 2>(p, a, b); break;
         case 3: gemv_rows<WK, 3>(p, a, b); break;
         default: gemv_rows<WK, 4>(p, a, b); break;
