@@ -256,3 +256,26 @@ def test_two_ranks_equal_one_with_int8_weights(sides, tiny_hf_dir, image_paths, 
     assert two.shape == one.shape
     assert rel_err(two, one) <= 1e-5
     assert rel_err(two, ref["step_logits"][:steps]) <= REL_TOL
+
+
+def test_the_yaml_key_through_run_mindformer_gives_hf_answers_on_the_stored_weights(sides, tiny_hf_dir, tmp_path):
+    """model_config.weight_dtype: int8 in the yaml, the llava-hf folder as --load_checkpoint: run_mindformer.py's
+    answers are HF's greedy answers on the dequantized weights."""
+    from helpers import MAX_NEW, PAIRS, check_records, predict, yaml_for
+    side = sides("tiny", "int8")
+    expected = [side.oracle.generate(image, prompt, MAX_NEW) for image, prompt in PAIRS]
+    yaml_path = yaml_for(tiny_hf_dir, str(tmp_path / "int8.yaml"), weight_dtype="int8", seq_length=SEQ_LENGTH)
+    _, records = predict(yaml_path, tiny_hf_dir, str(tmp_path / "out"), PAIRS)
+    check_records(records, PAIRS, expected)
+
+
+def test_an_unknown_weight_dtype_in_the_yaml_is_one_line_and_exit_2(tiny_hf_dir, tmp_path):
+    from helpers import PAIRS, run_cli, yaml_for
+    yaml_path = yaml_for(tiny_hf_dir, str(tmp_path / "bad.yaml"), weight_dtype="int4")
+    proc = run_cli(["run_mindformer.py", "--config", yaml_path, "--register_path", "research/llava",
+                    "--run_mode", "predict", "--predict_data", *PAIRS[0], "--modal_type", "image", "text",
+                    "--load_checkpoint", tiny_hf_dir, "--use_parallel", "False", "--output_dir", str(tmp_path)])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("run_mindformer.py: error: LlavaConfig: model_config.weight_dtype "
+                                                    "must be one of float32, float16, bfloat16, int8, got 'int4'")
+    assert "Traceback" not in proc.stderr
