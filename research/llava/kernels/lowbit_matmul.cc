@@ -9,12 +9,18 @@
 // The instruction set is chosen at run time (__builtin_cpu_supports): AVX-512F, AVX2+FMA+F16C, or plain C++.
 // One generic body (the part after `#else` at the end) is compiled three times, once per target, by
 // including this file into itself (so it must keep its name) inside `#pragma GCC target` regions: the
-// compiler needs each ISA's intrinsics to be defined in functions compiled for that ISA. LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a
-// path (tests use it; an unsupported choice is an error), LLAVA_KERNEL_THREADS caps the threads.
+// compiler needs each ISA's intrinsics to be defined in functions compiled for that ISA.
+// LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a path (tests use it; an unsupported choice is an error),
+// LLAVA_KERNEL_THREADS caps the threads.
 //
 // Entry point for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul.
 #ifndef LLAVA_KERNEL_GENERIC_BODY
+#if defined(__x86_64__) || defined(__i386__)
+#define LLAVA_X86 1
 #include <immintrin.h>
+#else
+#define LLAVA_X86 0  // other CPUs build the portable path only
+#endif
 #include <sched.h>
 
 #include <algorithm>
@@ -104,6 +110,7 @@ void parallel_ranges(int64_t units, int threads, F f) {
 
 #define LLAVA_KERNEL_GENERIC_BODY 1
 
+#if LLAVA_X86
 // ------------------------------------------------------------------ AVX-512F (16 floats per register)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -176,6 +183,7 @@ struct V {
 #include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
 }  // namespace isa_avx2
 #pragma GCC pop_options
+#endif  // LLAVA_X86
 
 // ------------------------------------------------------------------ portable C++ (1 float "register")
 namespace isa_scalar {
@@ -207,6 +215,9 @@ namespace {
 enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 bool supported(Isa isa) {
+#if !LLAVA_X86
+  return isa == kScalar;
+#else
   __builtin_cpu_init();
   switch (isa) {
     case kAvx512:
@@ -218,6 +229,7 @@ bool supported(Isa isa) {
     default:
       return true;
   }
+#endif
 }
 
 // -1: LLAVA_KERNEL_ISA names an unknown or unsupported path.
@@ -239,8 +251,10 @@ int choose_isa() {
 template <class WK>
 void run(int isa, const Problem& p) {
   switch (isa) {
+#if LLAVA_X86
     case kAvx512: isa_avx512::matmul<WK>(p); break;
     case kAvx2: isa_avx2::matmul<WK>(p); break;
+#endif
     default: isa_scalar::matmul<WK>(p); break;
   }
 }
