@@ -7,7 +7,7 @@ after the layer that `vision_feature_layer` selects; LLaVA never uses the pooled
 import mindspore as ms
 from mindspore import nn, ops
 
-from llava_layers import Dtypes, LayerNorm, Linear, cast, gelu, new_param, quick_gelu
+from llava_layers import Dtypes, LayerNorm, Linear, cast, gelu, linear, new_param, quick_gelu
 
 
 class PatchEmbedding(nn.Cell):
@@ -71,10 +71,10 @@ class CLIPAttention(nn.Cell):
         self.scale = self.head_dim ** -0.5
         self.compute_dtype = dt.compute
         self.softmax_dtype = dt.softmax
-        self.q_proj = Linear(d, d, True, dt.param, dt.compute)
-        self.k_proj = Linear(d, d, True, dt.param, dt.compute)
-        self.v_proj = Linear(d, d, True, dt.param, dt.compute)
-        self.out_proj = Linear(d, d, True, dt.param, dt.compute)
+        self.q_proj = linear(d, d, True, dt)
+        self.k_proj = linear(d, d, True, dt)
+        self.v_proj = linear(d, d, True, dt)
+        self.out_proj = linear(d, d, True, dt)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
 
@@ -95,8 +95,8 @@ class CLIPAttention(nn.Cell):
 class CLIPMLP(nn.Cell):
     def __init__(self, vc, dt):
         super().__init__()
-        self.fc1 = Linear(vc.hidden_size, vc.intermediate_size, True, dt.param, dt.compute)
-        self.fc2 = Linear(vc.intermediate_size, vc.hidden_size, True, dt.param, dt.compute)
+        self.fc1 = linear(vc.hidden_size, vc.intermediate_size, True, dt)
+        self.fc2 = linear(vc.intermediate_size, vc.hidden_size, True, dt)
         self.quick = vc.hidden_act == "quick_gelu"
 
     def construct(self, x):

@@ -32,7 +32,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from llava_layers import Dtypes, Embedding, Linear, RMSNorm, cast, new_param
+from llava_layers import Dtypes, Embedding, RMSNorm, cast, linear, new_param
 from parallel import AllReduceSum, GatherLastDim, TensorParallel
 
 CACHE_NAMES = ("k_cache", "v_cache")
@@ -123,10 +123,10 @@ class LlamaAttention(nn.Cell):
         self.seq_length = config.seq_length
         self.compute_dtype = dt.compute
         self.softmax_dtype = dt.softmax
-        self.q_proj = Linear(d, self.num_heads * self.head_dim, False, dt.param, dt.compute)
-        self.k_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
-        self.v_proj = Linear(d, self.n_kv * self.head_dim, False, dt.param, dt.compute)
-        self.o_proj = Linear(self.num_heads * self.head_dim, d, False, dt.param, dt.compute)
+        self.q_proj = linear(d, self.num_heads * self.head_dim, False, dt)
+        self.k_proj = linear(d, self.n_kv * self.head_dim, False, dt)
+        self.v_proj = linear(d, self.n_kv * self.head_dim, False, dt)
+        self.o_proj = linear(self.num_heads * self.head_dim, d, False, dt)
         self.reduce = AllReduceSum(tp)
         shape = cache_shape(config, config.batch_size, tp.world)
         self.k_cache = new_param(shape, dt.compute, "zeros", name="k_cache", requires_grad=False)
@@ -200,9 +200,9 @@ class LlamaMLP(nn.Cell):
         super().__init__()
         tc = config.text_config
         inter = tp.part(tc.intermediate_size, "intermediate_size")
-        self.gate_proj = Linear(tc.hidden_size, inter, False, dt.param, dt.compute)
-        self.up_proj = Linear(tc.hidden_size, inter, False, dt.param, dt.compute)
-        self.down_proj = Linear(inter, tc.hidden_size, False, dt.param, dt.compute)
+        self.gate_proj = linear(tc.hidden_size, inter, False, dt)
+        self.up_proj = linear(tc.hidden_size, inter, False, dt)
+        self.down_proj = linear(inter, tc.hidden_size, False, dt)
         self.reduce = AllReduceSum(tp)
 
     def construct(self, x):
@@ -314,7 +314,7 @@ class LlamaForCausalLM(nn.Cell):
         self.compute_dtype = dt.compute
         self.model = LlamaModel(config, dt, tp)
         # vocabulary-split under tensor parallelism; the logits of all ranks are gathered
-        self.lm_head = Linear(tc.hidden_size, self.vocab_part, False, dt.param, dt.compute)
+        self.lm_head = linear(tc.hidden_size, self.vocab_part, False, dt)
         self.gather = GatherLastDim(tp)
 
     def embed(self, input_ids):

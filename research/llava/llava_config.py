@@ -12,6 +12,7 @@ from llava_errors import LlavaError
 from mindformers_hooks import PLUGIN_DIR  # noqa: F401  (importing it installs the MindFormers hooks)
 
 DTYPES = ("float32", "float16", "bfloat16")
+WEIGHT_DTYPES = DTYPES + ("int8",)
 
 # Keys that MindFormers' own LLaVA yaml carries (and its Trainer passes: parallel_config, moe_config to every
 # model config) but that do not change inference here (dropout is off at
@@ -212,6 +213,8 @@ class LlavaConfig(PretrainedConfig):
         "layernorm_compute_type": (str, "float32"),
         "softmax_compute_type": (str, "float32"),
         "rotary_dtype": (str, "float32"),
+        # storage of the decoder's and vision tower's linear weights (float32 = param_init_type's Linear)
+        "weight_dtype": (str, "float32"),
         "use_past": (bool, True),
         # generation defaults (overridable from the command line)
         "max_decode_length": (int, 1024),
@@ -241,6 +244,9 @@ class LlavaConfig(PretrainedConfig):
         for key in ("compute_dtype", "param_init_type", "layernorm_compute_type", "softmax_compute_type",
                     "rotary_dtype"):
             _dtype(what, key, getattr(self, key))
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise LlavaError(f"{what}.weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, "
+                             f"got {self.weight_dtype!r}")
         _positive(what, seq_length=self.seq_length, batch_size=self.batch_size,
                   max_decode_length=self.max_decode_length, top_p=self.top_p,
                   temperature=self.temperature, repetition_penalty=self.repetition_penalty)

@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
+from kernels import WEIGHT_SCALE
 from parallel import AllReduceSum, mask_to_range, vocab_range
 
 DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -31,6 +32,7 @@ class Dtypes:
         self.norm = ms_dtype(config.layernorm_compute_type)
         self.softmax = ms_dtype(config.softmax_compute_type)
         self.rotary = ms_dtype(config.rotary_dtype)
+        self.weight = config.weight_dtype         # a name: "int8" has no float MindSpore type
 
 
 def new_param(shape, dtype, init="normal", name=None, requires_grad=True):
@@ -64,6 +66,54 @@ class Linear(nn.Cell):
         if self.has_bias:
             y = ops.bias_add(y, cast(self.bias, self.param_dtype, self.compute_dtype))
         return y
+
+
+class LowbitLinear(nn.Cell):
+    """Linear (same names, layout and bias handling) whose `weight` [out, in] stays in its stored precision:
+    float16 / bfloat16, or int8 with `weight_scale` [out, 1] float32, one symmetric scale per output channel
+    (weights/quantize.py fills both at load time). The kernels' matmul reads the stored weight directly; x is
+    multiplied in float32 whatever the compute dtype."""
+
+    def __init__(self, in_features, out_features, bias, weight_dtype, param_dtype=ms.float32,
+                 compute_dtype=ms.float32):
+        super().__init__()
+        from kernels import make_matmul
+        self.in_features = in_features
+        self.out_features = out_features
+        self.param_dtype = param_dtype
+        self.compute_dtype = compute_dtype
+        self.int8 = weight_dtype == "int8"
+        if self.int8:
+            self.weight = new_param((out_features, in_features), ms.int8, "zeros", name="weight",
+                                    requires_grad=False)
+            self.weight_scale = new_param((out_features, 1), ms.float32, "ones", name=WEIGHT_SCALE,
+                                          requires_grad=False)
+        else:
+            self.weight = new_param((out_features, in_features), ms_dtype(weight_dtype), "normal",
+                                    name="weight", requires_grad=False)
+        self.has_bias = bias
+        if bias:
+            self.bias = new_param((out_features,), param_dtype, "zeros", name="bias")
+        self.matmul = make_matmul(self.int8)
+
+    def construct(self, x):
+        x = cast(x, self.compute_dtype, ms.float32)
+        if self.int8:
+            y = self.matmul(x, self.weight, self.weight_scale)
+        else:
+            y = self.matmul(x, self.weight)
+        y = cast(y, ms.float32, self.compute_dtype)
+        if self.has_bias:
+            y = ops.bias_add(y, cast(self.bias, self.param_dtype, self.compute_dtype))
+        return y
+
+
+def linear(in_features, out_features, bias, dt):
+    """The decoder's and vision tower's linear layers: Linear in dt.param, or LowbitLinear when the config's
+    weight_dtype asks for low-precision storage (dt: Dtypes)."""
+    if dt.weight == "float32":
+        return Linear(in_features, out_features, bias, dt.param, dt.compute)
+    return LowbitLinear(in_features, out_features, bias, dt.weight, dt.param, dt.compute)
 
 
 # On CPU a binary op that broadcasts is ~4x slower than one of equal shapes, and tiling the small operand

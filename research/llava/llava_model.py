@@ -18,6 +18,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from clip_vision import CLIPVisionModel, LlavaMultiModalProjector
 from engine import Engine
+from kernels import is_scale_param
 from generation import GenerationSettings
 from llama_text import CACHE_NAMES, LlamaForCausalLM, is_cache_param
 from llava_config import LlavaConfig
@@ -123,8 +124,9 @@ class LlavaModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ parameters
     def weight_parameters(self):
-        """name -> Parameter for every checkpoint weight (KV caches excluded)."""
-        return {p.name: p for p in self.get_parameters() if not is_cache_param(p.name)}
+        """name -> Parameter for every checkpoint weight (KV caches and int8 weights' scales excluded)."""
+        return {p.name: p for p in self.get_parameters()
+                if not is_cache_param(p.name) and not is_scale_param(p.name)}
 
 
 __all__ = ["LlavaModel", "load_weights", "CACHE_NAMES"]

@@ -7,6 +7,7 @@ import checkpoint_io as io
 import weight_map
 from llava_errors import LlavaError
 from weights.matching import check, match
+from weights.quantize import scale_parameters, store_int8
 
 
 def rank_array(f, name, info, rank, world):
@@ -31,6 +32,14 @@ def _set(param, array):
     param.set_data(tensor)
 
 
+def _store_quantized(f, name, info, rank, world, param, scale):
+    """An int8 weight: a row-split share is quantized from whole rows (weights/quantize.py says why)."""
+    if world > 1 and weight_map.split_axis(name) == 1:
+        store_int8(param, scale, io.read_array(f, info), weight_map.shard_index(name, info.shape, rank, world))
+    else:
+        store_int8(param, scale, rank_array(f, name, info, rank, world))
+
+
 def load_into(model, checkpoint, tp):
     """Strictly load `checkpoint` (a weights.Checkpoint) into `model` (its weight_parameters(); KV-cache entries
     of a checkpoint are ignored), reading, slicing for rank tp.rank of tp.world and casting one tensor at a
@@ -38,6 +47,7 @@ def load_into(model, checkpoint, tp):
     checkpoint."""
     from llama_text import is_cache_param
     params = model.weight_parameters()
+    scales = scale_parameters(model)
     world = tp.world if checkpoint.complete else 1
     rank = tp.rank if checkpoint.complete else 0
     expected = {n: weight_map.full_shape(n, p.shape, world) for n, p in params.items()}
@@ -48,6 +58,9 @@ def load_into(model, checkpoint, tp):
         for name, param in params.items():
             info = tensors[name]
             f = files.get(info.path) or files.setdefault(info.path, open(info.path, "rb"))
+            if name in scales:
+                _store_quantized(f, name, info, rank, world, param, scales[name])
+                continue
             array = rank_array(f, name, info, rank, world)
             _set(param, array)
             del array
@@ -73,9 +86,12 @@ def load_weights(model, param_dict):
     problems = match({n: tuple(v.shape) for n, v in given.items()}, {n: tuple(p.shape) for n, p in params.items()})
     if problems:
         raise LlavaError("checkpoint does not match the model: " + "; ".join(problems))
+    scales = scale_parameters(model)
     for name, param in params.items():
         value = given[name]
-        if isinstance(value, Tensor):
+        if name in scales:
+            store_int8(param, scales[name], value.asnumpy() if isinstance(value, Tensor) else np.asarray(value))
+        elif isinstance(value, Tensor):
             param.set_data(value.astype(param.dtype))
         else:
             param.set_data(Tensor(np.asarray(value)).astype(param.dtype))

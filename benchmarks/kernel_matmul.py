@@ -1,0 +1,112 @@
+"""The low-precision matmul kernel (research/llava/kernels) next to MindSpore's own MatMul, same process, same
+threads, calls interleaved so that other load on the machine hits every side alike.
+
+    python -m benchmarks.kernel_matmul [--reps 7] [--rows 1 600]
+
+Sides, for y = x @ W.T at 7B shapes: MindSpore float32 MatMul on a float32 W; MindSpore with a float16 W
+cast to float32 per call (what a float16 `Linear` costs today); the kernel on int8 W (one scale per output
+channel, and per group of 32 inputs), float16 W and bfloat16 W. Prints a markdown table (median ms, GFLOP/s,
+W bytes read per second) and the int8 rounding error of both scale layouts on Gaussian weights.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "research", "llava"))
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]          # (N outputs, K inputs)
+
+
+def sides(rng, n, k):
+    import mindspore as ms
+    from mindspore import Tensor, ops
+    from kernels import make_matmul
+    from weights.quantize import quantize_int8
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.02
+    matmul = ops.MatMul(transpose_b=True)
+    w32, w16 = Tensor(w), Tensor(w.astype(np.float16))
+    q, s = quantize_int8(w)
+    qg, sg = quantize_int8(w, group=32)
+    q, s, qg, sg = Tensor(q), Tensor(s), Tensor(qg), Tensor(sg)
+    wb = w16.astype(ms.bfloat16)
+    int8, flt = make_matmul(True), make_matmul(False)
+    return [
+        ("MindSpore MatMul, float32 W", 4 * n * k, lambda x: matmul(x, w32)),
+        ("MindSpore cast float16 W + MatMul", 2 * n * k, lambda x: matmul(x, ops.cast(w16, ms.float32))),
+        ("kernel int8 W, scale per channel", n * k + 4 * n, lambda x: int8(x, q, s)),
+        ("kernel int8 W, scale per 32 inputs", n * k + 4 * n * k // 32, lambda x: int8(x, qg, sg)),
+        ("kernel float16 W", 2 * n * k, lambda x: flt(x, w16)),
+        ("kernel bfloat16 W", 2 * n * k, lambda x: flt(x, wb)),
+    ]
+
+
+def timed(fn, x):
+    t = time.perf_counter()
+    fn(x).asnumpy()
+    return time.perf_counter() - t
+
+
+def run(rows, reps):
+    import mindspore as ms
+    from mindspore import Tensor
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU", pynative_synchronize=True)
+    rng = np.random.default_rng(0)
+    lines = ["| N x K | M | side | ms | GFLOP/s | W GB/s |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for n, k in SHAPES:
+        table = sides(rng, n, k)
+        for m in rows:
+            x = Tensor(rng.standard_normal((m, k)).astype(np.float32))
+            times = {name: [] for name, _, _ in table}
+            for name, _, fn in table:
+                timed(fn, x)                                     # warm-up (and compile)
+            for _ in range(reps):
+                for name, _, fn in table:
+                    times[name].append(timed(fn, x))
+            for name, nbytes, _ in table:
+                t = float(np.median(times[name]))
+                lines.append(f"| {n} x {k} | {m} | {name} | {t * 1e3:.2f} | {2 * m * n * k / t / 1e9:.1f} | "
+                             f"{nbytes / t / 1e9:.2f} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
+def rounding_error(rng):
+    from weights.quantize import quantize_int8
+    lines = ["| N x K | scales | weight RMS error / RMS | max output error / max output (x Gaussian) |",
+             "| --- | --- | ---: | ---: |"]
+    for n, k in SHAPES[:2]:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        x = rng.standard_normal((8, k))
+        ref = x @ w.T.astype(np.float64)
+        for label, group in (("per channel", None), ("per 32 inputs", 32)):
+            q, s = quantize_int8(w, group)
+            deq = (q.reshape(n, s.shape[1], -1) * s[:, :, None].astype(np.float64)).reshape(n, k)
+            err = np.sqrt(((deq - w) ** 2).mean()) / np.sqrt((w.astype(np.float64) ** 2).mean())
+            out = np.abs(x @ deq.T - ref).max() / np.abs(ref).max()
+            lines.append(f"| {n} x {k} | {label} | {err:.4f} | {out:.4f} |")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_matmul")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 600])
+    args = parser.parse_args(argv)
+    from kernels import build, native_library
+    lib = native_library()
+    isa = build.machine_isa(lib) if lib else "fallback"
+    print(f"kernel path: {isa}; threads: {os.environ.get('LLAVA_KERNEL_THREADS') or len(os.sched_getaffinity(0))}; "
+          f"load average before: {os.getloadavg()[0]:.1f}")
+    lines = run(args.rows, args.reps)
+    print(f"load average after: {os.getloadavg()[0]:.1f}\n")
+    print("\n".join(lines))
+    print()
+    print("\n".join(rounding_error(np.random.default_rng(1))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Low-precision weight matmul: y = x @ W.T with W [N, K] stored as int8 (with float32 scales), float16 or
+bfloat16, computed from the stored weights (lowbit_matmul.cc via MindSpore's ops.Custom, func_type="aot",
+in PyNative and Graph mode), or by a slow pure-MindSpore fallback that casts W to float32 on every call.
+
+LLAVA_KERNEL selects the backend: `auto` (default: the C++ kernel, built on first use by kernels.build; the
+fallback, announced once on stderr, when it cannot be built), `native` (the kernel or a LlavaError),
+`fallback`. LLAVA_KERNEL_ISA and LLAVA_KERNEL_THREADS steer the kernel (see lowbit_matmul.cc).
+"""
+import os
+import sys
+
+from llava_errors import LlavaError
+
+BACKENDS = ("auto", "native", "fallback")
+# The per-output-channel scales of an int8 linear weight `<cell>.weight` are the parameter
+# `<cell>.weight_scale` ([out, 1] float32): derived at load time, not a checkpoint weight.
+WEIGHT_SCALE = "weight_scale"
+_built = {}          # cache folder -> library path, or the LlavaError that stopped its build
+
+
+def backend_choice():
+    choice = os.environ.get("LLAVA_KERNEL", "auto") or "auto"
+    if choice not in BACKENDS:
+        raise LlavaError(f"LLAVA_KERNEL={choice!r} must be one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def native_library():
+    """Path of the built kernel library, or None when the fallback is to be used (LLAVA_KERNEL=fallback, or
+    `auto` and the build failed: said once on stderr). LlavaError for LLAVA_KERNEL=native without a build,
+    or an LLAVA_KERNEL_ISA this machine cannot run."""
+    from kernels import build
+    choice = backend_choice()
+    if choice == "fallback":
+        return None
+    key = build.cache_root()
+    if key not in _built:
+        try:
+            _built[key] = build.library_path()
+        except LlavaError as e:
+            _built[key] = e
+            if choice == "auto":
+                print(f"llava: {e}; using the slow MindSpore fallback for low-precision weights", file=sys.stderr)
+    lib = _built[key]
+    if isinstance(lib, LlavaError):
+        if choice == "native":
+            raise lib
+        return None
+    build.machine_isa(lib)
+    return lib
+
+
+def is_scale_param(name):
+    return name.rsplit(".", 1)[-1] == WEIGHT_SCALE
+
+
+def _out_shape(x, w, *scale):
+    return [x[0], w[0]]
+
+
+def make_matmul(int8):
+    """A cell computing y [M, N] float32 = x [M, K] float32 @ W.T from stored weights: called as
+    (x, w, scale) for int8 w with scale [N, G] float32 (each scale covers K / G consecutive inputs), as
+    (x, w) for float16 / bfloat16 w."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    lib = native_library()
+
+    class LowbitMatmul(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.int8 = int8
+            self.native = lib is not None
+            if self.native:
+                self.op = ops.Custom(func=f"{lib}:LlavaLowbitMatmul", out_shape=_out_shape,
+                                     out_dtype=ms.float32, func_type="aot")
+            self.matmul = ops.MatMul(transpose_b=True)
+
+        def construct(self, x, w, scale=None):
+            if self.native:
+                if self.int8:
+                    return self.op(x, w, scale)
+                return self.op(x, w)
+            wf = ops.cast(w, ms.float32)
+            if self.int8:
+                n, k = w.shape
+                g = scale.shape[1]
+                wf = ops.reshape(ops.reshape(wf, (n, g, k // g)) * ops.expand_dims(scale, -1), (n, k))
+            return self.matmul(x, wf)
+
+    return LowbitMatmul()
+
+
+__all__ = ["make_matmul", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]

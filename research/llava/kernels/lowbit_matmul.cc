@@ -1,0 +1,526 @@
+// y[M, N] = x[M, K] @ W[N, K].T for weights stored in low precision, read in their stored form:
+//   int8  (symmetric, float32 scales [N, groups]: groups = 1 is one scale per output channel),
+//   float16, bfloat16.
+// No float32 copy of W is ever made: decode (few rows of x) converts each weight vector in registers as it
+// streams from memory; prefill (many rows) converts a KC x NR panel of W into a small float32 scratch that
+// stays in L1/L2 and runs a register-blocked MR x NR micro-kernel over all rows of x against it, so every
+// converted weight is used M times.
+//
+// The instruction set is chosen at run time (__builtin_cpu_supports): AVX-512F, AVX2+FMA+F16C, or plain C++.
+// One generic body (the part after `#else` at the end) is compiled three times, once per target, by
+// including this file into itself (so it must keep its name) inside `#pragma GCC target` regions: the
+// compiler needs each ISA's intrinsics to be defined in functions compiled for that ISA.
+// LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a path (tests use it; an unsupported choice is an error),
+// LLAVA_KERNEL_THREADS caps the threads.
+//
+// Entry point for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul.
+#ifndef LLAVA_KERNEL_GENERIC_BODY
+#if defined(__x86_64__) || defined(__i386__)
+#define LLAVA_X86 1
+#include <immintrin.h>
+#else
+#define LLAVA_X86 0  // other CPUs build the portable path only
+#endif
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Q8 { using T = int8_t; };    // int8 weight, scaled
+struct H16 { using T = uint16_t; }; // IEEE half
+struct B16 { using T = uint16_t; }; // bfloat16
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half -> normal float
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+float bf16_to_float(uint16_t b) {
+  uint32_t bits = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct Problem {
+  int64_t M, N, K;
+  const float* x;      // [M, K]
+  const void* w;       // [N, K]
+  const float* scale;  // [N, groups] for int8, else null
+  int64_t groups;      // scales per output row (int8), 1 otherwise
+  float* y;            // [M, N]
+};
+
+// Threads: LLAVA_KERNEL_THREADS, else the CPUs this process may run on. Each call starts its threads (a
+// few tens of microseconds) and only when the work is large enough to pay for them. std::thread rather than
+// OpenMP: on a loaded 2-core machine (other processes, MindSpore's own pool) libgomp's spinning barriers cost
+// 20-34 ms per call in our measurement (1024x1024 int8, M=1: 0.11 ms with std::thread), and a second OpenMP
+// runtime in MindSpore's process is avoided.
+int thread_count(const Problem& p) {
+  int n = 0;
+  if (const char* env = std::getenv("LLAVA_KERNEL_THREADS")) n = std::atoi(env);
+  if (n <= 0) {
+    cpu_set_t set;
+    n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+  }
+  const double work = double(p.M) * double(p.N) * double(p.K);
+  if (work < 256.0 * 1024.0) return 1;
+  return std::max(1, std::min(n, 64));
+}
+
+// Splits [0, units) into `threads` contiguous ranges and runs f(begin, end) on each (the caller's thread
+// takes the first).
+template <class F>
+void parallel_ranges(int64_t units, int threads, F f) {
+  threads = int(std::min<int64_t>(threads, units));
+  if (threads <= 1) {
+    if (units > 0) f(int64_t(0), units);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int t = 1; t < threads; ++t) {
+    int64_t b = units * t / threads, e = units * (t + 1) / threads;
+    pool.emplace_back([=] { f(b, e); });
+  }
+  f(int64_t(0), units / threads);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+#define LLAVA_KERNEL_GENERIC_BODY 1
+
+#if LLAVA_X86
+// ------------------------------------------------------------------ AVX-512F (16 floats per register)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace isa_avx512 {
+struct V {
+  using reg = __m512;
+  static constexpr int W = 16;
+  // 12 x 2 accumulators of 32 registers: measured 6 / 8 / 10 / 12 / 14 rows within noise of each other
+  // (~105-120 GFLOP/s per core at M=600); 12 leaves the most reuse per loaded weight register.
+  static constexpr int MR = 12;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg bcast(float v) { return _mm512_set1_ps(v); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static float sum(reg v) { return _mm512_reduce_add_ps(v); }
+  static reg lw(Q8, const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static reg lw(H16, const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static reg lw(B16, const uint16_t* p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
+  static float sw(Q8, int8_t v) { return float(v); }
+  static float sw(H16, uint16_t v) { return _cvtsh_ss(v); }
+  static float sw(B16, uint16_t v) { return bf16_to_float(v); }
+};
+#include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------ AVX2 + FMA + F16C (8 floats)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+struct V {
+  using reg = __m256;
+  static constexpr int W = 8;
+  static constexpr int MR = 6;  // 6 x 2 accumulators + 3 temporaries of 16 registers
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static reg bcast(float v) { return _mm256_set1_ps(v); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static float sum(reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static reg lw(Q8, const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static reg lw(H16, const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static reg lw(B16, const uint16_t* p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+  static float sw(Q8, int8_t v) { return float(v); }
+  static float sw(H16, uint16_t v) { return _cvtsh_ss(v); }
+  static float sw(B16, uint16_t v) { return bf16_to_float(v); }
+};
+#include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif  // LLAVA_X86
+
+// ------------------------------------------------------------------ portable C++ (1 float "register")
+namespace isa_scalar {
+struct V {
+  using reg = float;
+  static constexpr int W = 1;
+  static constexpr int MR = 4;
+  static reg zero() { return 0.0f; }
+  static reg load(const float* p) { return *p; }
+  static void store(float* p, reg v) { *p = v; }
+  static reg bcast(float v) { return v; }
+  static reg fma(reg a, reg b, reg c) { return a * b + c; }
+  static reg mul(reg a, reg b) { return a * b; }
+  static float sum(reg v) { return v; }
+  static reg lw(Q8, const int8_t* p) { return float(*p); }
+  static reg lw(H16, const uint16_t* p) { return half_to_float(*p); }
+  static reg lw(B16, const uint16_t* p) { return bf16_to_float(*p); }
+  static float sw(Q8, int8_t v) { return float(v); }
+  static float sw(H16, uint16_t v) { return half_to_float(v); }
+  static float sw(B16, uint16_t v) { return bf16_to_float(v); }
+};
+#include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
+}  // namespace isa_scalar
+
+#undef LLAVA_KERNEL_GENERIC_BODY
+
+namespace {
+
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool supported(Isa isa) {
+#if !LLAVA_X86
+  return isa == kScalar;
+#else
+  __builtin_cpu_init();
+  switch (isa) {
+    case kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    default:
+      return true;
+  }
+#endif
+}
+
+// -1: LLAVA_KERNEL_ISA names an unknown or unsupported path.
+int choose_isa() {
+  const char* env = std::getenv("LLAVA_KERNEL_ISA");
+  if (env && *env && std::strcmp(env, "auto") != 0) {
+    Isa want;
+    if (!std::strcmp(env, "avx512")) want = kAvx512;
+    else if (!std::strcmp(env, "avx2")) want = kAvx2;
+    else if (!std::strcmp(env, "scalar")) want = kScalar;
+    else return -1;
+    return supported(want) ? want : -1;
+  }
+  if (supported(kAvx512)) return kAvx512;
+  if (supported(kAvx2)) return kAvx2;
+  return kScalar;
+}
+
+template <class WK>
+void run(int isa, const Problem& p) {
+  switch (isa) {
+#if LLAVA_X86
+    case kAvx512: isa_avx512::matmul<WK>(p); break;
+    case kAvx2: isa_avx2::matmul<WK>(p); break;
+#endif
+    default: isa_scalar::matmul<WK>(p); break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The path LLAVA_KERNEL_ISA selects on this machine: "avx512", "avx2", "scalar", or "" when the variable
+// names an unknown or unsupported one.
+const char* LlavaKernelIsa() {
+  static const char* names[] = {"scalar", "avx2", "avx512"};
+  int isa = choose_isa();
+  return isa < 0 ? "" : names[isa];
+}
+
+// ops.Custom(func_type="aot") entry. Inputs x [M, K] float32, w [N, K] int8|float16|bfloat16 and, for int8,
+// scale [N, G] float32 (G divides K; each scale covers K / G consecutive inputs); output y [M, N] float32.
+// Returns non-zero (MindSpore raises) on a signature it was not built for.
+int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                      void* /*stream*/, void* /*extra*/) {
+  if (nparam != 3 && nparam != 4) return 1;
+  const int out = nparam - 1;
+  if (ndims[0] != 2 || ndims[1] != 2 || ndims[out] != 2) return 2;
+  if (std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[out], "float32") != 0) return 3;
+  Problem p;
+  p.M = shapes[0][0];
+  p.K = shapes[0][1];
+  p.N = shapes[1][0];
+  if (shapes[1][1] != p.K || shapes[out][0] != p.M || shapes[out][1] != p.N) return 4;
+  p.x = static_cast<const float*>(params[0]);
+  p.w = params[1];
+  p.y = static_cast<float*>(params[out]);
+  p.scale = nullptr;
+  p.groups = 1;
+  const int isa = choose_isa();
+  if (isa < 0) return 5;
+  const char* wt = dtypes[1];
+  if (!std::strcmp(wt, "int8")) {
+    if (nparam != 4 || ndims[2] != 2 || std::strcmp(dtypes[2], "float32") != 0) return 6;
+    if (shapes[2][0] != p.N || shapes[2][1] <= 0 || p.K % shapes[2][1] != 0) return 7;
+    p.scale = static_cast<const float*>(params[2]);
+    p.groups = shapes[2][1];
+    run<Q8>(isa, p);
+  } else if (nparam == 3 && !std::strcmp(wt, "float16")) {
+    run<H16>(isa, p);
+  } else if (nparam == 3 && !std::strcmp(wt, "bfloat16")) {
+    run<B16>(isa, p);
+  } else {
+    return 8;
+  }
+  return 0;
+}
+
+}  // extern "C"
+
+#else  // ================================================================ the generic body, once per ISA
+
+constexpr int W = V::W;
+constexpr int NR = 2 * W;     // micro-kernel columns: two registers
+constexpr int KC = 256;      // K per packed panel: KC x NR floats = 32 KiB (AVX-512), 16 KiB (AVX2): in L1/L2
+constexpr int GEMV_ROWS = 4;  // up to this many rows of x: stream W once, convert in registers
+
+// Decode: each weight row is converted in registers and used for the M (<= GEMV_ROWS) rows of x. Per group
+// of inputs sharing a scale, the partial dot products are scaled once and added to the row's total.
+template <class WK, int MM>
+void gemv_rows(const Problem& p, int64_t n0, int64_t n1) {
+  using T = typename WK::T;
+  const int64_t K = p.K, G = K / p.groups;
+  const T* Wm = static_cast<const T*>(p.w);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = Wm + n * K;
+    typename V::reg tot[MM];
+    float tail[MM];
+    for (int m = 0; m < MM; ++m) { tot[m] = V::zero(); tail[m] = 0.0f; }
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+      const int64_t g1 = g0 + G;
+      typename V::reg a0[MM], a1[MM];
+      float s[MM];
+      for (int m = 0; m < MM; ++m) { a0[m] = V::zero(); a1[m] = V::zero(); s[m] = 0.0f; }
+      int64_t k = g0;
+      for (; k + 2 * W <= g1; k += 2 * W) {  // two chains: hides the FMA latency
+        const typename V::reg w0 = V::lw(WK{}, wr + k), w1 = V::lw(WK{}, wr + k + W);
+        for (int m = 0; m < MM; ++m) {
+          a0[m] = V::fma(V::load(p.x + m * K + k), w0, a0[m]);
+          a1[m] = V::fma(V::load(p.x + m * K + k + W), w1, a1[m]);
+        }
+      }
+      for (; k + W <= g1; k += W) {
+        const typename V::reg w0 = V::lw(WK{}, wr + k);
+        for (int m = 0; m < MM; ++m) a0[m] = V::fma(V::load(p.x + m * K + k), w0, a0[m]);
+      }
+      for (; k < g1; ++k) {
+        const float wv = V::sw(WK{}, wr[k]);
+        for (int m = 0; m < MM; ++m) s[m] += p.x[m * K + k] * wv;
+      }
+      const float sc = p.scale ? p.scale[n * p.groups + g0 / G] : 1.0f;
+      const typename V::reg scv = V::bcast(sc);
+      for (int m = 0; m < MM; ++m) {
+        tot[m] = V::fma(V::fma(a1[m], V::bcast(1.0f), a0[m]), scv, tot[m]);
+        tail[m] += s[m] * sc;
+      }
+    }
+    for (int m = 0; m < MM; ++m) p.y[m * p.N + n] = V::sum(tot[m]) + tail[m];
+  }
+}
+
+// Decode of one row of x with one scale per output row (the model's case): two weight rows at a time, two
+// chains each, so four independent FMA chains and two weight streams are in flight.
+template <class WK>
+void gemv1_pairs(const Problem& p, int64_t n0, int64_t n1) {
+  using T = typename WK::T;
+  const int64_t K = p.K;
+  const T* Wm = static_cast<const T*>(p.w);
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const T* w0 = Wm + n * K;
+    const T* w1 = w0 + K;
+    typename V::reg a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();
+    int64_t k = 0;
+    for (; k + 2 * W <= K; k += 2 * W) {
+      const typename V::reg x0 = V::load(p.x + k), x1 = V::load(p.x + k + W);
+      a0 = V::fma(x0, V::lw(WK{}, w0 + k), a0);
+      a1 = V::fma(x1, V::lw(WK{}, w0 + k + W), a1);
+      b0 = V::fma(x0, V::lw(WK{}, w1 + k), b0);
+      b1 = V::fma(x1, V::lw(WK{}, w1 + k + W), b1);
+    }
+    for (; k + W <= K; k += W) {
+      const typename V::reg x0 = V::load(p.x + k);
+      a0 = V::fma(x0, V::lw(WK{}, w0 + k), a0);
+      b0 = V::fma(x0, V::lw(WK{}, w1 + k), b0);
+    }
+    float sa = 0.0f, sb = 0.0f;
+    for (; k < K; ++k) {
+      sa += p.x[k] * V::sw(WK{}, w0[k]);
+      sb += p.x[k] * V::sw(WK{}, w1[k]);
+    }
+    sa += V::sum(V::fma(a1, V::bcast(1.0f), a0));
+    sb += V::sum(V::fma(b1, V::bcast(1.0f), b0));
+    p.y[n] = p.scale ? sa * p.scale[n] : sa;
+    p.y[n + 1] = p.scale ? sb * p.scale[n + 1] : sb;
+  }
+  if (n < n1) gemv_rows<WK, 1>(p, n, n1);
+}
+
+// Converts W[n0 : n0 + NR, k0 : k0 + kc] (scaled) into pack[k][j]; rows past N are zeros.
+template <class WK>
+void pack_panel(const Problem& p, int64_t n0, int64_t k0, int64_t kc, float* pack) {
+  using T = typename WK::T;
+  const int64_t K = p.K, G = K / p.groups;
+  const T* Wm = static_cast<const T*>(p.w);
+  alignas(64) float row[KC];
+  for (int j = 0; j < NR; ++j) {
+    const int64_t n = n0 + j;
+    if (n >= p.N) {
+      for (int64_t k = 0; k < kc; ++k) pack[k * NR + j] = 0.0f;
+      continue;
+    }
+    const T* wr = Wm + n * K + k0;
+    int64_t k = 0;
+    for (; k + W <= kc; k += W) V::store(row + k, V::lw(WK{}, wr + k));
+    for (; k < kc; ++k) row[k] = V::sw(WK{}, wr[k]);
+    if (p.scale) {  // one scale per run of G inputs: no division per element
+      const float* sr = p.scale + n * p.groups;
+      for (k = 0; k < kc;) {
+        const int64_t g = (k0 + k) / G, end = std::min<int64_t>(kc, (g + 1) * G - k0);
+        const float sc = sr[g];
+        for (; k < end; ++k) row[k] *= sc;
+      }
+    }
+    for (k = 0; k < kc; ++k) pack[k * NR + j] = row[k];
+  }
+}
+
+// C[mr, NR] (+)= A[mr, kc] @ pack[kc, NR] with A packed as apack[k][MR] (rows past M are zeros, so the
+// loop always runs MR rows); only the first `mr` rows and `nn` columns of C are written.
+void micro(int64_t kc, const float* apack, const float* pack, float* C, int64_t ldc, int mr, int nn,
+           bool accumulate) {
+  constexpr int MR = V::MR;
+  typename V::reg c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) { c0[i] = V::zero(); c1[i] = V::zero(); }
+  for (int64_t k = 0; k < kc; ++k) {
+    const typename V::reg b0 = V::load(pack + k * NR), b1 = V::load(pack + k * NR + W);
+    const float* a = apack + k * MR;
+    for (int i = 0; i < MR; ++i) {
+      const typename V::reg ai = V::bcast(a[i]);
+      c0[i] = V::fma(ai, b0, c0[i]);
+      c1[i] = V::fma(ai, b1, c1[i]);
+    }
+  }
+  alignas(64) float tmp[NR];
+  for (int i = 0; i < mr; ++i) {
+    float* c = C + i * ldc;
+    if (nn == NR) {
+      if (accumulate) {
+        c0[i] = V::fma(V::bcast(1.0f), V::load(c), c0[i]);
+        c1[i] = V::fma(V::bcast(1.0f), V::load(c + W), c1[i]);
+      }
+      V::store(c, c0[i]);
+      V::store(c + W, c1[i]);
+    } else {
+      V::store(tmp, c0[i]);
+      V::store(tmp + W, c1[i]);
+      for (int j = 0; j < nn; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+    }
+  }
+}
+
+// Prefill: column blocks [b0, b1) of NR outputs. Per K panel: x[:, k0 : k0 + kc] is copied into MR-row
+// strips (contiguous, so the micro-kernel's broadcasts walk one stream instead of MR rows K floats apart,
+// which alias in L1), each NR-column weight panel is converted once and swept over all rows of x.
+template <class WK>
+void gemm_blocks(const Problem& p, int64_t b0, int64_t b1) {
+  constexpr int MR = V::MR;
+  alignas(64) float pack[KC * NR];
+  const int64_t strips = (p.M + MR - 1) / MR;
+  std::vector<float> apack(size_t(strips) * MR * KC);
+  for (int64_t k0 = 0; k0 < p.K; k0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, p.K - k0);
+    for (int64_t s = 0; s < strips; ++s) {
+      float* a = apack.data() + s * MR * kc;
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = s * MR + i;
+        const float* xr = p.x + m * p.K + k0;
+        if (m < p.M) {
+          for (int64_t k = 0; k < kc; ++k) a[k * MR + i] = xr[k];
+        } else {
+          for (int64_t k = 0; k < kc; ++k) a[k * MR + i] = 0.0f;
+        }
+      }
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NR;
+      const int nn = int(std::min<int64_t>(NR, p.N - n0));
+      pack_panel<WK>(p, n0, k0, kc, pack);
+      for (int64_t s = 0; s < strips; ++s) {
+        const int mr = int(std::min<int64_t>(MR, p.M - s * MR));
+        micro(kc, apack.data() + s * MR * kc, pack, p.y + s * MR * p.N + n0, p.N, mr, nn, k0 > 0);
+      }
+    }
+  }
+}
+
+template <class WK>
+void matmul(const Problem& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  if (p.K <= 0) {
+    std::memset(p.y, 0, sizeof(float) * p.M * p.N);
+    return;
+  }
+  const int threads = thread_count(p);
+  if (p.M <= GEMV_ROWS) {
+    parallel_ranges(p.N, threads, [&](int64_t a, int64_t b) {
+      switch (p.M) {
+        case 1:
+          if (p.groups == 1) gemv1_pairs<WK>(p, a, b);
+          else gemv_rows<WK, 1>(p, a, b);
+          break;
+        case 2: gemv_rows<WK, 2>(p, a, b); break;
+        case 3: gemv_rows<WK, 3>(p, a, b); break;
+        default: gemv_rows<WK, 4>(p, a, b); break;
+      }
+    });
+    return;
+  }
+  parallel_ranges((p.N + NR - 1) / NR, threads, [&](int64_t a, int64_t b) { gemm_blocks<WK>(p, a, b); });
+}
+
+#endif

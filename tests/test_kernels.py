@@ -1,0 +1,189 @@
+"""[J] The low-precision weight matmul (research/llava/kernels): y = x @ W.T from int8 (+ scales), float16 and
+bfloat16 weights, against a numpy float64 reference, on every instruction-set path this machine has (read from
+/proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative and Graph mode, and the
+pure-MindSpore fallback; plus the build cache and the errors.
+
+Shapes are chosen to hit every edge of the kernel: rows of x below, at and above the decode/prefill switch
+(1..4 rows stream W, more use the blocked GEMM) and the micro-kernel's row strips (12 AVX-512, 6 AVX2, 4
+scalar), inputs that are not multiples of the vector width or span several 256-input panels, outputs that
+are not multiples of the 2-register column block.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+import kernels
+from kernels import build
+from llava_errors import LlavaError
+
+SHAPES = [(1, 17, 33), (2, 40, 64), (3, 1, 7), (4, 100, 300), (5, 33, 16), (7, 17, 33), (12, 32, 256),
+          (13, 70, 517), (65, 100, 33), (1, 130, 600), (30, 64, 1)]        # (M rows of x, N outputs, K inputs)
+GRAPH_SHAPES = [(1, 17, 33), (65, 100, 300)]
+
+
+def machine_paths():
+    """The kernel paths this CPU can run, from the flags the Linux kernel reports."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    paths = ["scalar"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        paths.append("avx2")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        paths.append("avx512")
+    return paths
+
+
+PATHS = machine_paths()
+
+
+def bf16_round(a):
+    """float32 -> bfloat16 bits, round to nearest even (NaN-free inputs), widened back to float32."""
+    bits = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def cases(rng, m, n, k):
+    """(name, x, stored weights as MindSpore tensors, float64 reference y) for each weight kind."""
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    out = []
+    for groups in sorted({1, k if k <= 64 and k > 1 else 1}):
+        s = (rng.random((n, groups)) * 0.02 + 1e-3).astype(np.float32)
+        deq = (q.astype(np.float64).reshape(n, groups, k // groups) * s[:, :, None]).reshape(n, k)
+        out.append((f"int8/g{groups}", x, (Tensor(q), Tensor(s)), x.astype(np.float64) @ deq.T))
+    h = w.astype(np.float16)
+    out.append(("float16", x, (Tensor(h),), x.astype(np.float64) @ h.astype(np.float64).T))
+    b = bf16_round(w)
+    out.append(("bfloat16", x, (Tensor(b).astype(ms.bfloat16),), x.astype(np.float64) @ b.astype(np.float64).T))
+    return out
+
+
+def tolerance(x, stored, ref):
+    """float32 accumulation over K terms: a few ulps of the sum of |products|."""
+    return 1e-5 * max(1.0, float(np.abs(ref).max())) * (1 + x.shape[1] / 256)
+
+
+class Net(nn.Cell):
+    def __init__(self, int8):
+        super().__init__()
+        self.int8 = int8
+        self.mm = kernels.make_matmul(int8)
+
+    def construct(self, x, w, scale):
+        if self.int8:
+            return self.mm(x, w, scale)
+        return self.mm(x, w)
+
+
+def run(x, stored):
+    int8 = len(stored) == 2
+    scale = stored[1] if int8 else Tensor(np.zeros((1, 1), np.float32))
+    return Net(int8)(Tensor(x), stored[0], scale).asnumpy()
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """Kernel environment variables, restored after the test."""
+    for key in ("LLAVA_KERNEL", "LLAVA_KERNEL_ISA", "LLAVA_KERNEL_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture(params=["pynative", "graph"])
+def mode(request):
+    old = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE if request.param == "pynative" else ms.GRAPH_MODE)
+    yield request.param
+    ms.set_context(mode=old)
+
+
+@pytest.mark.parametrize("path", PATHS + ["fallback"])
+def test_every_path_matches_float64_on_odd_shapes(path, env, mode):
+    if path == "fallback":
+        env.setenv("LLAVA_KERNEL", "fallback")
+    else:
+        env.setenv("LLAVA_KERNEL", "native")
+        env.setenv("LLAVA_KERNEL_ISA", path)
+    rng = np.random.default_rng(7)
+    for m, n, k in SHAPES if mode == "pynative" else GRAPH_SHAPES:
+        for name, x, stored, ref in cases(rng, m, n, k):
+            y = run(x, stored)
+            assert y.shape == (m, n) and y.dtype == np.float32
+            err = float(np.abs(y - ref).max())
+            assert err <= tolerance(x, stored, ref), f"{path} {name} M={m} N={n} K={k}: {err}"
+
+
+def test_paths_and_thread_counts_agree(env):
+    """Each output is one thread's dot product in a fixed order: 1 and 2 threads give identical bits; the
+    vector paths differ from the scalar one only by summation order."""
+    env.setenv("LLAVA_KERNEL", "native")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 700)).astype(np.float32)
+    q = Tensor(rng.integers(-127, 128, (300, 700)).astype(np.int8))
+    s = Tensor((rng.random((300, 1)) * 0.01).astype(np.float32))
+    results = {}
+    for path in PATHS:
+        env.setenv("LLAVA_KERNEL_ISA", path)
+        per_threads = []
+        for threads in ("1", "2"):
+            env.setenv("LLAVA_KERNEL_THREADS", threads)
+            per_threads.append(run(x, (q, s)))
+        np.testing.assert_array_equal(per_threads[0], per_threads[1])
+        results[path] = per_threads[0]
+    for path in PATHS:
+        np.testing.assert_allclose(results[path], results["scalar"], rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_or_unavailable_isa_is_a_clear_error(env):
+    env.setenv("LLAVA_KERNEL", "native")
+    env.setenv("LLAVA_KERNEL_ISA", "sse9")
+    with pytest.raises(LlavaError, match=r"LLAVA_KERNEL_ISA='sse9' is not a kernel path this machine can run"):
+        kernels.make_matmul(True)
+    env.setenv("LLAVA_KERNEL", "fast")
+    with pytest.raises(LlavaError, match=r"LLAVA_KERNEL='fast' must be one of auto, native, fallback"):
+        kernels.make_matmul(True)
+
+
+def test_library_is_built_once_into_the_cache(env, tmp_path):
+    """Two processes building into an empty cache at once: both load a library, one folder remains, no
+    temporary left; a later call reuses the file without compiling."""
+    env.setenv("LLAVA_KERNEL_CACHE", str(tmp_path))
+    code = ("import sys; sys.path.insert(0, %r); from kernels import build; print(build.library_path())"
+            % os.path.dirname(build.SOURCE).rsplit(os.sep, 1)[0])
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ)) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1
+    lib = paths.pop()
+    assert os.path.isfile(lib) and lib.startswith(str(tmp_path / "kernels"))
+    assert os.listdir(tmp_path / "kernels") == [os.path.basename(os.path.dirname(lib))]
+    before = os.stat(lib).st_mtime_ns
+    assert build.library_path() == lib and os.stat(lib).st_mtime_ns == before
+
+
+def test_without_a_compiler_native_is_an_error_and_auto_falls_back_once(env, tmp_path, capsys):
+    env.setenv("LLAVA_KERNEL_CACHE", str(tmp_path))            # nothing built there yet
+    env.setenv("PATH", str(tmp_path))                          # no g++ / c++ to be found
+    env.delenv("CXX", raising=False)
+    env.setenv("LLAVA_KERNEL", "auto")
+    rng = np.random.default_rng(5)
+    (name, x, stored, ref), *_ = cases(rng, 5, 17, 33)
+    first = kernels.make_matmul(True)
+    second = kernels.make_matmul(False)
+    assert not first.native and not second.native
+    err = capsys.readouterr().err
+    assert err.count("using the slow MindSpore fallback") == 1 and "no C++ compiler found" in err
+    assert np.abs(run(x, stored) - ref).max() <= tolerance(x, stored, ref)
+    env.setenv("LLAVA_KERNEL", "native")
+    with pytest.raises(LlavaError, match=r"^no C\+\+ compiler found \(set CXX or install g\+\+\)"):
+        kernels.make_matmul(True)
