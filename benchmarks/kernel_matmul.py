@@ -1,4 +1,4 @@
-"""The low-precision matmul kernel (research/llava/kernels) next to MindSpore's own MatMul, same process, same
+"""The low-precision matmul kernel (research/llava/lowbit_kernels) next to MindSpore's own MatMul, same process, same
 threads, calls interleaved so that other load on the machine hits every side alike.
 
     python -m benchmarks.kernel_matmul [--reps 7] [--rows 1 600]
@@ -24,7 +24,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]          # (N outputs, K i
 def sides(rng, n, k):
     import mindspore as ms
     from mindspore import Tensor, ops
-    from kernels import make_matmul
+    from lowbit_kernels import make_matmul
     from weights.quantize import quantize_int8
     w = rng.standard_normal((n, k)).astype(np.float32) * 0.02
     matmul = ops.MatMul(transpose_b=True)
@@ -96,7 +96,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 600])
     args = parser.parse_args(argv)
-    from kernels import build, native_library
+    from lowbit_kernels import build, native_library
     lib = native_library()
     isa = build.machine_isa(lib) if lib else "fallback"
     print(f"kernel path: {isa}; threads: {os.environ.get('LLAVA_KERNEL_THREADS') or len(os.sched_getaffinity(0))}; "

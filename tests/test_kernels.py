@@ -1,4 +1,4 @@
-"""[J] The low-precision weight matmul (research/llava/kernels): y = x @ W.T from int8 (+ scales), float16 and
+"""[J] The low-precision weight matmul (research/llava/lowbit_kernels): y = x @ W.T from int8 (+ scales), float16 and
 bfloat16 weights, against a numpy float64 reference, on every instruction-set path this machine has (read from
 /proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative and Graph mode, and the
 pure-MindSpore fallback; plus the build cache and the errors.
@@ -18,8 +18,8 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
 
-import kernels
-from kernels import build
+import lowbit_kernels as kernels
+from lowbit_kernels import build
 from llava_errors import LlavaError
 
 SHAPES = [(1, 17, 33), (2, 40, 64), (3, 1, 7), (4, 100, 300), (5, 33, 16), (7, 17, 33), (12, 32, 256),
@@ -156,7 +156,7 @@ def test_library_is_built_once_into_the_cache(env, tmp_path):
     """Two processes building into an empty cache at once: both load a library, one folder remains, no
     temporary left; a later call reuses the file without compiling."""
     env.setenv("LLAVA_KERNEL_CACHE", str(tmp_path))
-    code = ("import sys; sys.path.insert(0, %r); from kernels import build; print(build.library_path())"
+    code = ("import sys; sys.path.insert(0, %r); from lowbit_kernels import build; print(build.library_path())"
             % os.path.dirname(build.SOURCE).rsplit(os.sep, 1)[0])
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=dict(os.environ)) for _ in range(2)]

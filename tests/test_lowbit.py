@@ -18,7 +18,7 @@ import pytest
 import mindspore as ms
 
 import weights
-from kernels import WEIGHT_SCALE
+from lowbit_kernels import WEIGHT_SCALE
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 from llava_model import LlavaModel

@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from kernels import WEIGHT_SCALE
+from lowbit_kernels import WEIGHT_SCALE
 from parallel import AllReduceSum, mask_to_range, vocab_range
 
 DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -77,7 +77,7 @@ class LowbitLinear(nn.Cell):
     def __init__(self, in_features, out_features, bias, weight_dtype, param_dtype=ms.float32,
                  compute_dtype=ms.float32):
         super().__init__()
-        from kernels import make_matmul
+        from lowbit_kernels import make_matmul
         self.in_features = in_features
         self.out_features = out_features
         self.param_dtype = param_dtype

@@ -18,7 +18,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from clip_vision import CLIPVisionModel, LlavaMultiModalProjector
 from engine import Engine
-from kernels import is_scale_param
+from lowbit_kernels import is_scale_param
 from generation import GenerationSettings
 from llama_text import CACHE_NAMES, LlamaForCausalLM, is_cache_param
 from llava_config import LlavaConfig

@@ -2,7 +2,7 @@
 
 Symmetric, one float32 scale per output channel: q = rint(w / s) in [-127, 127], s = max|w[row]| / 127, and the
 kernel computes (x . q[row]) * s[row]. Per output channel rather than per group of 32 inputs (llama.cpp's
-q8_0), measured with kernels/lowbit_matmul.cc on Gaussian 4096x4096 and 11008x4096 weights (docs/performance.md):
+q8_0), measured with lowbit_kernels/lowbit_matmul.cc on Gaussian 4096x4096 and 11008x4096 weights (docs/performance.md):
 groups of 32 lower the weight's relative RMS error from 0.0087 to 0.0053 but cost 12.5% more bytes and, at
 decode, ran at a third of the per-channel speed (one scale FMA and a dependent add per 32 weights instead of one
 per row); per channel also keeps tensor parallelism exact with no divisibility rule: a column-split rank holds
@@ -12,7 +12,7 @@ every rank holds exactly its slice of the single-rank quantization.
 import numpy as np
 
 from llava_errors import LlavaError
-from kernels import WEIGHT_SCALE, is_scale_param
+from lowbit_kernels import WEIGHT_SCALE, is_scale_param
 
 ROWS_PER_STEP = 256     # rows converted at a time: temporaries stay small next to the one tensor being loaded
 

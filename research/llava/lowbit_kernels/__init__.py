@@ -2,7 +2,7 @@
 bfloat16, computed from the stored weights (lowbit_matmul.cc via MindSpore's ops.Custom, func_type="aot",
 in PyNative and Graph mode), or by a slow pure-MindSpore fallback that casts W to float32 on every call.
 
-LLAVA_KERNEL selects the backend: `auto` (default: the C++ kernel, built on first use by kernels.build; the
+LLAVA_KERNEL selects the backend: `auto` (default: the C++ kernel, built on first use by lowbit_kernels.build; the
 fallback, announced once on stderr, when it cannot be built), `native` (the kernel or a LlavaError),
 `fallback`. LLAVA_KERNEL_ISA and LLAVA_KERNEL_THREADS steer the kernel (see lowbit_matmul.cc).
 """
@@ -29,7 +29,7 @@ def native_library():
     """Path of the built kernel library, or None when the fallback is to be used (LLAVA_KERNEL=fallback, or
     `auto` and the build failed: said once on stderr). LlavaError for LLAVA_KERNEL=native without a build,
     or an LLAVA_KERNEL_ISA this machine cannot run."""
-    from kernels import build
+    from lowbit_kernels import build
     choice = backend_choice()
     if choice == "fallback":
         return None
