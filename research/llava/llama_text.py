@@ -36,6 +36,9 @@ from llava_layers import Dtypes, Embedding, RMSNorm, cast, linear, new_param
 from parallel import AllReduceSum, GatherLastDim, TensorParallel
 
 CACHE_NAMES = ("k_cache", "v_cache")
+# checkpoint names of the weights whose per-rank shapes the cells read from weight_map (tp.shape)
+_MODEL = "language_model.model."
+_LAYER = _MODEL + "layers.{i}."
 
 
 def is_cache_param(name):
@@ -116,9 +119,9 @@ class LlamaAttention(nn.Cell):
         super().__init__()
         tc = config.text_config
         d = tc.hidden_size
-        self.num_heads = tp.part(tc.num_heads, "num_heads")
-        self.n_kv = tp.part(tc.n_kv_heads, "n_kv_heads")
         self.head_dim = tc.head_dim
+        self.num_heads = tp.shape(_LAYER + "self_attn.q_proj.weight", config)[0] // self.head_dim
+        self.n_kv = tp.shape(_LAYER + "self_attn.k_proj.weight", config)[0] // self.head_dim
         self.groups = self.num_heads // self.n_kv
         self.seq_length = config.seq_length
         self.compute_dtype = dt.compute
@@ -199,7 +202,7 @@ class LlamaMLP(nn.Cell):
     def __init__(self, config, dt, tp):
         super().__init__()
         tc = config.text_config
-        inter = tp.part(tc.intermediate_size, "intermediate_size")
+        inter = tp.shape(_LAYER + "mlp.gate_proj.weight", config)[0]
         self.gate_proj = linear(tc.hidden_size, inter, False, dt)
         self.up_proj = linear(tc.hidden_size, inter, False, dt)
         self.down_proj = linear(inter, tc.hidden_size, False, dt)
@@ -238,13 +241,13 @@ class LlamaModel(nn.Cell):
         self.compute_dtype = dt.compute
         self.rotary_dtype = dt.rotary
         self.softmax_dtype = dt.softmax
-        self.local_heads = tp.part(tc.num_heads, "num_heads")
-        self.local_kv_heads = tp.part(tc.n_kv_heads, "n_kv_heads")
+        self.local_heads = tp.shape(_LAYER + "self_attn.q_proj.weight", config)[0] // tc.head_dim
+        self.local_kv_heads = tp.shape(_LAYER + "self_attn.k_proj.weight", config)[0] // tc.head_dim
         self.scale = tc.head_dim ** -0.5
         half = tc.head_dim // 2
         self.sin_sign = Tensor(np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32))
         self.seq_length = config.seq_length
-        self.embed_tokens = Embedding(tc.vocab_size, tc.hidden_size, dt.param, dt.compute, tp)
+        self.embed_tokens = Embedding(*tp.shape(_MODEL + "embed_tokens.weight", config), dt.param, dt.compute, tp)
         self.layers = nn.CellList([LlamaDecoderLayer(config, dt, tp) for _ in range(tc.num_layers)])
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
         self.inv_freq = Tensor(inv_freq(tc.head_dim, tc.theta), ms.float32)
@@ -310,7 +313,7 @@ class LlamaForCausalLM(nn.Cell):
         tc = config.text_config
         self.hidden_size = tc.hidden_size
         self.vocab_size = tc.vocab_size
-        self.vocab_part = tp.part(tc.vocab_size, "vocab_size")
+        self.vocab_part = tp.shape("language_model.lm_head.weight", config)[0]
         self.compute_dtype = dt.compute
         self.model = LlamaModel(config, dt, tp)
         # vocabulary-split under tensor parallelism; the logits of all ranks are gathered

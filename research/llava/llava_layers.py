@@ -175,8 +175,9 @@ class RMSNorm(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    """Row lookup in `weight` [num, dim]. With tensor parallelism (`tp`), this rank holds rows
-    [rank * num / N, (rank + 1) * num / N): ids outside that range give zeros and the ranks' rows are summed."""
+    """Row lookup in `weight` [num, dim], `num` the rows this rank holds. With tensor parallelism (`tp`) they are
+    rows [rank * num, (rank + 1) * num) of the vocabulary: ids outside that range give zeros and the ranks' rows
+    are summed."""
 
     def __init__(self, num, dim, param_dtype=ms.float32, compute_dtype=ms.float32, tp=None):
         super().__init__()
@@ -186,7 +187,6 @@ class Embedding(nn.Cell):
         if self.split:
             self.start, self.end = vocab_range(tp, num)
             self.reduce = AllReduceSum(tp)
-            num = self.end - self.start
         self.weight = new_param((num, dim), param_dtype, "normal", name="weight")
 
     def construct(self, ids):

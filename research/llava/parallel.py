@@ -33,11 +33,11 @@ class TensorParallel:
     def enabled(self):
         return self.world > 1
 
-    def part(self, size, what):
-        """This rank's share of a split dimension."""
-        if size % self.world:
-            raise LlavaError(f"{what}={size} is not divisible by {self.world} tensor-parallel ranks")
-        return size // self.world
+    def shape(self, name, config):
+        """This rank's shape of weight `name` (a checkpoint name or a template with "{i}" for the layer): the
+        cells size their layers with it, so the split rules live in weight_map's table only."""
+        import weight_map
+        return weight_map.local_shape(name, config, self.world)
 
     @classmethod
     def from_communication(cls):
@@ -81,10 +81,9 @@ class GatherLastDim(nn.Cell):
         return ops.reshape(g, (rows, self.world * part))
 
 
-def vocab_range(tp, vocab_size):
-    """[start, end) of the vocabulary rows this rank owns."""
-    part = tp.part(vocab_size, "vocab_size")
-    return tp.rank * part, (tp.rank + 1) * part
+def vocab_range(tp, local_rows):
+    """[start, end) of the vocabulary rows this rank owns when it holds `local_rows` of them."""
+    return tp.rank * local_rows, (tp.rank + 1) * local_rows
 
 
 def mask_to_range(ids, start, end):

@@ -221,14 +221,12 @@ def local_shape(name, config, world):
     """This rank's shape of parameter `name` (a name, or a template with "{i}" for the layer index) when
     `config` is split over `world` ranks: the table's shape divided along the split rule's dimension. The
     cells size their layers with it, so the split rules live in this table only."""
+    if world > 1:
+        check_parallel(config, world)           # whole heads per rank, not only divisible row counts
     for _, ms, split, shape in _TABLE:
         if ms == name or _pattern(ms).match(name):
             shape, axis = [int(d) for d in shape(config)], SPLITS[split]
             if axis is not None and world > 1:
-                if shape[axis] % world:
-                    check_parallel(config, world)
-                    raise LlavaError(f"{name}: dim {axis} of shape {shape} is not divisible by {world} "
-                                     f"tensor-parallel ranks")
                 shape[axis] //= world
             return tuple(shape)
     raise LlavaError(f"unknown LLaVA parameter name {name!r}")
