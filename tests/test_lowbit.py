@@ -241,8 +241,8 @@ def test_two_ranks_equal_one_with_int8_weights(sides, tiny_hf_dir, image_paths, 
     proc = subprocess.run(
         ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
          f"--master_port={free_port()}", f"--log_dir={tmp_path / 'log'}", "--join=True", "--cluster_time_out=120",
-         os.path.join(os.path.dirname(__file__), "lowbit_worker.py"), tiny_hf_dir, "int8", image, PROMPT,
-         str(steps), out],
+         os.path.join(os.path.dirname(__file__), "tp_worker.py"), tiny_hf_dir, tiny_hf_dir, "int8", str(SEQ_LENGTH), image,
+         PROMPT, str(steps), out],
         cwd=str(tmp_path), env=dict(os.environ, GLOG_v="3"), capture_output=True, text=True, timeout=900)
     logs = "".join(open(p, errors="replace").read()[-2000:] for p in glob.glob(str(tmp_path / "log" / "*.log")))
     assert proc.returncode == 0, proc.stderr[-2000:] + logs

@@ -130,7 +130,8 @@ def test_last_step_logits_match_hf(tp_setups, tiny_run, tmp_path):
         ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", "--master_port=8313",
          f"--log_dir={tmp_path / 'log'}", "--join=True", "--cluster_time_out=120",
          os.path.join(ROOT, "tests", "tp_worker.py"), s["hf_dir"],
-         os.path.join(tiny_run["out_dir"], "transformed_checkpoint"), image, prompt, str(steps), out],
+         os.path.join(tiny_run["out_dir"], "transformed_checkpoint"), "float32", "256", image, prompt, str(steps),
+         out],
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours = np.load(out)

@@ -129,8 +129,8 @@ def tile_cols(per_col, rows, size):
     return ops.tile(ops.reshape(per_col, (1, size)), (rows, 1)) if rows > 1 else per_col
 
 
-class LayerNorm(nn.Cell):
-    """torch.nn.LayerNorm over the last axis (parameters `weight`, `bias`)."""
+class _Norm(nn.Cell):
+    """A norm over the last axis with a `weight` of ones; statistics in norm_dtype."""
 
     def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
@@ -140,6 +140,13 @@ class LayerNorm(nn.Cell):
         self.compute_dtype = compute_dtype
         self.size = size
         self.weight = new_param((size,), param_dtype, "ones", name="weight")
+
+
+class LayerNorm(_Norm):
+    """torch.nn.LayerNorm over the last axis (parameters `weight`, `bias`)."""
+
+    def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__(size, eps, param_dtype, norm_dtype, compute_dtype)
         self.bias = new_param((size,), param_dtype, "zeros", name="bias")
 
     def construct(self, x, rows):
@@ -154,18 +161,9 @@ class LayerNorm(nn.Cell):
         return cast(y, self.norm_dtype, self.compute_dtype)
 
 
-class RMSNorm(nn.Cell):
+class RMSNorm(_Norm):
     """LlamaRMSNorm: x * rsqrt(mean(x^2) + eps), statistics in norm_dtype, then `weight *` in compute dtype.
     construct(x [rows, size], rows): `rows` is the static row count (no shape query)."""
-
-    def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
-        super().__init__()
-        self.eps = eps
-        self.param_dtype = param_dtype
-        self.norm_dtype = norm_dtype
-        self.compute_dtype = compute_dtype
-        self.size = size
-        self.weight = new_param((size,), param_dtype, "ones", name="weight")
 
     def construct(self, x, rows):
         x = cast(x, self.compute_dtype, self.norm_dtype)
