@@ -279,3 +279,19 @@ def test_an_unknown_weight_dtype_in_the_yaml_is_one_line_and_exit_2(tiny_hf_dir,
     assert proc.stderr.strip().splitlines()[-1] == ("run_mindformer.py: error: LlavaConfig: model_config.weight_dtype "
                                                     "must be one of float32, float16, bfloat16, int8, got 'int4'")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", "float16", "bfloat16"])
+def test_memory_estimate_counts_the_stored_bytes(tiny_hf_dir, weight_dtype):
+    """memory_budget's weights figure (made before any model exists) equals the bytes of the parameters a model
+    built with that weight_dtype really holds: the same layers in low precision, scales included."""
+    import memory_budget
+    from mindspore.nn.utils import no_init_parameters
+    with open(os.path.join(tiny_hf_dir, "config.json")) as f:
+        config = LlavaConfig.from_hf_config(json.load(f), seq_length=SEQ_LENGTH, weight_dtype=weight_dtype)
+    with no_init_parameters():
+        model = LlavaModel(config)
+    held = {n: p for n, p in model.parameters_and_names() if not n.endswith(("k_cache", "v_cache"))}
+    assert {n for n in held if memory_budget.LOWBIT_WEIGHT.search(n)} == {n for n in held if is_lowbit(n)}
+    size = {ms.int8: 1, ms.float16: 2, ms.bfloat16: 2, ms.float32: 4}
+    assert memory_budget.weight_bytes(config) == sum(int(np.prod(p.shape)) * size[p.dtype] for p in held.values())

@@ -19,6 +19,7 @@ from llama_text import QUERY_BLOCK, query_blocks
 from llava_config import LlavaConfig
 from llava_errors import LlavaError
 from llava_model import LlavaModel, load_weights
+from helpers import ROOT
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -495,3 +496,21 @@ def test_mid_preset_336px_576_image_tokens_matches_hf(graph_mode, mid_hf_dir, im
     for i in range(1, 32):
         assert rel_err(engine.decode(ref["tokens"][i - 1:i]), ref["step_logits"][None, i]) <= REL_TOL
     assert side.ms.generate(ref["ids"], ref["pixels"], max_new_tokens=32) == [trim_at_eos(ref["tokens"])]
+
+
+@pytest.mark.parametrize("name", ["predict_llava1_5_7b.yaml", "predict_llava1_5_7b_cpu.yaml"])
+def test_7b_yamls_describe_llava_hf_s_model(name, real_7b_keys):
+    """Both 7B yamls (Ascend float16; CPU with int8 linear layers) build, without weights, the model whose weight
+    names and shapes are llava-1.5-7b-hf's own listing."""
+    import file_checks
+    from mindspore.nn.utils import no_init_parameters
+    data = file_checks.load_yaml(os.path.join(ROOT, "research", "llava", "llava1_5_7B", name))
+    config = LlavaConfig(**data["model"]["model_config"])
+    with no_init_parameters():
+        model = LlavaModel(config)
+    weights = model.weight_parameters()
+    assert {n: list(p.shape) for n, p in weights.items()} == real_7b_keys
+    if name.endswith("_cpu.yaml"):
+        assert data["context"]["device_target"] == "CPU" and config.weight_dtype == "int8"
+        assert weights["language_model.model.layers.0.mlp.down_proj.weight"].dtype == ms.int8
+        assert weights["language_model.model.embed_tokens.weight"].dtype == ms.float32

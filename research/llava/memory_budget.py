@@ -5,7 +5,8 @@ instead of a MemoryError after the weights have loaded.
 The estimate for one process (one rank under tensor parallelism):
 
 * weights: every parameter of `weight_map.expected_params` (this rank's share of the split ones) in
-  `param_init_type` bytes;
+  `param_init_type` bytes, except the linear layers that `model_config.weight_dtype` stores in low precision
+  (LOWBIT_WEIGHT: int8 with a float32 scale per output row, or float16 / bfloat16);
 * KV cache: num_layers * 2 (keys, values) * batch * (n_kv_heads / world) * seq_length * head_dim *
   `compute_dtype` bytes, for the yaml's `batch_size` (the model holds it from the start) and, when a run's
   batch differs, for that batch too (the engine keeps one cache per batch size);
@@ -27,7 +28,12 @@ GIB = 1024 ** 3
 RUNTIME_BYTES = 1 * GIB
 QUERY_BLOCK = 128            # llama_text's prompt query block (tokens)
 FLOAT32 = 4
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+# The weights llava_layers.linear() builds (the decoder's and the vision tower's linear layers and lm_head; not
+# the embeddings, the patch convolution, the norms or the projector). tests/test_lowbit.py checks this against
+# a model built with each weight_dtype.
+LOWBIT_WEIGHT = re.compile(r"(\.layers\.\d+\.(self_attn\.(q|k|v|o|out)_proj|mlp\.(gate_proj|up_proj|down_proj|fc1|fc2))"
+                           r"|^language_model\.lm_head)\.weight$")
 CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),                 # cgroup v2
                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
 
@@ -51,13 +57,19 @@ def gib(n):
 def weight_bytes(config, world=1):
     """Bytes of this rank's weights: split parameters (column/row/vocab) hold 1/world of their elements."""
     import weight_map
-    elements = 0
-    for shape, split in weight_map.expected_params(config).values():
+    total = 0
+    lowbit = getattr(config, "weight_dtype", "float32")
+    for name, (shape, split) in weight_map.expected_params(config).items():
         n = 1
         for d in shape:
             n *= d
-        elements += n // world if split != "replicated" else n
-    return elements * DTYPE_BYTES[config.param_init_type]
+        n = n // world if split != "replicated" else n
+        if lowbit != "float32" and LOWBIT_WEIGHT.search(name):
+            rows = shape[0] // world if split in ("column", "vocab") else shape[0]
+            total += n * DTYPE_BYTES[lowbit] + (rows * FLOAT32 if lowbit == "int8" else 0)
+        else:
+            total += n * DTYPE_BYTES[config.param_init_type]
+    return total
 
 
 def kv_cache_bytes(config, batch, world=1):
