@@ -94,6 +94,6 @@ def bench_preset(args):
     result["same_prompt_ids"] = ours["ids_digest"] == hf["ids_digest"]
     result["same_tokens"] = ours["tokens"] == hf["tokens"]
     result["kv_cache_bytes_read_per_step"] = {
-        "ours": kv_cache_bytes(hf_cfg, ours["seq_length"]),
+        "ours": kv_cache_bytes(hf_cfg, ours.get("decode_positions", ours["seq_length"])),
         "hf": kv_cache_bytes(hf_cfg, ours["prompt_tokens"] + args.new_tokens // 2)}
     return result

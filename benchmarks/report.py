@@ -9,6 +9,13 @@ def _fmt(x, digits=3):
     return str(x)
 
 
+def _cache_read(o):
+    if "decode_positions" not in o:
+        return f"whole seq_length={o['seq_length']}, masked"
+    return (f"{o['decode_positions']} of seq_length={o['seq_length']} positions: the positions in use rounded "
+            f"up to a multiple of {o['decode_bucket']}")
+
+
 def render_preset(r):
     """Markdown for a tiny/mid result (compare.bench_preset)."""
     o, h = r["sides"]["ours"], r["sides"]["hf"]
@@ -51,7 +58,7 @@ def render_preset(r):
         f"(decoder layers + final norm + lm_head) / {r['bandwidth_gb_s']['best_gb_s']:.1f} GB/s copy bandwidth "
         f"(numpy, 1 GB, best of 5, before and after) = {r['decode_bound_tok_s']:.1f} tokens/s. Our decode graph alone: "
         f"{ob.get('decode_graph_only_ms', float('nan')):.1f} ms/step. KV cache read per step: ours "
-        f"{r['kv_cache_bytes_read_per_step']['ours'] / 1e6:.0f} MB (whole seq_length={o['seq_length']}, masked), "
+        f"{r['kv_cache_bytes_read_per_step']['ours'] / 1e6:.0f} MB ({_cache_read(o)}), "
         f"HF {r['kv_cache_bytes_read_per_step']['hf'] / 1e6:.0f} MB. Same prompt ids: "
         f"{'yes' if r['same_prompt_ids'] else 'NO'}; same {r['new_tokens']} greedy tokens: "
         f"{'yes' if r['same_tokens'] else 'no'}.",
