@@ -48,6 +48,8 @@ class OursSide:
         self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.n = args.new_tokens
         self.engine = self.model.engine()
+        if getattr(args, "decode_bucket", None) is not None:
+            self.engine.decode_bucket = args.decode_bucket
         # exactly n tokens: no eos id can stop a row
         self.settings = GenerationSettings.from_config(self.config, max_new_tokens=self.n, eos_token_id=[-1])
         self.threads = args.threads

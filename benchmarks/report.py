@@ -10,7 +10,7 @@ def _fmt(x, digits=3):
 
 
 def _cache_read(o):
-    if "decode_positions" not in o:
+    if not o.get("decode_bucket"):
         return f"whole seq_length={o['seq_length']}, masked"
     return (f"{o['decode_positions']} of seq_length={o['seq_length']} positions: the positions in use rounded "
             f"up to a multiple of {o['decode_bucket']}")
