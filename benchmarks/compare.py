@@ -3,6 +3,7 @@ measured by the harness, then llama.cpp's llama-bench on the LLaMA half of the s
 -> one result dict (what report.render_preset and the json file show)."""
 import json
 import os
+import subprocess
 import time
 
 from . import harness, llamacpp, system
@@ -59,6 +60,9 @@ def llamacpp_side(args, hf_dir, prompt_tokens):
     except llamacpp.NotBuilt as e:
         say(f"llama.cpp: not built ({e})")
         return {"error": f"not built ({e})"}
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        say(f"llama.cpp: failed ({e})")
+        return {"error": f"failed ({str(e).splitlines()[0]})"}
 
 
 def bench_preset(args):

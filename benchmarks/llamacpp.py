@@ -34,6 +34,10 @@ from .workload import ROOT
 CACHE = os.environ.get("LLAVA_LLAMACPP_CACHE", os.path.join(ROOT, ".cache", "llamacpp"))
 PACKAGE = "llama-cpp-python"
 TYPES = ("f32", "f16", "q8_0")
+# This build's ggml uses OpenMP; libgomp's threads spin while they wait. On a 2-core machine that other
+# processes share, 2 spinning threads collapsed decode of `mid` f32 to 1.3 tokens/s (17.5 with 1 thread, 23
+# with 2 threads waiting passively), so llama-bench runs with passive waiting.
+BENCH_ENV = dict(os.environ, OMP_WAIT_POLICY="passive")
 
 
 class NotBuilt(Exception):
@@ -152,7 +156,7 @@ def llama_bench(model, threads, prompt=0, gen=0, depth=0, reps=3, cache=CACHE):
             "-d", str(depth), "-r", str(reps), "-o", "json"]
     with tempfile.TemporaryFile() as err:
         busy0, t0 = system.busy_seconds(), time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=BENCH_ENV)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.monotonic() - t0
@@ -174,7 +178,8 @@ def measure(hf_dir, threads, prompt, new_tokens, types=TYPES, reps=3, cache=CACH
     """Per GGUF type: prefill of `prompt` tokens and decode of `new_tokens` after a `prompt`-token context.
     -> {"version", "types": {type: {...}}}; raises NotBuilt when llama-bench is missing."""
     bench_binary(cache)
-    result = {"version": version(cache), "threads": threads, "prompt_tokens": prompt,
+    result = {"version": version(cache), "threads": threads, "env": {"OMP_WAIT_POLICY": "passive"},
+              "prompt_tokens": prompt,
               "new_tokens": new_tokens, "types": {}}
     for outtype in types:
         model = gguf_file(hf_dir, outtype, cache, log)

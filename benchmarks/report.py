@@ -92,7 +92,7 @@ def _llamacpp_line(lc):
                      f"({t['prefill_s']:.2f} s), decode {t['decode_tok_s']:.2f} tokens/s")
     first = next(iter(lc["types"].values()))
     return (f"llama.cpp ({lc['version']['sdist']}'s vendor/llama.cpp, {' '.join(lc['version']['build'])}; "
-            f"llama-bench -t {lc['threads']}, mean of {len(first['decode']['tok_s_all'])} repetitions): "
+            f"llama-bench -t {lc['threads']}, OMP_WAIT_POLICY=passive, mean of {len(first['decode']['tok_s_all'])} repetitions): "
             f"LLaMA half of the same weights converted by its convert_hf_to_gguf.py; "
             f"prefill = {lc['prompt_tokens']} tokens from an empty context (-p), decode = {lc['new_tokens']} "
             f"tokens after a {lc['prompt_tokens']}-token context (-n -d); llama-bench feeds random ids of "
