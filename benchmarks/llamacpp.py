@@ -184,8 +184,13 @@ def measure(hf_dir, threads, prompt, new_tokens, types=TYPES, reps=3, cache=CACH
     for outtype in types:
         model = gguf_file(hf_dir, outtype, cache, log)
         _say(f"{outtype}: prefill {prompt} tokens, decode {new_tokens} after {prompt} ...")
-        pre = llama_bench(model, threads, prompt=prompt, reps=reps, cache=cache)
-        dec = llama_bench(model, threads, gen=new_tokens, depth=prompt, reps=reps, cache=cache)
+        try:
+            pre = llama_bench(model, threads, prompt=prompt, reps=reps, cache=cache)
+            dec = llama_bench(model, threads, gen=new_tokens, depth=prompt, reps=reps, cache=cache)
+        except RuntimeError as e:              # one type failing (e.g. SIGILL in a kernel) keeps the others
+            _say(f"{outtype}: {e}")
+            result.setdefault("failed", {})[outtype] = str(e).splitlines()[0]
+            continue
         result["types"][outtype] = {"gguf_mb": os.path.getsize(model) / 1e6, "prefill": pre, "decode": dec,
                                     "prefill_tok_s": pre["tok_s"], "prefill_s": prompt / pre["tok_s"],
                                     "decode_tok_s": dec["tok_s"]}

@@ -84,20 +84,22 @@ def render_preset(r):
 
 
 def _llamacpp_line(lc):
-    if "types" not in lc:
-        return f"llama.cpp: {lc['error']}."
+    if not lc.get("types"):
+        why = lc.get("error") or "; ".join(f"{k}: {v}" for k, v in lc.get("failed", {}).items())
+        return f"llama.cpp: {why}."
     parts = []
     for name, t in lc["types"].items():
         parts.append(f"{name} ({t['gguf_mb']:.0f} MB): prefill {t['prefill_tok_s']:.1f} tokens/s "
                      f"({t['prefill_s']:.2f} s), decode {t['decode_tok_s']:.2f} tokens/s")
     first = next(iter(lc["types"].values()))
+    failed = "".join(f"; {name}: {why}" for name, why in lc.get("failed", {}).items())
     return (f"llama.cpp ({lc['version']['sdist']}'s vendor/llama.cpp, {' '.join(lc['version']['build'])}; "
             f"llama-bench -t {lc['threads']}, OMP_WAIT_POLICY=passive, mean of {len(first['decode']['tok_s_all'])} repetitions): "
             f"LLaMA half of the same weights converted by its convert_hf_to_gguf.py; "
             f"prefill = {lc['prompt_tokens']} tokens from an empty context (-p), decode = {lc['new_tokens']} "
             f"tokens after a {lc['prompt_tokens']}-token context (-n -d); llama-bench feeds random ids of "
             f"that count. No vision tower: its time to first token = our vision tower (CLIP + projector) "
-            f"time + its prefill. " + "; ".join(parts) + ".")
+            f"time + its prefill. " + "; ".join(parts) + failed + "." + (f" {lc['note']}" if lc.get("note") else ""))
 
 
 def render_7b(r):
