@@ -1,4 +1,5 @@
-"""Benchmark of LlavaModel (MindSpore) against Hugging Face transformers + torch on the same CPU (not a test).
+"""Benchmark of LlavaModel (MindSpore) against Hugging Face transformers + torch and llama.cpp on the same
+CPU (not a test).
 
 Run it with `python -m benchmarks --preset tiny|mid|7b` (or `python scripts/bench.py ...`); `--help` lists the
 options and docs/performance.md describes the method and the results. One job per module:
@@ -8,7 +9,8 @@ options and docs/performance.md describes the method and the results. One job pe
   harness   the parent/child protocol, alternating timed requests repeated on disturbance, medians
   ours      our side, through the engine's public API (LlavaModel.engine())
   hf        the Hugging Face side, built on the tests' oracle (tests/oracle.py)
-  compare   the tiny/mid comparison: both sides in child processes -> one result dict
+  llamacpp  the llama.cpp side: build llama-bench from llama-cpp-python's sdist, GGUF conversion, llama-bench
+  compare   the tiny/mid comparison: both sides in child processes, then llama.cpp -> one result dict
   seven_b   the real 7B shapes with random float16 weights (write, convert, load, generate; the probe)
   report    the markdown tables and the result files
   cli       the command line

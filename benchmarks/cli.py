@@ -8,7 +8,10 @@ tiny / mid: ours and HF, each in its own child process, load the same random-wei
 and cached like the tests'), answer the same image + prompt in float32 on --threads threads and decode
 greedily exactly --new-tokens tokens (EOS ignored). After --warmup requests per side (MindSpore's CPU kernels
 tune their thread split over the first few launches) the parent asks them alternately and reports medians of
---runs requests; a request disturbed by other processes (--max-background) is repeated.
+--runs requests; a request disturbed by other processes (--max-background) is repeated. Then llama.cpp's
+llama-bench measures the LLaMA half of the same weights (GGUF f32 / f16 / q8_0) on as many threads: prefill
+of the prompt's token count and decode after that context (benchmarks/llamacpp.py; skipped with a line
+saying so when llama.cpp is not built).
 
 7b: the real LLaVA-1.5-7B shapes with random float16 weights: write the HF-layout safetensors, convert them
 with convert_weight.py, load (weights.load_into, one tensor at a time) and generate, PyNative
@@ -42,6 +45,13 @@ def parser():
                          "(default: the cores --threads leaves free + 0.25)")
     ap.add_argument("--max-attempts", type=int, default=6, help="at most runs x this many attempts per side")
     ap.add_argument("--seq-length", type=int, default=None, help="our KV-cache length (default: the config's)")
+    ap.add_argument("--llamacpp", choices=("auto", "build", "off"), default="auto",
+                    help="tiny/mid: llama.cpp as a third side: auto = if built (python -m benchmarks.llamacpp "
+                         "--build), build = build it first if missing, off")
+    ap.add_argument("--llamacpp-types", default="f32,f16,q8_0", help="GGUF types to measure (the table shows f32)")
+    ap.add_argument("--decode-bucket", type=int, default=None,
+                    help="tiny/mid: our decode steps attend over the cache positions in use rounded up to a "
+                         "multiple of this (0 = the whole cache; default: the engine's)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--workdir", default=None, help="7b: where the HF files and the ckpt go")
     ap.add_argument("--keep", action="store_true", help="7b: keep the HF files and the ckpt")

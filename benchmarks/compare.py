@@ -1,10 +1,12 @@
 """The tiny/mid comparison: ours and HF on the same random-weight fixture, each in its own child process,
-measured by the harness -> one result dict (what report.render_preset and the json file show)."""
+measured by the harness, then llama.cpp's llama-bench on the LLaMA half of the same weights (llamacpp.py)
+-> one result dict (what report.render_preset and the json file show)."""
 import json
 import os
+import subprocess
 import time
 
-from . import harness, system
+from . import harness, llamacpp, system
 from .harness import median, say
 from .workload import IMAGE, PROMPT, ROOT, command, fixture_dir
 
@@ -35,7 +37,32 @@ def start(side, args, hf_dir):
     argv = command("--side", side, "--hf-dir", hf_dir, "--threads", args.threads, "--new-tokens", args.new_tokens)
     if args.seq_length:
         argv += ["--seq-length", str(args.seq_length)]
+    if args.decode_bucket is not None:
+        argv += ["--decode-bucket", str(args.decode_bucket)]
     return harness.Child(side, argv, args.threads)
+
+
+def llamacpp_side(args, hf_dir, prompt_tokens):
+    """llama.cpp's llama-bench on the same weights after the other two sides are done (llamacpp.py), or
+    {"error": why not}."""
+    if args.llamacpp == "off":
+        return {"error": "not run (--llamacpp off)"}
+    try:
+        if args.llamacpp == "build":
+            try:
+                llamacpp.bench_binary()
+            except llamacpp.NotBuilt:
+                say("building llama.cpp ...")
+                llamacpp.build()
+        say("llama.cpp: converting and measuring ...")
+        return llamacpp.measure(hf_dir, args.threads, prompt_tokens, args.new_tokens,
+                                args.llamacpp_types.split(","), reps=args.runs)
+    except llamacpp.NotBuilt as e:
+        say(f"llama.cpp: not built ({e})")
+        return {"error": f"not built ({e})"}
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        say(f"llama.cpp: failed ({e})")
+        return {"error": f"failed ({str(e).splitlines()[0]})"}
 
 
 def bench_preset(args):
@@ -62,6 +89,7 @@ def bench_preset(args):
         for child in children.values():
             child.kill()
         raise
+    result_llamacpp = llamacpp_side(args, hf_dir, info["ours"]["prompt_tokens"])
     say("measuring memory bandwidth again ...")
     bandwidth_end = system.measure_bandwidth(args.threads)
     bandwidth = {"start": bandwidth_start, "end": bandwidth_end,
@@ -93,7 +121,13 @@ def bench_preset(args):
     ours, hf = result["sides"]["ours"], result["sides"]["hf"]
     result["same_prompt_ids"] = ours["ids_digest"] == hf["ids_digest"]
     result["same_tokens"] = ours["tokens"] == hf["tokens"]
+    result["llamacpp"] = result_llamacpp
+    if "types" in result_llamacpp:
+        for t in result_llamacpp["types"].values():
+            # llama.cpp has no vision tower: its first token comes after our CLIP time and its prefill
+            t["ttft_s"] = ours["breakdown"]["vision_s"] + t["prefill_s"]
+            t["of_bound"] = t["decode_tok_s"] / bound
     result["kv_cache_bytes_read_per_step"] = {
-        "ours": kv_cache_bytes(hf_cfg, ours["seq_length"]),
+        "ours": kv_cache_bytes(hf_cfg, ours.get("decode_positions", ours["seq_length"])),
         "hf": kv_cache_bytes(hf_cfg, ours["prompt_tokens"] + args.new_tokens // 2)}
     return result

@@ -48,6 +48,8 @@ class OursSide:
         self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.n = args.new_tokens
         self.engine = self.model.engine()
+        if getattr(args, "decode_bucket", None) is not None:
+            self.engine.decode_bucket = args.decode_bucket
         # exactly n tokens: no eos id can stop a row
         self.settings = GenerationSettings.from_config(self.config, max_new_tokens=self.n, eos_token_id=[-1])
         self.threads = args.threads
@@ -57,7 +59,10 @@ class OursSide:
         return {"import_s": self.import_s, "load_s": self.load_s, "baseline_rss_mb": self.baseline_rss,
                 "loaded_rss_mb": self.loaded_rss, "prompt_tokens": int(self.ids.shape[1]),
                 "ids_digest": ids_digest(self.ids[0]), "seq_length": self.config.seq_length,
-                "threads_num": self.threads, "affinity": sorted(os.sched_getaffinity(0))}
+                "threads_num": self.threads, "affinity": sorted(os.sched_getaffinity(0)),
+                "decode_bucket": self.engine.decode_bucket,
+                # cache positions the middle decode step attends over
+                "decode_positions": self.engine.decode_length(int(self.ids.shape[1]) + self.n // 2)}
 
     def run(self):
         stamps = []
@@ -75,7 +80,7 @@ class OursSide:
         return request_figures(t0, c0, t1, stamps, out[0])
 
     def profile(self, repeats):
-        np, ms = self.np, self.ms
+        np = self.np
         engine = self.engine
         vision, prefill, decode, step_only = [], [], [], []
         for _ in range(repeats):
@@ -93,10 +98,7 @@ class OursSide:
                 token = np.argmax(logits, -1)
             # the compiled decode graph alone (inputs prepared beforehand; includes the logits' asnumpy)
             step = engine.step("decode")
-            slot = engine.cache.next_slot
-            mask = ms.Tensor(engine.cache.mask.reshape(1, 1, -1))
-            args = (ms.Tensor(np.array([[5]], np.int32)), ms.Tensor(np.array([[slot]], np.int32)),
-                    mask, ms.Tensor(np.array([slot], np.int32)))
+            args = engine.decode_inputs(token)
             for _ in range(5):
                 t0 = time.perf_counter()
                 step(*args).asnumpy()

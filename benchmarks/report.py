@@ -9,14 +9,31 @@ def _fmt(x, digits=3):
     return str(x)
 
 
+def _cache_read(o):
+    if not o.get("decode_bucket"):
+        return f"whole seq_length={o['seq_length']}, masked"
+    return (f"{o['decode_positions']} of seq_length={o['seq_length']} positions: the positions in use rounded "
+            f"up to a multiple of {o['decode_bucket']}")
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else ""
+
+
 def render_preset(r):
-    """Markdown for a tiny/mid result (compare.bench_preset)."""
+    """Markdown for a tiny/mid result (compare.bench_preset): ours / HF / llama.cpp (f32)."""
     o, h = r["sides"]["ours"], r["sides"]["hf"]
     m = r["machine"]
+    lc = r.get("llamacpp") or {"error": "not run"}
+    c = lc.get("types", {}).get("f32")
 
-    def row(name, a, b, digits=3, ratio=True):
-        rr = f"{a / b:.2f}" if ratio and isinstance(a, (int, float)) and b else ""
-        return f"| {name} | {_fmt(a, digits)} | {_fmt(b, digits)} | {rr} |"
+    def row(name, a, b, digits=3, ratio=True, cpp=None):
+        cells = [_fmt(a, digits), _fmt(b, digits), "" if cpp is None else _fmt(cpp, digits)]
+        return (f"| {name} | " + " | ".join(cells) + f" | {_ratio(a, b) if ratio else ''} | "
+                f"{_ratio(a, cpp) if ratio else ''} |")
+
+    def cpp(key, scale=1.0):
+        return None if c is None else c[key] * scale
 
     ob, hb = o["breakdown"], h["breakdown"]
     lines = [
@@ -28,35 +45,61 @@ def render_preset(r):
         f"median of {r['runs']} requests per side (alternating, after {o.get('warmup_requests', 1)} warm-up "
         f"requests).",
         "",
-        "| | ours (MindSpore 2.9, Graph mode) | HF transformers + torch | ours / HF |",
-        "| --- | ---: | ---: | ---: |",
-        row("time to first token (s)", o["ttft_s"], h["ttft_s"]),
-        row("decode tokens/s", o["decode_tok_s"], h["decode_tok_s"], 2),
-        row("decode step (ms, median)", o["decode_step_ms"], h["decode_step_ms"], 1),
-        row("decode: % of bandwidth bound", 100 * o["of_bound"], 100 * h["of_bound"], 1),
+        "| | ours (MindSpore 2.9, Graph mode) | HF transformers + torch | llama.cpp (f32 GGUF, llama-bench) "
+        "| ours / HF | ours / llama.cpp |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        row("time to first token (s)", o["ttft_s"], h["ttft_s"], cpp=cpp("ttft_s")),
+        row("decode tokens/s", o["decode_tok_s"], h["decode_tok_s"], 2, cpp=cpp("decode_tok_s")),
+        row("decode step (ms, median)", o["decode_step_ms"], h["decode_step_ms"], 1,
+            cpp=None if c is None else 1e3 / c["decode_tok_s"]),
+        row("decode: % of bandwidth bound", 100 * o["of_bound"], 100 * h["of_bound"], 1, cpp=cpp("of_bound", 100)),
         row("warm-up request incl. compile (s)", o["warmup"]["total_s"], h["warmup"]["total_s"], 2),
         *([row("time to first token, 2nd request (s)", o["warmup_ttft_all_s"][1], h["warmup_ttft_all_s"][1])]
           if len(o.get("warmup_ttft_all_s", [])) > 1 else []),
         row("request after warm-up (s)", o["total_s"], h["total_s"], 2),
         row("model load (s)", o["load_s"], h["load_s"], 2),
-        row("peak RSS (MB)", o["peak_rss_mb"], h["peak_rss_mb"], 0),
+        row("peak RSS (MB)", o["peak_rss_mb"], h["peak_rss_mb"], 0,
+            cpp=None if c is None else c["decode"]["peak_rss_mb"]),
         row("RSS after imports (MB)", o["baseline_rss_mb"], h["baseline_rss_mb"], 0),
         row("breakdown: vision tower (s)", ob["vision_s"], hb["vision_s"]),
-        row("breakdown: prefill incl. vision (s)", ob["prefill_incl_vision_s"], hb["prefill_incl_vision_s"]),
+        row("breakdown: prefill incl. vision (s)", ob["prefill_incl_vision_s"], hb["prefill_incl_vision_s"],
+            cpp=cpp("ttft_s")),
         row("breakdown: one decode call (ms)", ob["decode_call_ms"], hb["decode_call_ms"], 1),
         row("CPU time / wall time in decode", o["cpu_per_wall_decode"], h["cpu_per_wall_decode"], 2, False),
-        row("other processes' CPU meanwhile (cores)", o["background_cores"], h["background_cores"], 2, False),
+        row("other processes' CPU meanwhile (cores)", o["background_cores"], h["background_cores"], 2, False,
+            cpp=None if c is None else max(c["prefill"]["background_cores"], c["decode"]["background_cores"])),
         "",
         f"Bandwidth bound: {r['decode_weight_bytes_fp32'] / 1e6:.0f} MB of float32 weights per decode step "
         f"(decoder layers + final norm + lm_head) / {r['bandwidth_gb_s']['best_gb_s']:.1f} GB/s copy bandwidth "
         f"(numpy, 1 GB, best of 5, before and after) = {r['decode_bound_tok_s']:.1f} tokens/s. Our decode graph alone: "
         f"{ob.get('decode_graph_only_ms', float('nan')):.1f} ms/step. KV cache read per step: ours "
-        f"{r['kv_cache_bytes_read_per_step']['ours'] / 1e6:.0f} MB (whole seq_length={o['seq_length']}, masked), "
+        f"{r['kv_cache_bytes_read_per_step']['ours'] / 1e6:.0f} MB ({_cache_read(o)}), "
         f"HF {r['kv_cache_bytes_read_per_step']['hf'] / 1e6:.0f} MB. Same prompt ids: "
         f"{'yes' if r['same_prompt_ids'] else 'NO'}; same {r['new_tokens']} greedy tokens: "
         f"{'yes' if r['same_tokens'] else 'no'}.",
+        "",
+        _llamacpp_line(lc),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _llamacpp_line(lc):
+    if not lc.get("types"):
+        why = lc.get("error") or "; ".join(f"{k}: {v}" for k, v in lc.get("failed", {}).items())
+        return f"llama.cpp: {why}."
+    parts = []
+    for name, t in lc["types"].items():
+        parts.append(f"{name} ({t['gguf_mb']:.0f} MB): prefill {t['prefill_tok_s']:.1f} tokens/s "
+                     f"({t['prefill_s']:.2f} s), decode {t['decode_tok_s']:.2f} tokens/s")
+    first = next(iter(lc["types"].values()))
+    failed = "".join(f"; {name}: {why}" for name, why in lc.get("failed", {}).items())
+    return (f"llama.cpp ({lc['version']['sdist']}'s vendor/llama.cpp, {' '.join(lc['version']['build'])}; "
+            f"llama-bench -t {lc['threads']}, OMP_WAIT_POLICY=passive, mean of {len(first['decode']['tok_s_all'])} repetitions): "
+            f"LLaMA half of the same weights converted by its convert_hf_to_gguf.py; "
+            f"prefill = {lc['prompt_tokens']} tokens from an empty context (-p), decode = {lc['new_tokens']} "
+            f"tokens after a {lc['prompt_tokens']}-token context (-n -d); llama-bench feeds random ids of "
+            f"that count. No vision tower: its time to first token = our vision tower (CLIP + projector) "
+            f"time + its prefill. " + "; ".join(parts) + failed + "." + (f" {lc['note']}" if lc.get("note") else ""))
 
 
 def render_7b(r):

@@ -11,6 +11,9 @@ pipeline through `LlavaModel.generate`, the benchmark, the tests) goes through `
     write    the prompt's keys/values -> KV cache positions 0..L-1 (run with the first decode step, so the
              first token does not wait for the copy)
     decode   one token per row [B, 1] -> logits [B, V]; writes its keys/values at the next cache position
+             in place and attends over cache positions 0..T-1 only: T, the length of its mask, is the
+             positions in use rounded up to a multiple of `decode_bucket` (default 64), so Graph mode
+             compiles one decode graph per bucket and reuses it
     forward  the full sequence without the cache -> logits [B, L, V] (reference, and config.use_past=False)
 * host-side input preparation (`prepare_prompt`): left padding, image-token count, merge index, positions,
   masks; prompts are left-padded to a multiple of `prefill_bucket` (default 8) so Graph mode compiles one
@@ -211,7 +214,7 @@ class KVCache:
         self._write_step = write_step
         self._pool = {}
         self.mask = None            # [B, seq_length] int32: 1 = the position holds a real token of that row
-        self.next_slot = 0          # the position the next decode step writes
+        self.next_slot = 0          # the position the next decode step writes (= positions in use)
         self.pending = None         # (slots, keys/values) of the prompt, written by flush()
 
     def use(self, batch):
@@ -247,8 +250,13 @@ class KVCache:
             self._write_step(slots, *kv)
             self.pending = None
 
+    @property
+    def in_use(self):
+        """Positions 0..in_use-1 of every row hold the prompt and the tokens decoded so far (or padding)."""
+        return self.next_slot
+
     def advance(self):
-        """Claim the next position for one new token per row -> (slot, rotary positions [B, 1], mask)."""
+        """Claim the next position for one new token per row -> (slot, rotary positions [B, 1])."""
         if self.mask is None:
             raise LlavaError("decode needs a prefill first")
         slot = self.next_slot
@@ -257,7 +265,15 @@ class KVCache:
         positions = self.mask[:, :slot].sum(-1).astype(np.int32).reshape(-1, 1)
         self.mask[:, slot] = 1
         self.next_slot = slot + 1
-        return slot, positions, self.mask.reshape(self.batch, 1, -1)
+        return slot, positions
+
+    def attention_mask(self, length):
+        """[B, 1, length] int32: which of cache positions 0..length-1 a decode step attends to
+        (length >= in_use: the positions past in_use are masked)."""
+        if not self.in_use <= length <= self.seq_length:
+            raise LlavaError(f"a decode step over {length} cache positions cannot cover the {self.in_use} "
+                             f"in use (seq_length={self.seq_length})")
+        return np.ascontiguousarray(self.mask[:, None, :length])
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -265,12 +281,15 @@ class Engine:
     """Runs a LlavaModel: `stream`/`generate` for requests, `image_features`/`prefill`/`decode`/`forward` for
     single steps."""
 
-    def __init__(self, model, prefill_bucket=8, jit_steps=False):
+    def __init__(self, model, prefill_bucket=8, jit_steps=False, decode_bucket=64):
         self.model = model
         self.config = model.config
         # Prompts are left-padded to a multiple of this many tokens (0 = exact length): one Graph-mode
         # compilation per bucket instead of per length, and CPU matmuls are no slower on 600 rows than on 595.
         self.prefill_bucket = int(prefill_bucket)
+        # A decode step attends over the cache positions in use rounded up to a multiple of this many
+        # (0 = always the whole cache): one Graph-mode compilation per bucket; see decode_length.
+        self.decode_bucket = int(decode_bucket)
         # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
         self.jit_steps = bool(jit_steps)
         self._steps = {}
@@ -338,16 +357,29 @@ class Engine:
         logits = logits.asnumpy()
         return logits[:, l - length:] if return_all_logits else logits
 
-    def decode(self, token_ids):
-        """One decode step after prefill: token_ids [B] (the tokens just chosen) -> float32 logits [B, V]."""
+    def decode_length(self, in_use):
+        """How many cache positions a decode step attends over when `in_use` of them hold tokens (including
+        the step's own): in_use rounded up to a multiple of decode_bucket, at most seq_length."""
+        seq = self.config.seq_length
+        if not self.decode_bucket:
+            return seq
+        return min(seq, -(-in_use // self.decode_bucket) * self.decode_bucket)
+
+    def decode_inputs(self, token_ids):
+        """Claim the next cache position for token_ids [B] and write a pending prompt -> the decode step's
+        inputs (ids, rotary positions, mask over decode_length positions, slot)."""
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if tokens.shape[0] != self.cache.batch:
             raise LlavaError(f"decode got {tokens.shape[0]} token(s) for a batch of {self.cache.batch}")
-        slot, positions, mask = self.cache.advance()
+        slot, positions = self.cache.advance()
+        mask = self.cache.attention_mask(self.decode_length(self.cache.in_use))
         self.cache.flush()
-        logits = self.step("decode")(Tensor(tokens.reshape(-1, 1).astype(np.int32)), Tensor(positions),
-                                      Tensor(mask), Tensor(np.array([slot], np.int32)))
-        return logits.asnumpy()
+        return (Tensor(tokens.reshape(-1, 1).astype(np.int32)), Tensor(positions), Tensor(mask),
+                Tensor(np.array([slot], np.int32)))
+
+    def decode(self, token_ids):
+        """One decode step after prefill: token_ids [B] (the tokens just chosen) -> float32 logits [B, V]."""
+        return self.step("decode")(*self.decode_inputs(token_ids)).asnumpy()
 
     # ------------------------------------------------------------------ requests
     def stream(self, input_ids, pixel_values=None, attention_mask=None, settings=None, stop=None):
