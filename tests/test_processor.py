@@ -266,7 +266,7 @@ def test_built_by_mindformers_registry_from_yaml_mappings():
                          "tokenizer": {"type": "LlavaTokenizer", "vocab_file": TOKENIZER_MODEL,
                                        "add_bos_token": True, "add_eos_token": False}})
     assert isinstance(p, LlavaProcessor) and isinstance(p.tokenizer, LlavaTokenizer)
-    assert (p.image_size, p.num_image_tokens, p.max_new_tokens) == (112, 64, 64)
+    assert (p.image_size, p.num_image_tokens) == (112, 64)
     with pytest.raises(LlavaError, match="unknown key"):
         LlavaProcessor(tiny_config(), p.tokenizer, max_length=2048)
 
