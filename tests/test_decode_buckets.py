@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 
-import mindspore as ms
 
 from llava_config import LlavaConfig
 from llava_model import LlavaModel, load_weights
@@ -28,7 +27,6 @@ WIDTH = 2 * BUCKET - 2            # prompt width: the first decode step writes p
 STEPS = 10
 REL_TOL = 1e-4
 PROMPTS = (("chelsea.jpg", "What animal is this?"), ("rocket.jpg", "Where is this?"))
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 
 
 def rel_err(ours, ref):
@@ -68,14 +66,6 @@ def pairs(tiny_hf_dir, tiny_gqa_hf_dir, image_paths):
     torch.set_num_threads(2)
     image_dir = os.path.dirname(image_paths["chelsea"])
     return {"tiny": Pair(tiny_hf_dir, image_dir), "tiny_gqa": Pair(tiny_gqa_hf_dir, image_dir)}
-
-
-@pytest.fixture(params=list(MODES))
-def mode(request):
-    old = ms.get_context("mode"), ms.get_context("pynative_synchronize")
-    ms.set_context(mode=MODES[request.param], pynative_synchronize=(request.param == "pynative"))
-    yield request.param
-    ms.set_context(mode=old[0], pynative_synchronize=old[1])
 
 
 @pytest.fixture

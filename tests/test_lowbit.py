@@ -36,7 +36,6 @@ WEIGHT_DTYPES = ("int8", "float16", "bfloat16")
 SEQ_LENGTH = 320
 REL_TOL = 1e-4
 PROMPT = "What animal is this?"
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "out_proj.weight",
                    "gate_proj.weight", "up_proj.weight", "down_proj.weight", "fc1.weight", "fc2.weight",
                    "lm_head.weight")
@@ -144,14 +143,6 @@ def sides(tiny_hf_dir, tiny_gqa_hf_dir, tmp_path_factory):
                                                str(tmp_path_factory.mktemp(f"{preset}-{weight_dtype}")))
         return cache[preset, weight_dtype]
     return get
-
-
-@pytest.fixture(params=list(MODES))
-def mode(request):
-    old = ms.get_context("mode"), ms.get_context("pynative_synchronize")
-    ms.set_context(mode=MODES[request.param], pynative_synchronize=(request.param == "pynative"))
-    yield request.param
-    ms.set_context(mode=old[0], pynative_synchronize=old[1])
 
 
 def check_against_hf(side, image):

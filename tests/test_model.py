@@ -35,7 +35,6 @@ PROMPTS = {
     "coffee": "What is on the table? Answer briefly.",
     "rocket": "Where is this?",
 }
-MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -122,36 +121,6 @@ class Side:
 def sides(tiny_hf_dir, tiny_gqa_hf_dir):
     torch.set_num_threads(2)
     return {"tiny": Side(tiny_hf_dir), "tiny_gqa": Side(tiny_gqa_hf_dir)}
-
-
-def _use_mode(name):
-    """Switch the process-global execution mode; returns a restore function. PyNative runs with
-    pynative_synchronize (ops execute on the calling thread): on a 2-core CPU the asynchronous op queue's
-    thread hand-offs make every dependent op wait ~1 ms (tiny decode: 8 vs 67 steps/s)."""
-    old = ms.get_context("mode"), ms.get_context("pynative_synchronize")
-    ms.set_context(mode=MODES[name], pynative_synchronize=(name == "pynative"))
-    return lambda: ms.set_context(mode=old[0], pynative_synchronize=old[1])
-
-
-@pytest.fixture(params=list(MODES))
-def mode(request):
-    restore = _use_mode(request.param)
-    yield request.param
-    restore()
-
-
-@pytest.fixture
-def graph_mode():
-    restore = _use_mode("graph")
-    yield
-    restore()
-
-
-@pytest.fixture
-def pynative_mode():
-    restore = _use_mode("pynative")
-    yield
-    restore()
 
 
 # ----------------------------------------------------------------------------------------------- names
