@@ -11,7 +11,7 @@ options and docs/performance.md describes the method and the results. One job pe
   hf        the Hugging Face side, built on the tests' oracle (tests/oracle.py)
   llamacpp  the llama.cpp side: build llama-bench from llama-cpp-python's sdist, GGUF conversion, llama-bench
   compare   the tiny/mid comparison: both sides in child processes, then llama.cpp -> one result dict
-  seven_b   the real 7B shapes with random float16 weights (write, convert, load, generate; the probe)
+  seven_b   the real 7B shapes with random float16 weights: ours (int8, float16) beside llama.cpp (q8_0, f16)
   report    the markdown tables and the result files
   cli       the command line
 """

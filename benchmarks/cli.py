@@ -1,7 +1,7 @@
 """Benchmark LlavaModel (MindSpore) against Hugging Face transformers + torch on the same CPU (not a test).
 
     python -m benchmarks --preset tiny|mid [--threads 2] [--new-tokens 32] [--runs 5] [--out benchmarks/]
-    python -m benchmarks --preset 7b [--threads 2] [--new-tokens 8] [--workdir DIR] [--keep]
+    python -m benchmarks --preset 7b [--weight-dtypes int8,float16] [--new-tokens 16] [--workdir DIR]
     (python scripts/bench.py ... is the same command)
 
 tiny / mid: ours and HF, each in its own child process, load the same random-weight HF-layout fixture (built
@@ -13,10 +13,10 @@ llama-bench measures the LLaMA half of the same weights (GGUF f32 / f16 / q8_0) 
 of the prompt's token count and decode after that context (benchmarks/llamacpp.py; skipped with a line
 saying so when llama.cpp is not built).
 
-7b: the real LLaVA-1.5-7B shapes with random float16 weights: write the HF-layout safetensors, convert them
-with convert_weight.py, load (weights.load_into, one tensor at a time) and generate, PyNative
-mode by default; --probe / --probe-only time 1- and 2-layer models and scale them to the 7B. Files go to
---workdir (default .cache/bench7b) and are deleted at the end unless --keep.
+7b: the real LLaVA-1.5-7B shapes with random float16 weights (written once into --workdir, default
+.cache/bench7b, ~14 GB; --clean removes it at the end): ours with each of --weight-dtypes (Graph mode, loaded
+from the HF folder, two requests: the first compiles), then llama.cpp with the matching GGUF types (int8 ->
+q8_0, float16 -> f16) on the same weights (benchmarks/seven_b.py).
 
 Results: OUT/<preset>.json and OUT/<preset>.md (the table is printed too). The method, the definitions of
 each figure and the results: docs/performance.md.
@@ -35,7 +35,7 @@ def parser():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=("tiny", "mid", "7b"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=None, help="default 32 (7b: 8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 32 (7b: 16)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=5,
                     help="warm-up requests per side before the timed ones (at least 1: the first one compiles)")
@@ -53,21 +53,17 @@ def parser():
                     help="tiny/mid: our decode steps attend over the cache positions in use rounded up to a "
                          "multiple of this (0 = the whole cache; default: the engine's)")
     ap.add_argument("--out", default=RESULTS)
-    ap.add_argument("--workdir", default=None, help="7b: where the HF files and the ckpt go")
-    ap.add_argument("--keep", action="store_true", help="7b: keep the HF files and the ckpt")
-    ap.add_argument("--probe", action="store_true", help="7b: first time 1- and 2-layer models to estimate")
-    ap.add_argument("--probe-only", action="store_true", help="7b: only the 1-/2-layer probe (implies --probe)")
-    ap.add_argument("--text-only", action="store_true", help="7b: prompt without the image")
-    ap.add_argument("--max-minutes", type=float, default=40.0,
-                    help="7b with --probe: use a text-only prompt if the image request would take longer")
-    ap.add_argument("--mode", type=int, default=1, choices=(0, 1), help="7b: 0 Graph, 1 PyNative (default)")
+    ap.add_argument("--weight-dtype", default=None, choices=("float32", "float16", "bfloat16", "int8"),
+                    help="tiny/mid: our linear layers' storage (default float32)")
+    ap.add_argument("--workdir", default=None, help="7b: where the HF files go (kept for the next run)")
+    ap.add_argument("--clean", action="store_true", help="7b: remove the workdir at the end")
+    ap.add_argument("--weight-dtypes", default="int8,float16", help="7b: our weight storages to measure")
+    ap.add_argument("--llamacpp-reps", type=int, default=2, help="7b: llama-bench repetitions per test")
     ap.add_argument("--need-gb", type=float, default=17.0, help="7b: available memory to wait for")
     ap.add_argument("--wait-s", type=int, default=1800, help="7b: how long to wait for that memory")
     # the child processes' entry points (the parent starts them)
-    ap.add_argument("--side", choices=("ours", "hf", "write7b", "ours7b", "probe7b"), help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=("ours", "hf", "write7b", "ours7b"), help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--probe-layers", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     return ap
 
 
@@ -83,22 +79,18 @@ def child(args):
     if args.side == "write7b":
         seven_b.write_7b(args.hf_dir)
         return 0
-    if args.side == "ours7b":
-        return seven_b.run_7b_child(args)
-    return seven_b.run_probe_7b_child(args)
+    return seven_b.run_7b_child(args)
 
 
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
     if args.new_tokens is None:
-        args.new_tokens = 8 if args.preset == "7b" or args.side in ("ours7b", "probe7b") else 32
+        args.new_tokens = 16 if args.preset == "7b" or args.side == "ours7b" else 32
     if args.side:
         return child(args)
     if not args.preset:
         ap.error("--preset is required")
-    if args.probe_only:
-        args.probe = True
     args.warmup = max(1, args.warmup)                   # the first request (with compilation) is always done
     if args.max_background is None:
         args.max_background = max(0, (os.cpu_count() or 1) - args.threads) + 0.25
@@ -106,12 +98,13 @@ def main(argv=None):
         ap.error("--new-tokens must be at least 2")
     if args.preset == "7b":
         from . import seven_b
+        if args.seq_length is None:
+            args.seq_length = 1024              # predict_llava1_5_7b_cpu.yaml's
         result = seven_b.bench_7b(args)
         table = report.render_7b(result)
     else:
         from . import compare
         result = compare.bench_preset(args)
         table = report.render_preset(result)
-    name = f"7b_probe_mode{args.mode}" if args.probe_only else args.preset
-    report.write(args.out, name, result, table)
+    report.write(args.out, args.preset, result, table)
     return 0

@@ -39,6 +39,8 @@ def start(side, args, hf_dir):
         argv += ["--seq-length", str(args.seq_length)]
     if args.decode_bucket is not None:
         argv += ["--decode-bucket", str(args.decode_bucket)]
+    if side == "ours" and args.weight_dtype:
+        argv += ["--weight-dtype", args.weight_dtype]
     return harness.Child(side, argv, args.threads)
 
 

@@ -2,7 +2,8 @@
 
     python -m benchmarks.llamacpp --build      download llama-cpp-python's source distribution from PyPI (pip),
                                                build llama.cpp's llama-bench from its vendor/llama.cpp
-                                               (Release, -DGGML_NATIVE=ON = -march=native, CPU only,
+                                               (Release, CPU only, the instruction sets
+                                               /proc/cpuinfo reports except AMX,
                                                no libcurl/OpenSSL)
     python -m benchmarks.llamacpp --preset mid [--types f32,f16,q8_0] [--threads 2]
                                                convert and measure alone (the main benchmark does it too)
@@ -70,6 +71,23 @@ def version(cache=CACHE):
             "build": [line for line in (info.stdout + info.stderr).strip().splitlines() if line.strip()]}
 
 
+# ggml option -> the /proc/cpuinfo flags it needs. AMX stays off: -march=native turns it on where the CPU has
+# it, and under a kernel or hypervisor that does not grant AMX state the q8_0 kernels die with SIGILL at
+# their first `tilezero` (seen on an AVX-512 + AMX Xeon VM here); every other instruction set the CPU
+# reports is used, as -march=native would.
+ISA_FLAGS = {"AVX": ("avx",), "AVX2": ("avx2",), "FMA": ("fma",), "F16C": ("f16c",), "BMI2": ("bmi2",),
+             "AVX_VNNI": ("avx_vnni",), "AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+             "AVX512_VBMI": ("avx512vbmi",), "AVX512_VNNI": ("avx512_vnni",), "AVX512_BF16": ("avx512_bf16",),
+             "AMX_TILE": None, "AMX_INT8": None, "AMX_BF16": None}
+
+
+def instruction_sets(cpuinfo="/proc/cpuinfo"):
+    """{ggml option: on?} for this CPU (x86_64), from ISA_FLAGS."""
+    with open(cpuinfo) as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return {name: bool(need) and all(x in flags for x in need) for name, need in ISA_FLAGS.items()}
+
+
 def build(cache=CACHE, jobs=1):
     """pip download the sdist (if not cached), unpack it, cmake-build llama-bench (~40 min with 1 job on a
     busy 2-core machine)."""
@@ -85,11 +103,12 @@ def build(cache=CACHE, jobs=1):
     src = source_dir(cache)
     # Unix Makefiles: with Ninja, this tree's configure step regenerates a file on every run and ninja
     # stops with "manifest 'build.ninja' still dirty after 100 tries".
+    isa = instruction_sets()
     configure = ["cmake", "-S", src, "-B", os.path.join(src, "build"), "-G", "Unix Makefiles",
-                 "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF",
+                 "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF"]
-    _say("cmake (Release, GGML_NATIVE=ON, CPU only) ...")
+                 "-DLLAMA_BUILD_SERVER=OFF"] + [f"-DGGML_{name}={'ON' if on else 'OFF'}" for name, on in isa.items()]
+    _say(f"cmake (Release, CPU only, {' '.join(n for n, on in isa.items() if on)}) ...")
     subprocess.run(configure, check=True)
     subprocess.run(["nice", "cmake", "--build", os.path.join(src, "build"), "-j", str(jobs), "--target",
                     "llama-bench"], check=True)
@@ -127,6 +146,15 @@ def llama_folder(hf_dir, out):
     return out
 
 
+def _llama_folder_path(hf_dir, cache):
+    return os.path.join(cache, "gguf", f"{os.path.basename(os.path.normpath(hf_dir))}-llama")
+
+
+def drop_llama_folder(hf_dir, cache=CACHE):
+    """Remove the renamed copy gguf_file made (the GGUF files stay): 13 GB for the 7B."""
+    shutil.rmtree(_llama_folder_path(hf_dir, cache), ignore_errors=True)
+
+
 def gguf_file(hf_dir, outtype, cache=CACHE, log=None):
     """cache/gguf/<fixture>-<outtype>.gguf, converted with llama.cpp's convert_hf_to_gguf.py if missing."""
     name = os.path.basename(os.path.normpath(hf_dir))
@@ -134,7 +162,7 @@ def gguf_file(hf_dir, outtype, cache=CACHE, log=None):
     if os.path.exists(path):
         return path
     src = source_dir(cache)
-    folder = os.path.join(cache, "gguf", f"{name}-llama")
+    folder = _llama_folder_path(hf_dir, cache)
     if not os.path.isdir(folder):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         llama_folder(hf_dir, folder)

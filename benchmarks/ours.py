@@ -1,5 +1,5 @@
-"""Our side: LlavaModel (MindSpore, Graph mode, float32) loaded from the HF-layout fixture, run through the
-engine's public API (`LlavaModel.engine()`).
+"""Our side: LlavaModel (MindSpore, Graph mode, float32 compute; the linear layers' storage is --weight-dtype)
+loaded from the HF-layout folder, run through the engine's public API (`LlavaModel.engine()`).
 
 EOS is ignored (`eos_token_id=[-1]`) so that a request decodes exactly `new_tokens` tokens, as HF's
 `min_new_tokens` does on the other side.
@@ -36,6 +36,8 @@ class OursSide:
         with open(os.path.join(args.hf_dir, "config.json")) as f:
             hf_cfg = json.load(f)
         overrides = {"seq_length": args.seq_length} if args.seq_length else {}
+        if getattr(args, "weight_dtype", None):
+            overrides["weight_dtype"] = args.weight_dtype
         self.config = LlavaConfig.from_hf_config(hf_cfg, **overrides)
         with ms.nn.utils.no_init_parameters():
             self.model = LlavaModel(self.config)
@@ -60,7 +62,7 @@ class OursSide:
                 "loaded_rss_mb": self.loaded_rss, "prompt_tokens": int(self.ids.shape[1]),
                 "ids_digest": ids_digest(self.ids[0]), "seq_length": self.config.seq_length,
                 "threads_num": self.threads, "affinity": sorted(os.sched_getaffinity(0)),
-                "decode_bucket": self.engine.decode_bucket,
+                "decode_bucket": self.engine.decode_bucket, "weight_dtype": self.config.weight_dtype,
                 # cache positions the middle decode step attends over
                 "decode_positions": self.engine.decode_length(int(self.ids.shape[1]) + self.n // 2)}
 
@@ -78,6 +80,15 @@ class OursSide:
         out = self.engine.generate(self.ids, self.pixels, self.mask, settings=self.settings, streamer=Stamp())
         t1 = time.perf_counter()
         return request_figures(t0, c0, t1, stamps, out[0])
+
+    def vision(self, repeats):
+        """Seconds of the vision tower (CLIP + projector) alone, best of `repeats`."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.engine.image_features(self.pixels).asnumpy()
+            times.append(time.perf_counter() - t0)
+        return min(times)
 
     def profile(self, repeats):
         np = self.np

@@ -103,45 +103,54 @@ def _llamacpp_line(lc):
 
 
 def render_7b(r):
-    """Markdown for a 7b result (seven_b.bench_7b)."""
+    """Markdown for a 7b result (seven_b.bench_7b): per weight storage, ours beside llama.cpp's GGUF type."""
+    from .seven_b import PAIRS
     m = r["machine"]
-    mode = "Graph" if r["mode"] == 0 else "PyNative (pynative_synchronize)"
+    lc = r.get("llamacpp") or {}
     lines = [
         f"### `7b` ({r['time']})",
         "",
-        f"LLaVA-1.5-7B shapes, random float16 weights, MindSpore {r['versions'].get('mindspore')} on CPU, "
-        f"{mode}, float16 compute, {r['threads']} threads; {m['cpu']}, {m['cores']} cores, AVX-512 "
-        f"{'yes' if m['avx512f'] else 'no'}, {m['mem_total_gb']} GB.",
+        f"LLaVA-1.5-7B shapes, random float16 weights; {m['cpu']}, {m['cores']} cores, AVX-512 "
+        f"{'yes' if m['avx512f'] else 'no'}, {m['mem_total_gb']} GB; {r['threads']} threads per side. Ours: "
+        f"MindSpore {r['versions'].get('mindspore')}, Graph mode, float32 compute, linear layers stored as "
+        f"shown, seq_length {r['seq_length']} (KV cache float32), loaded from the HF folder. One request = "
+        f"chelsea.jpg + \"Describe the image in English:\", "
+        f"{next(iter(r['ours'].values()))['prompt_tokens'] if r['ours'] else '?'} tokens, then {r['new_tokens']} "
+        f"greedy tokens; ours: the second request (the first compiles).",
         "",
-        "| step | wall (s) | peak RSS (MB) | other processes' CPU meanwhile (cores) |",
-        "| --- | ---: | ---: | ---: |",
     ]
-    for name, s in r["steps"].items():
-        lines.append(f"| {name} | {s['wall_s']:.0f} | {s['peak_rss_mb']:.0f} | "
-                     f"{s.get('background_cores', float('nan')):.2f} |")
-    run = r.get("run")
-    if run:
-        prompt = ("text-only prompt" if run["text_only"] else "chelsea.jpg + prompt") + \
-            f", {run['prompt_tokens']} tokens"
+    for dtype, o in r["ours"].items():
+        kind = PAIRS[dtype]
+        t = lc.get("types", {}).get(kind)
+        why = lc.get("failed", {}).get(kind) or lc.get("error") or "not run"
+        cpp = (lambda key, scale=1.0: None) if t is None else (lambda key, scale=1.0: t[key] * scale)
+
+        def row(name, a, b, digits):
+            ratio = _ratio(a, b)
+            return f"| {name} | {_fmt(a, digits)} | {'' if b is None else _fmt(b, digits)} | {ratio} |"
+
         lines += [
+            f"| {dtype} weights | ours | llama.cpp {kind} | ours / llama.cpp |",
+            "| --- | ---: | ---: | ---: |",
+            row("time to first token (s)", o["ttft_s"], cpp("ttft_s"), 1),
+            row("decode tokens/s", o["decode_tok_s"], cpp("decode_tok_s"), 2),
+            row("prefill alone (s)", o["ttft_s"] - o["vision_s"], cpp("prefill_s"), 1),
+            row("peak RSS (MB)", o["peak_rss_mb"], None if t is None else
+                max(t["prefill"]["peak_rss_mb"], t["decode"]["peak_rss_mb"]), 0),
+            f"| vision tower (CLIP + projector, s) | {o['vision_s']:.2f} | (ours) | |",
+            f"| first request incl. compile: first token (s) | {o['first_request']['ttft_s']:.1f} | | |",
+            f"| model load (s) | {o['load_s']:.0f} | | |",
+            f"| other processes' CPU meanwhile (cores) | {o['background_cores']:.2f} | "
+            f"{'' if t is None else _fmt(max(t['prefill']['background_cores'], t['decode']['background_cores']), 2)} | |",
             "",
-            "| generate | value |",
-            "| --- | ---: |",
-            f"| prompt | {prompt} |",
-            f"| load (weights.load_into, one tensor at a time), s | {run['load_s']:.1f} |",
-            f"| RSS after imports / after load / peak (MB) | {run['baseline_rss_mb']:.0f} / "
-            f"{run['loaded_rss_mb']:.0f} / {run['peak_rss_mb']:.0f} |",
-            f"| time to first token (image encode + prefill), s | {run['ttft_s']:.1f} |",
-            f"| decode, s/token (median of {len(run['decode_gaps_s'])}) | {run['decode_s_per_token']:.2f} |",
-            f"| {len(run['tokens'])} tokens in total, s | {run['total_s']:.1f} |",
         ]
-    if r.get("probe"):
-        e = r["probe"]["estimate_7b"]
-        lines += ["", f"Estimate from 1- and 2-layer models ({mode}): vision {e['vision_s']:.0f} s, image prefill "
-                  f"{e['prefill_image_s']:.0f} s (incl. vision), text-only prefill {e['prefill_text_s']:.0f} s, "
-                  f"decode {e['decode_s']:.1f} s/token; running the steps adds {e['step_memory_mb_per_layer']:.0f} MB "
-                  f"per layer (text + vision) on top of the weights, {e['step_memory_mb_7b'] / 1024:.1f} GB "
-                  f"for the 7B."]
+        if t is None:
+            lines += [f"llama.cpp {kind}: {why}.", ""]
+    lines.append(_llamacpp_line(lc) if lc else "llama.cpp: not run.")
+    lines += ["", "| step | wall (s) | peak RSS (MB) | other processes' CPU meanwhile (cores) |",
+              "| --- | ---: | ---: | ---: |"]
+    for name, s in r["steps"].items():
+        lines.append(f"| {name} | {s['wall_s']:.0f} | {s['peak_rss_mb']:.0f} | {s['background_cores']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

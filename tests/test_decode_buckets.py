@@ -1,6 +1,7 @@
-"""[J] Decode steps attend over the cache positions in use rounded up to a bucket (Engine.decode_bucket); the
-length a step attends over grows while decoding, and crossing from one bucket to the next changes nothing
-against the Hugging Face oracle (same weights, float32, CPU).
+"""[J] How the engine runs a request changes nothing against the Hugging Face oracle (same weights, float32,
+CPU): decode steps attend over the cache positions in use rounded up to a bucket (Engine.decode_bucket), the
+length a step attends over grows while decoding and crosses from one bucket to the next; a large prompt runs
+op by op in a Graph-mode context (Engine.eager_prefill), its keys/values then read by compiled decode steps.
 
 A left-padded batch of two prompts is padded to two positions before the end of a 64-position bucket, so
 the third decode step is the first of the next bucket (a new compiled decode graph in Graph mode).
@@ -113,3 +114,28 @@ def test_buckets_and_the_whole_cache_give_the_same_logits(pairs, engine):
         runs.append(np.stack([eng.decode(pair.tokens[:, i]) for i in range(4)]))
     assert eng.decode_length(WIDTH + 1) == SEQ_LENGTH
     assert rel_err(runs[0], runs[1]) <= 1e-6
+
+
+@pytest.mark.parametrize("preset", ("tiny", "tiny_gqa"))
+def test_prefill_op_by_op_then_compiled_decode_matches_hf(preset, graph_mode, pairs, engine):
+    import mindspore as ms
+    pair, eng = pairs[preset], engine[preset]
+    eng.eager_prefill = True
+    try:
+        logits = eng.prefill(pair.ids, pair.pixels.numpy(), pair.mask)
+        assert ms.get_context("mode") == ms.GRAPH_MODE                   # back to compiled steps
+        steps = [logits] + [eng.decode(pair.tokens[:, i - 1]) for i in range(1, STEPS)]
+        for i, step in enumerate(steps):
+            assert rel_err(step, pair.logits[:, i]) <= REL_TOL, f"step {i}"
+    finally:
+        eng.eager_prefill = None
+
+
+def test_large_prompts_run_op_by_op_on_cpu(pairs):
+    """By default only a prefill whose estimated activations exceed EAGER_PREFILL_BYTES runs op by op."""
+    import engine as engine_module
+    eng = pairs["tiny_gqa"].model.engine()
+    tc = pairs["tiny_gqa"].model.config.text_config
+    per_token = 4 * (8 * tc.hidden_size + 3 * tc.intermediate_size) * tc.num_layers
+    limit = engine_module.EAGER_PREFILL_BYTES // per_token
+    assert not eng.eager_prefill_for(limit) and eng.eager_prefill_for(limit + 1)

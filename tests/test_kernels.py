@@ -1,5 +1,5 @@
-"""[J] The low-precision weight matmul (research/llava/lowbit_kernels): y = x @ W.T from int8 (+ scales), float16 and
-bfloat16 weights, against a numpy float64 reference, on every instruction-set path this machine has (read from
+"""[J] The plugin's CPU kernels (research/llava/lowbit_kernels): the low-precision weight matmul y = x @ W.T from int8
+(+ scales), float16 and bfloat16 weights, and the decode attention over the KV cache, against numpy float64, on every instruction-set path this machine has (read from
 /proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative and Graph mode, and the
 pure-MindSpore fallback; plus the build cache and the errors.
 
@@ -140,6 +140,48 @@ def test_paths_and_thread_counts_agree(env):
         results[path] = per_threads[0]
     for path in PATHS:
         np.testing.assert_allclose(results[path], results["scalar"], rtol=1e-5, atol=1e-4)
+
+
+# (B rows, H query heads, kv heads, D head_dim, S cache positions, T attended): grouped and plain heads,
+# head_dim below / not a multiple of the vector width, T = 1, T = S, T in between
+ATTENTION_SHAPES = [(1, 4, 4, 16, 8, 5), (2, 6, 2, 24, 33, 33), (3, 8, 1, 7, 20, 1), (1, 32, 32, 128, 70, 64)]
+
+
+def attention_case(rng, b, h, kv, d, s, t):
+    q = rng.standard_normal((b, h, d)).astype(np.float32)
+    k = rng.standard_normal((b * kv * s, d)).astype(np.float32)
+    v = rng.standard_normal((b * kv * s, d)).astype(np.float32)
+    masked = rng.random((b, t)) < 0.3
+    masked[:, 0] = False                                     # every row attends to at least one position
+    bias = np.where(masked, np.float32(-1e30), np.float32(0))[:, None, None, :].repeat(h, 1).astype(np.float32)
+    ref = np.zeros((b, h, d))
+    for bi in range(b):
+        for hi in range(h):
+            rows = (bi * kv + hi // (h // kv)) * s + np.arange(t)
+            scores = k[rows].astype(np.float64) @ q[bi, hi].astype(np.float64) + bias[bi, hi, 0]
+            p = np.exp(scores - scores.max())
+            ref[bi, hi] = (p / p.sum()) @ v[rows].astype(np.float64)
+    return (q, k, v, bias, np.array([kv, s], np.int32)), ref
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_decode_attention_matches_float64(path, env, mode):
+    """The decode-attention kernel reads the first T cache positions of each row's KV head in place: softmax
+    over q . K + bias, times V, against numpy float64 (masked positions included, grouped heads)."""
+    env.setenv("LLAVA_KERNEL", "native")
+    env.setenv("LLAVA_KERNEL_ISA", path)
+    rng = np.random.default_rng(11)
+    op = kernels.make_decode_attention()
+    for shape in ATTENTION_SHAPES if mode == "pynative" else ATTENTION_SHAPES[1:2]:
+        args, ref = attention_case(rng, *shape)
+        y = op(*map(Tensor, args)).asnumpy()
+        assert y.shape == ref.shape and y.dtype == np.float32
+        assert np.abs(y - ref).max() <= 1e-5 * (1 + shape[5] / 64), (path, shape, np.abs(y - ref).max())
+
+
+def test_decode_attention_without_the_native_library_is_none(env):
+    env.setenv("LLAVA_KERNEL", "fallback")
+    assert kernels.make_decode_attention() is None
 
 
 def test_unknown_or_unavailable_isa_is_a_clear_error(env):

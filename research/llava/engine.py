@@ -29,6 +29,7 @@ Request API: `stream(input_ids, pixel_values, attention_mask, settings)` yields 
 context: the asynchronous op queue's thread hand-offs cost ~1 ms per dependent op on a small machine (tiny
 decode 8 -> 67 steps/s); GRAPH_MODE is the fast path.
 """
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,6 +121,27 @@ _STEPS = {
     "decode": lambda m: _DecodeStep(m),
     "write": lambda m: _CacheWriteStep(m),
 }
+
+
+# On CPU MindSpore keeps a compiled graph's intermediate tensors allocated between runs: a 595-token LLaVA-7B
+# prefill compiled as one graph held 3.4 GB above the weights and the KV cache (cut into one graph per layer,
+# as much in total). Run op by op (PyNative) the same prefill frees each tensor after its last use (6 layers
+# of the 7B: +0.3 GB against +0.8 GB compiled), for ~25 % more prefill time. A Graph-mode prefill on CPU
+# whose estimated activations (hidden- and MLP-sized tensors per token and layer) exceed this runs op by op;
+# smaller ones (tiny, mid) stay compiled.
+EAGER_PREFILL_BYTES = 512 * 2 ** 20
+
+
+@contextlib.contextmanager
+def _op_by_op():
+    """PyNative mode (synchronous: the asynchronous queue's hand-offs cost ~1 ms per op on CPU) for the
+    duration, then Graph mode again."""
+    sync = ms.get_context("pynative_synchronize")
+    ms.set_context(mode=ms.PYNATIVE_MODE, pynative_synchronize=True)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE, pynative_synchronize=sync)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -281,7 +303,7 @@ class Engine:
     """Runs a LlavaModel: `stream`/`generate` for requests, `image_features`/`prefill`/`decode`/`forward` for
     single steps."""
 
-    def __init__(self, model, prefill_bucket=8, jit_steps=False, decode_bucket=64):
+    def __init__(self, model, prefill_bucket=8, jit_steps=False, decode_bucket=64, eager_prefill=None):
         self.model = model
         self.config = model.config
         # Prompts are left-padded to a multiple of this many tokens (0 = exact length): one Graph-mode
@@ -292,6 +314,8 @@ class Engine:
         self.decode_bucket = int(decode_bucket)
         # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
         self.jit_steps = bool(jit_steps)
+        # Run the prefill op by op in a Graph-mode context: None = when eager_prefill_for says so.
+        self.eager_prefill = eager_prefill
         self._steps = {}
         self.cache = KVCache(model, lambda *args: self.step("write")(*args))
 
@@ -351,11 +375,22 @@ class Engine:
         self.cache.use(b)
         slots = Tensor(np.arange(l, dtype=np.int32))
         step = self.step("prefill_all" if return_all_logits else "prefill")
-        logits, kv = step(Tensor(p.input_ids), feats, Tensor(p.merge_index), Tensor(p.position_ids),
-                          Tensor(p.attention), slots)
+        eager = self.eager_prefill_for(b * l) and ms.get_context("mode") == ms.GRAPH_MODE
+        with _op_by_op() if eager else contextlib.nullcontext():
+            logits, kv = step(Tensor(p.input_ids), feats, Tensor(p.merge_index), Tensor(p.position_ids),
+                              Tensor(p.attention), slots)
         self.cache.start(p.mask, slots, kv)
         logits = logits.asnumpy()
         return logits[:, l - length:] if return_all_logits else logits
+
+    def eager_prefill_for(self, tokens):
+        """Whether a prefill of `tokens` (batch x padded length) runs op by op: `eager_prefill` when set, else
+        on CPU when its estimated activations exceed EAGER_PREFILL_BYTES."""
+        if self.eager_prefill is not None:
+            return bool(self.eager_prefill)
+        tc = self.config.text_config
+        activations = 4 * tokens * (8 * tc.hidden_size + 3 * tc.intermediate_size) * tc.num_layers
+        return ms.get_context("device_target") == "CPU" and activations > EAGER_PREFILL_BYTES
 
     def decode_length(self, in_use):
         """How many cache positions a decode step attends over when `in_use` of them hold tokens (including

@@ -37,6 +37,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from llava_layers import Dtypes, Embedding, RMSNorm, cast, linear, new_param
+from lowbit_kernels import make_decode_attention
 from parallel import AllReduceSum, GatherLastDim, TensorParallel
 
 CACHE_NAMES = ("k_cache", "v_cache")
@@ -140,6 +141,12 @@ class LlamaAttention(nn.Cell):
         self.v_cache = new_param(shape, dt.compute, "zeros", name="v_cache", requires_grad=False)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        # A decode step on CPU in float32 reads the cache in place with the kernel (no Gather copy of the
+        # positions in use: 4.3 ms -> 1.3 ms per 7B layer at 640 positions); elsewhere MindSpore's ops below.
+        native = (ms.get_context("device_target") == "CPU" and dt.compute == ms.float32
+                  and dt.softmax == ms.float32)
+        self.decode_attention = make_decode_attention() if native else None
+        self.cache_layout = Tensor(np.array([self.n_kv, self.seq_length], np.int32))
 
     def construct(self, x, rope, bias, blocks, slots, b, l, decode, last_only=False):
         """x [b * l, D]; rope from rotary_tables; bias/blocks per query block -> (y [b * l, D], keys, values)
@@ -160,7 +167,13 @@ class LlamaAttention(nn.Cell):
         if decode:
             k_all, v_all = self.write_cache(keys, values, slots, b, l)
             t = blocks[0][2]
-            out = self._attend(q, self._positions(k_all, b, t), self._positions(v_all, b, t), bias, blocks, b, l)
+            if l == 1 and self.decode_attention is not None:
+                out = ops.reshape(self.decode_attention(ops.reshape(q, (b, self.num_heads, self.head_dim)),
+                                                        k_all, v_all, bias[0], self.cache_layout),
+                                  (b, self.num_heads * self.head_dim))
+            else:
+                out = self._attend(q, self._positions(k_all, b, t), self._positions(v_all, b, t), bias, blocks,
+                                   b, l)
         else:
             out = self._attend(q, keys, values, bias, blocks, b, lq)
         return self.reduce(self.o_proj(out)), keys, values

@@ -1,6 +1,11 @@
-"""Low-precision weight matmul: y = x @ W.T with W [N, K] stored as int8 (with float32 scales), float16 or
-bfloat16, computed from the stored weights (lowbit_matmul.cc via MindSpore's ops.Custom, func_type="aot",
-in PyNative and Graph mode), or by a slow pure-MindSpore fallback that casts W to float32 on every call.
+"""The plugin's CPU kernels (lowbit_matmul.cc via MindSpore's ops.Custom, func_type="aot", in PyNative and
+Graph mode):
+
+* low-precision weight matmul: y = x @ W.T with W [N, K] stored as int8 (with float32 scales), float16 or
+  bfloat16, computed from the stored weights, or by a slow pure-MindSpore fallback that casts W to float32 on
+  every call (`make_matmul`);
+* decode attention: one token's attention read straight from the KV-cache Parameter over its first T
+  positions (`make_decode_attention`; None without the native library: the caller keeps MindSpore's ops).
 
 LLAVA_KERNEL selects the backend: `auto` (default: the C++ kernel, built on first use by lowbit_kernels.build; the
 fallback, announced once on stderr, when it cannot be built), `native` (the kernel or a LlavaError),
@@ -92,4 +97,26 @@ def make_matmul(int8):
     return LowbitMatmul()
 
 
-__all__ = ["make_matmul", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]
+def make_decode_attention():
+    """A cell (q [B, H, D], k_cache, v_cache [B * kv * S, D], bias [B, H, 1, T], layout [2] int32 = (kv, S))
+    -> [B, H, D] float32, or None when the native library is not used (LLAVA_KERNEL=fallback, or no build)."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    lib = native_library()
+    if lib is None:
+        return None
+
+    class DecodeAttention(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = ops.Custom(func=f"{lib}:LlavaDecodeAttention", out_shape=lambda q, *rest: q,
+                                 out_dtype=ms.float32, func_type="aot")
+
+        def construct(self, q, k_cache, v_cache, bias, layout):
+            return self.op(q, k_cache, v_cache, bias, layout)
+
+    return DecodeAttention()
+
+
+__all__ = ["make_matmul", "make_decode_attention", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]

@@ -13,7 +13,9 @@
 // LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a path (tests use it; an unsupported choice is an error),
 // LLAVA_KERNEL_THREADS caps the threads.
 //
-// Entry point for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul.
+// Entry points for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul, and
+// LlavaDecodeAttention (one decode step's attention read straight from the KV-cache Parameter: MindSpore's
+// own ops need a Gather copy of the positions in use first, which cost a 7B decode step ~3 ms per layer).
 #ifndef LLAVA_KERNEL_GENERIC_BODY
 #if defined(__x86_64__) || defined(__i386__)
 #define LLAVA_X86 1
@@ -24,6 +26,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -70,19 +73,28 @@ struct Problem {
   float* y;            // [M, N]
 };
 
+struct Attention {
+  int64_t B, H, D;      // batch rows, query heads, head_dim
+  int64_t kv, S, T;     // KV heads, cache positions per (row, KV head), positions attended (T <= S)
+  const float* q;       // [B, H, D], already scaled by 1/sqrt(D)
+  const float* k;       // [B * kv * S, D]: row (b * kv + g) * S + t
+  const float* v;       // same layout
+  const float* bias;    // [B, H, 1, T]: added to the scores (0, or a large negative value to mask)
+  float* out;           // [B, H, D]
+};
+
 // Threads: LLAVA_KERNEL_THREADS, else the CPUs this process may run on. Each call starts its threads (a
 // few tens of microseconds) and only when the work is large enough to pay for them. std::thread rather than
 // OpenMP: on a loaded 2-core machine (other processes, MindSpore's own pool) libgomp's spinning barriers cost
 // 20-34 ms per call in our measurement (1024x1024 int8, M=1: 0.11 ms with std::thread), and a second OpenMP
 // runtime in MindSpore's process is avoided.
-int thread_count(const Problem& p) {
+int thread_count(double work) {
   int n = 0;
   if (const char* env = std::getenv("LLAVA_KERNEL_THREADS")) n = std::atoi(env);
   if (n <= 0) {
     cpu_set_t set;
     n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
   }
-  const double work = double(p.M) * double(p.N) * double(p.K);
   if (work < 256.0 * 1024.0) return 1;
   return std::max(1, std::min(n, 64));
 }
@@ -259,6 +271,16 @@ void run(int isa, const Problem& p) {
   }
 }
 
+void run_attention(int isa, const Attention& a) {
+  switch (isa) {
+#if LLAVA_X86
+    case kAvx512: isa_avx512::decode_attention(a); break;
+    case kAvx2: isa_avx2::decode_attention(a); break;
+#endif
+    default: isa_scalar::decode_attention(a); break;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -306,6 +328,41 @@ int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, c
   } else {
     return 8;
   }
+  return 0;
+}
+
+// ops.Custom(func_type="aot") entry. Inputs q [B, H, D], k_cache and v_cache [B * kv * S, D], bias
+// [B, H, 1, T] (all float32) and layout [2] int32 = (kv, S); output [B, H, D] float32: per row and head,
+// softmax(q . K[0:T] + bias) . V[0:T] over the first T cache positions of its KV head (head h reads KV head
+// h / (H / kv)). Non-zero (MindSpore raises) on a signature it was not built for.
+int LlavaDecodeAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                         void* /*stream*/, void* /*extra*/) {
+  if (nparam != 6) return 1;
+  if (ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 4 || ndims[4] != 1 || ndims[5] != 3) return 2;
+  for (int i : {0, 1, 2, 3, 5})
+    if (std::strcmp(dtypes[i], "float32") != 0) return 3;
+  if (std::strcmp(dtypes[4], "int32") != 0 || shapes[4][0] != 2) return 3;
+  Attention a;
+  a.B = shapes[0][0];
+  a.H = shapes[0][1];
+  a.D = shapes[0][2];
+  const int32_t* layout = static_cast<const int32_t*>(params[4]);
+  a.kv = layout[0];
+  a.S = layout[1];
+  a.T = shapes[3][3];
+  if (a.kv <= 0 || a.H % a.kv != 0 || a.T > a.S || shapes[1][1] != a.D || shapes[2][1] != a.D ||
+      shapes[1][0] != a.B * a.kv * a.S || shapes[2][0] != shapes[1][0] || shapes[3][0] != a.B ||
+      shapes[3][1] != a.H || shapes[3][2] != 1 || shapes[5][0] != a.B || shapes[5][1] != a.H ||
+      shapes[5][2] != a.D)
+    return 4;
+  a.q = static_cast<const float*>(params[0]);
+  a.k = static_cast<const float*>(params[1]);
+  a.v = static_cast<const float*>(params[2]);
+  a.bias = static_cast<const float*>(params[3]);
+  a.out = static_cast<float*>(params[5]);
+  const int isa = choose_isa();
+  if (isa < 0) return 5;
+  run_attention(isa, a);
   return 0;
 }
 
@@ -505,7 +562,7 @@ void matmul(const Problem& p) {
     std::memset(p.y, 0, sizeof(float) * p.M * p.N);
     return;
   }
-  const int threads = thread_count(p);
+  const int threads = thread_count(double(p.M) * double(p.N) * double(p.K));
   if (p.M <= GEMV_ROWS) {
     parallel_ranges(p.N, threads, [&](int64_t a, int64_t b) {
       switch (p.M) {
@@ -521,6 +578,54 @@ void matmul(const Problem& p) {
     return;
   }
   parallel_ranges((p.N + NR - 1) / NR, threads, [&](int64_t a, int64_t b) { gemm_blocks<WK>(p, a, b); });
+}
+
+// One decode step's attention for (row, head) pairs [i0, i1): scores over the first T positions of the
+// head's KV rows, softmax in float32 (max subtracted, as torch does), weighted sum of the value rows.
+void attention_pairs(const Attention& a, int64_t i0, int64_t i1) {
+  std::vector<float> scores(size_t(a.T));
+  const int64_t D = a.D, groups = a.H / a.kv;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / a.H, h = i % a.H;
+    const float* q = a.q + i * D;
+    const float* bias = a.bias + i * a.T;
+    const int64_t base = (b * a.kv + h / groups) * a.S;
+    float top = -3.4e38f;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const float* kr = a.k + (base + t) * D;
+      typename V::reg acc = V::zero();
+      int64_t d = 0;
+      for (; d + W <= D; d += W) acc = V::fma(V::load(q + d), V::load(kr + d), acc);
+      float s = V::sum(acc);
+      for (; d < D; ++d) s += q[d] * kr[d];
+      s += bias[t];
+      scores[t] = s;
+      top = std::max(top, s);
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < a.T; ++t) {
+      scores[t] = std::exp(scores[t] - top);
+      total += scores[t];
+    }
+    const float inv = 1.0f / total;
+    float* o = a.out + i * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const float pt = scores[t] * inv;
+      if (pt == 0.0f) continue;                 // masked positions (and underflow) add nothing
+      const float* vr = a.v + (base + t) * D;
+      const typename V::reg pv = V::bcast(pt);
+      int64_t d = 0;
+      for (; d + W <= D; d += W) V::store(o + d, V::fma(pv, V::load(vr + d), V::load(o + d)));
+      for (; d < D; ++d) o[d] += pt * vr[d];
+    }
+  }
+}
+
+void decode_attention(const Attention& a) {
+  const int64_t pairs = a.B * a.H;
+  const int threads = thread_count(2.0 * double(pairs) * double(a.T) * double(a.D));
+  parallel_ranges(pairs, threads, [&](int64_t b, int64_t e) { attention_pairs(a, b, e); });
 }
 
 #endif
