@@ -1,11 +1,11 @@
 """The low-precision matmul kernel (research/llava/lowbit_kernels) next to MindSpore's own MatMul, same process, same
 threads, calls interleaved so that other load on the machine hits every side alike.
 
-    python -m benchmarks.kernel_matmul [--reps 7] [--rows 1 600]
+    python -m benchmarks.kernel_matmul [--reps 7] [--rows 1 600] [--shapes 7b|mid]
 
-Sides, for y = x @ W.T at 7B shapes: MindSpore float32 MatMul on a float32 W; MindSpore with a float16 W
-cast to float32 per call (what a float16 `Linear` costs today); the kernel on int8 W (one scale per output
-channel, and per group of 32 inputs), float16 W and bfloat16 W. Prints a markdown table (median ms, GFLOP/s,
+Sides, for y = x @ W.T at 7B (or mid) shapes: MindSpore float32 MatMul on a float32 W; MindSpore with a
+float16 W cast to float32 per call (what a float16 `Linear` costs without the kernel); the kernel on int8 W
+(one scale per output channel, and per group of 32 inputs), float16 W, bfloat16 W and float32 W. Prints a markdown table (median ms, GFLOP/s,
 W bytes read per second) and the int8 rounding error of both scale layouts on Gaussian weights.
 """
 import argparse
@@ -18,7 +18,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "research", "llava"))
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]          # (N outputs, K inputs)
+SHAPES = {"7b": [(4096, 4096), (11008, 4096), (4096, 11008)],          # (N outputs, K inputs)
+          "mid": [(1024, 1024), (2816, 1024), (1024, 2816), (32064, 1024)]}
 
 
 def sides(rng, n, k):
@@ -41,6 +42,7 @@ def sides(rng, n, k):
         ("kernel int8 W, scale per 32 inputs", n * k + 4 * n * k // 32, lambda x: int8(x, qg, sg)),
         ("kernel float16 W", 2 * n * k, lambda x: flt(x, w16)),
         ("kernel bfloat16 W", 2 * n * k, lambda x: flt(x, wb)),
+        ("kernel float32 W", 4 * n * k, lambda x: flt(x, w32)),
     ]
 
 
@@ -50,13 +52,13 @@ def timed(fn, x):
     return time.perf_counter() - t
 
 
-def run(rows, reps):
+def run(rows, reps, shapes):
     import mindspore as ms
     from mindspore import Tensor
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU", pynative_synchronize=True)
     rng = np.random.default_rng(0)
     lines = ["| N x K | M | side | ms | GFLOP/s | W GB/s |", "| --- | ---: | --- | ---: | ---: | ---: |"]
-    for n, k in SHAPES:
+    for n, k in shapes:
         table = sides(rng, n, k)
         for m in rows:
             x = Tensor(rng.standard_normal((m, k)).astype(np.float32))
@@ -78,7 +80,7 @@ def rounding_error(rng):
     from weights.quantize import quantize_int8
     lines = ["| N x K | scales | weight RMS error / RMS | max output error / max output (x Gaussian) |",
              "| --- | --- | ---: | ---: |"]
-    for n, k in SHAPES[:2]:
+    for n, k in SHAPES["7b"][:2]:
         w = rng.standard_normal((n, k)).astype(np.float32)
         x = rng.standard_normal((8, k))
         ref = x @ w.T.astype(np.float64)
@@ -95,13 +97,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_matmul")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 600])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="7b")
     args = parser.parse_args(argv)
     from lowbit_kernels import build, native_library
     lib = native_library()
     isa = build.machine_isa(lib) if lib else "fallback"
     print(f"kernel path: {isa}; threads: {os.environ.get('LLAVA_KERNEL_THREADS') or len(os.sched_getaffinity(0))}; "
           f"load average before: {os.getloadavg()[0]:.1f}")
-    lines = run(args.rows, args.reps)
+    lines = run(args.rows, args.reps, SHAPES[args.shapes])
     print(f"load average after: {os.getloadavg()[0]:.1f}\n")
     print("\n".join(lines))
     print()

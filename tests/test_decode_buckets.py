@@ -1,7 +1,7 @@
 """[J] How the engine runs a request changes nothing against the Hugging Face oracle (same weights, float32,
 CPU): decode steps attend over the cache positions in use rounded up to a bucket (Engine.decode_bucket), the
 length a step attends over grows while decoding and crosses from one bucket to the next; a large prompt runs
-op by op in a Graph-mode context (Engine.eager_prefill), its keys/values then read by compiled decode steps.
+op by op in a Graph-mode context (Engine.eager), its keys/values then read by compiled decode steps.
 
 A left-padded batch of two prompts is padded to two positions before the end of a 64-position bucket, so
 the third decode step is the first of the next bucket (a new compiled decode graph in Graph mode).
@@ -120,7 +120,7 @@ def test_buckets_and_the_whole_cache_give_the_same_logits(pairs, engine):
 def test_prefill_op_by_op_then_compiled_decode_matches_hf(preset, graph_mode, pairs, engine):
     import mindspore as ms
     pair, eng = pairs[preset], engine[preset]
-    eng.eager_prefill = True
+    eng.eager = True
     try:
         logits = eng.prefill(pair.ids, pair.pixels.numpy(), pair.mask)
         assert ms.get_context("mode") == ms.GRAPH_MODE                   # back to compiled steps
@@ -128,14 +128,14 @@ def test_prefill_op_by_op_then_compiled_decode_matches_hf(preset, graph_mode, pa
         for i, step in enumerate(steps):
             assert rel_err(step, pair.logits[:, i]) <= REL_TOL, f"step {i}"
     finally:
-        eng.eager_prefill = None
+        eng.eager = None
 
 
-def test_large_prompts_run_op_by_op_on_cpu(pairs):
-    """By default only a prefill whose estimated activations exceed EAGER_PREFILL_BYTES runs op by op."""
+def test_large_prompt_steps_run_op_by_op_on_cpu(graph_mode, pairs):
+    """By default only a vision or prefill step whose estimated activations exceed EAGER_BYTES runs op by
+    op (tiny_gqa: hidden 96, MLP 200, 3 decoder layers; vision hidden 48, MLP 96, 4 layers)."""
     import engine as engine_module
     eng = pairs["tiny_gqa"].model.engine()
-    tc = pairs["tiny_gqa"].model.config.text_config
-    per_token = 4 * (8 * tc.hidden_size + 3 * tc.intermediate_size) * tc.num_layers
-    limit = engine_module.EAGER_PREFILL_BYTES // per_token
-    assert not eng.eager_prefill_for(limit) and eng.eager_prefill_for(limit + 1)
+    for kind, per_token in (("prefill", 4 * (8 * 96 + 3 * 200) * 3), ("vision", 4 * (8 * 48 + 3 * 96) * 4)):
+        limit = engine_module.EAGER_BYTES // per_token
+        assert not eng.eager_for(kind, limit) and eng.eager_for(kind, limit + 1), kind

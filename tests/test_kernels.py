@@ -1,5 +1,5 @@
 """[J] The plugin's CPU kernels (research/llava/lowbit_kernels): the low-precision weight matmul y = x @ W.T from int8
-(+ scales), float16 and bfloat16 weights, and the decode attention over the KV cache, against numpy float64, on every instruction-set path this machine has (read from
+(+ scales), float16, bfloat16 and float32 weights, and the decode attention over the KV cache, against numpy float64, on every instruction-set path this machine has (read from
 /proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative and Graph mode, and the
 pure-MindSpore fallback; plus the build cache and the errors.
 
@@ -63,6 +63,7 @@ def cases(rng, m, n, k):
     out.append(("float16", x, (Tensor(h),), x.astype(np.float64) @ h.astype(np.float64).T))
     b = bf16_round(w)
     out.append(("bfloat16", x, (Tensor(b).astype(ms.bfloat16),), x.astype(np.float64) @ b.astype(np.float64).T))
+    out.append(("float32", x, (Tensor(w),), x.astype(np.float64) @ w.astype(np.float64).T))
     return out
 
 

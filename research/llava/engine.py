@@ -10,6 +10,8 @@ pipeline through `LlavaModel.generate`, the benchmark, the tests) goes through `
              prompt's keys/values
     write    the prompt's keys/values -> KV cache positions 0..L-1 (run with the first decode step, so the
              first token does not wait for the copy)
+    prefill_write  a prefill whose layers write their keys/values into the cache as they go: a large
+             prompt on CPU runs it op by op (eager_for), so no layer's keys/values outlive it
     decode   one token per row [B, 1] -> logits [B, V]; writes its keys/values at the next cache position
              in place and attends over cache positions 0..T-1 only: T, the length of its mask, is the
              positions in use rounded up to a multiple of `decode_bucket` (default 64), so Graph mode
@@ -77,16 +79,18 @@ class _VisionStep(nn.Cell):
 class _PromptStep(nn.Cell):
     """Prompt embeddings with image features merged in, then the decoder (prefill or cache-free forward)."""
 
-    def __init__(self, model, for_cache, last_only):
+    def __init__(self, model, for_cache, last_only, write=False):
         super().__init__(auto_prefix=False)
         self.model = model
         self.for_cache = for_cache          # also return the keys/values, for the 'write' step
         self.last_only = last_only
+        self.write = write                  # each layer writes its keys/values into the cache itself
 
     def construct(self, input_ids, image_features, merge_index, position_ids, mask, slots):
         b, l = input_ids.shape
         merged = self.model.embed(input_ids, image_features, merge_index)
-        logits, kv = self.model.language_model(merged, position_ids, mask, slots, b, l, False, self.last_only)
+        logits, kv = self.model.language_model(merged, position_ids, mask, slots, b, l, False, self.last_only,
+                                               self.write)
         return (logits, kv) if self.for_cache else logits
 
 
@@ -117,6 +121,7 @@ _STEPS = {
     "vision": lambda m: _VisionStep(m),
     "prefill": lambda m: _PromptStep(m, for_cache=True, last_only=True),
     "prefill_all": lambda m: _PromptStep(m, for_cache=True, last_only=False),
+    "prefill_write": lambda m: _PromptStep(m, for_cache=True, last_only=True, write=True),
     "forward": lambda m: _PromptStep(m, for_cache=False, last_only=False),
     "decode": lambda m: _DecodeStep(m),
     "write": lambda m: _CacheWriteStep(m),
@@ -125,11 +130,11 @@ _STEPS = {
 
 # On CPU MindSpore keeps a compiled graph's intermediate tensors allocated between runs: a 595-token LLaVA-7B
 # prefill compiled as one graph held 3.4 GB above the weights and the KV cache (cut into one graph per layer,
-# as much in total). Run op by op (PyNative) the same prefill frees each tensor after its last use (6 layers
-# of the 7B: +0.3 GB against +0.8 GB compiled), for ~25 % more prefill time. A Graph-mode prefill on CPU
-# whose estimated activations (hidden- and MLP-sized tensors per token and layer) exceed this runs op by op;
-# smaller ones (tiny, mid) stay compiled.
-EAGER_PREFILL_BYTES = 512 * 2 ** 20
+# as much in total); so did CLIP-L's 24 layers. Run op by op (PyNative) the same prefill frees each tensor
+# after its last use (6 layers of the 7B: +0.3 GB against +0.8 GB compiled), for ~10-25 % more time. On CPU
+# a vision or prefill step from a Graph-mode context whose estimated activations exceed this runs op by op
+# (Engine.eager_for); smaller ones (tiny, mid) stay compiled.
+EAGER_BYTES = 512 * 2 ** 20
 
 
 @contextlib.contextmanager
@@ -255,12 +260,13 @@ class KVCache:
         lm.use_cache_parameters(self._pool[batch])
 
     def start(self, prompt_mask, slots, kv):
-        """A prefill of prompt_mask [B, L] ran: its keys/values go to positions 0..L-1 with the next flush."""
+        """A prefill of prompt_mask [B, L] ran: its keys/values go to positions 0..L-1 with the next flush
+        (none: the prefill wrote them)."""
         b, l = prompt_mask.shape
         self.mask = np.zeros((b, self.seq_length), np.int32)
         self.mask[:, :l] = prompt_mask
         self.next_slot = l
-        self.pending = (slots, kv)
+        self.pending = (slots, kv) if kv else None
 
     @property
     def batch(self):
@@ -303,7 +309,7 @@ class Engine:
     """Runs a LlavaModel: `stream`/`generate` for requests, `image_features`/`prefill`/`decode`/`forward` for
     single steps."""
 
-    def __init__(self, model, prefill_bucket=8, jit_steps=False, decode_bucket=64, eager_prefill=None):
+    def __init__(self, model, prefill_bucket=8, jit_steps=False, decode_bucket=64, eager=None):
         self.model = model
         self.config = model.config
         # Prompts are left-padded to a multiple of this many tokens (0 = exact length): one Graph-mode
@@ -314,8 +320,8 @@ class Engine:
         self.decode_bucket = int(decode_bucket)
         # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
         self.jit_steps = bool(jit_steps)
-        # Run the prefill op by op in a Graph-mode context: None = when eager_prefill_for says so.
-        self.eager_prefill = eager_prefill
+        # Run the vision tower and the prefill op by op in a Graph-mode context: None = when eager_for says.
+        self.eager = eager
         self._steps = {}
         self.cache = KVCache(model, lambda *args: self.step("write")(*args))
 
@@ -335,15 +341,17 @@ class Engine:
     # ------------------------------------------------------------------ single steps
     def image_features(self, pixel_values):
         """pixel_values [N, 3, H, W] -> Tensor [N * num_image_tokens, text_hidden] (after the projector)."""
-        return self.step("vision")(check_pixels(self.config, pixel_values))
+        pix = check_pixels(self.config, pixel_values)
+        eager = self.eager_for("vision", pix.shape[0] * (self.config.vision_config.num_patches + 1))
+        with _op_by_op() if eager else contextlib.nullcontext():
+            return self.step("vision")(pix)
 
     def _features(self, pixel_values):
         """Image features and their count; one zero row (never gathered) for a text-only prompt."""
         if pixel_values is None:
             d = self.config.text_config.hidden_size
             return Tensor(np.zeros((1, d), np.float32), ms.float32).astype(self.model.language_model.compute_dtype), 0
-        pix = check_pixels(self.config, pixel_values)
-        return self.step("vision")(pix), pix.shape[0]
+        return self.image_features(pixel_values), np.shape(pixel_values)[0]
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None):
         """Full sequence without the KV cache -> float32 numpy logits [B, L, V]."""
@@ -374,8 +382,11 @@ class Engine:
         b, l = p.input_ids.shape
         self.cache.use(b)
         slots = Tensor(np.arange(l, dtype=np.int32))
-        step = self.step("prefill_all" if return_all_logits else "prefill")
-        eager = self.eager_prefill_for(b * l) and ms.get_context("mode") == ms.GRAPH_MODE
+        eager = self.eager_for("prefill", b * l)
+        # op by op, each layer writes its keys/values as it goes (they are freed layer by layer: 0.6 GB for
+        # a 595-token 7B prompt); compiled, they are written with the first decode step (the first token
+        # comes out sooner)
+        step = self.step("prefill_all" if return_all_logits else "prefill_write" if eager else "prefill")
         with _op_by_op() if eager else contextlib.nullcontext():
             logits, kv = step(Tensor(p.input_ids), feats, Tensor(p.merge_index), Tensor(p.position_ids),
                               Tensor(p.attention), slots)
@@ -383,14 +394,19 @@ class Engine:
         logits = logits.asnumpy()
         return logits[:, l - length:] if return_all_logits else logits
 
-    def eager_prefill_for(self, tokens):
-        """Whether a prefill of `tokens` (batch x padded length) runs op by op: `eager_prefill` when set, else
-        on CPU when its estimated activations exceed EAGER_PREFILL_BYTES."""
-        if self.eager_prefill is not None:
-            return bool(self.eager_prefill)
-        tc = self.config.text_config
-        activations = 4 * tokens * (8 * tc.hidden_size + 3 * tc.intermediate_size) * tc.num_layers
-        return ms.get_context("device_target") == "CPU" and activations > EAGER_PREFILL_BYTES
+    def eager_for(self, kind, tokens):
+        """Whether a `vision` or `prefill` step over `tokens` positions (images x patches, batch x padded
+        length) runs op by op: only from a Graph-mode context, then as `eager` says when set, else on CPU
+        when its estimated activations (hidden- and MLP-sized float32 tensors per token and layer of the
+        vision tower or the decoder) exceed EAGER_BYTES."""
+        if ms.get_context("mode") != ms.GRAPH_MODE:
+            return False
+        if self.eager is not None:
+            return bool(self.eager)
+        c = self.config.vision_config if kind == "vision" else self.config.text_config
+        layers = c.num_hidden_layers if kind == "vision" else c.num_layers
+        activations = 4 * tokens * (8 * c.hidden_size + 3 * c.intermediate_size) * layers
+        return ms.get_context("device_target") == "CPU" and activations > EAGER_BYTES
 
     def decode_length(self, in_use):
         """How many cache positions a decode step attends over when `in_use` of them hold tokens (including

@@ -297,12 +297,14 @@ class LlamaModel(nn.Cell):
             tables = tables + (cast(table, ms.float32, self.compute_dtype),)
         return tables
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only=False):
+    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only=False, write=False):
         """inputs_embeds [b * l, D] -> (final-norm hidden states [b * l, D], (keys, values) of every layer
         flattened: k0, v0, k1, v1, ...). With `last_only` (a prompt whose logits are wanted for its last
         position only) the hidden states are [b, D]: the last layer then computes queries, attention output
         and MLP for the last position of each row only; the earlier layers and every layer's keys/values
-        need all positions."""
+        need all positions. With `write` (a prompt) each layer writes its keys/values into the cache at
+        `slots` as soon as it has them and none are returned: run op by op, a layer's keys/values are then
+        freed before the next layer runs."""
         rope = self.rotary_tables(position_ids, b, l)
         blocks = query_blocks(l, mask.shape[2])              # T: l for a prompt, the cache bucket for decode
         bias = attention_bias(mask, self.local_heads, self.softmax_dtype, blocks)
@@ -318,7 +320,10 @@ class LlamaModel(nn.Cell):
                 h, keys, values = self.layers[i](h, last_rope, last_bias, one, slots, b, l, decode, True)
             else:
                 h, keys, values = self.layers[i](h, rope, bias, blocks, slots, b, l, decode)
-            kv = kv + (keys, values)
+            if write:
+                h = ops.depend(h, self.layers[i].self_attn.write_cache(keys, values, slots, b, l))
+            else:
+                kv = kv + (keys, values)
         return self.norm(h, b if last_only else b * l), kv
 
     def write_cache(self, kv, slots, b, l):
@@ -364,11 +369,12 @@ class LlamaForCausalLM(nn.Cell):
             layer.self_attn.k_cache = k
             layer.self_attn.v_cache = v
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only):
-        """-> (logits, kv): kv as LlamaModel.construct returns it (unused outputs cost nothing in a graph)."""
+    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only, write=False):
+        """-> (logits, kv): kv as LlamaModel.construct returns it (unused outputs cost nothing in a graph);
+        `write` as there."""
         if last_only:
             # a decode step (l == 1) is the last position already
-            h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode, l > 1)
+            h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode, l > 1, write)
             logits = cast(self.lm_head(h), self.compute_dtype, ms.float32)
             return self.gather(logits, b, self.vocab_part), kv
         h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode)

@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from lowbit_kernels import WEIGHT_SCALE
+from lowbit_kernels import STREAM_ROWS, WEIGHT_SCALE
 from parallel import AllReduceSum, mask_to_range, vocab_range
 
 DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -60,9 +60,19 @@ class Linear(nn.Cell):
         if bias:
             self.bias = new_param((out_features,), param_dtype, "zeros", name="bias")
         self.matmul = ops.MatMul(transpose_b=True)
+        # A float32 layer on CPU multiplies decode rows (at most STREAM_ROWS) with the kernel's streaming
+        # path: MindSpore's MatMul reads the weight well below memory speed for one row (docs/performance.md).
+        self.stream = None
+        if param_dtype == compute_dtype == ms.float32 and ms.get_context("device_target") == "CPU":
+            from lowbit_kernels import make_matmul
+            stream = make_matmul(False)
+            self.stream = stream if stream.native else None
 
     def construct(self, x):
-        y = self.matmul(x, cast(self.weight, self.param_dtype, self.compute_dtype))
+        if self.stream is not None and x.shape[0] <= STREAM_ROWS:
+            y = self.stream(x, self.weight)
+        else:
+            y = self.matmul(x, cast(self.weight, self.param_dtype, self.compute_dtype))
         if self.has_bias:
             y = ops.bias_add(y, cast(self.bias, self.param_dtype, self.compute_dtype))
         return y

@@ -50,7 +50,7 @@ class LlavaModel(PreTrainedModel):
         self.vision_tokens = vc.num_patches + 1
         self.vision_dim = vc.hidden_size
         self.drop_cls = vc.vision_feature_select_strategy == "default"
-        self.__dict__["engine_options"] = {k: kwargs.pop(k) for k in ("prefill_bucket", "jit_steps", "eager_prefill")
+        self.__dict__["engine_options"] = {k: kwargs.pop(k) for k in ("prefill_bucket", "jit_steps", "eager")
                                            if k in kwargs}
         self.__dict__["_engine"] = None
 

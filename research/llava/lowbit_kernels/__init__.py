@@ -20,6 +20,8 @@ BACKENDS = ("auto", "native", "fallback")
 # The per-output-channel scales of an int8 linear weight `<cell>.weight` are the parameter
 # `<cell>.weight_scale` ([out, 1] float32): derived at load time, not a checkpoint weight.
 WEIGHT_SCALE = "weight_scale"
+# Rows of x up to which the kernel streams the weights once (GEMV_ROWS in lowbit_matmul.cc): decode steps.
+STREAM_ROWS = 4
 _built = {}          # cache folder -> library path, or the LlavaError that stopped its build
 
 
@@ -66,7 +68,7 @@ def _out_shape(x, w, *scale):
 def make_matmul(int8):
     """A cell computing y [M, N] float32 = x [M, K] float32 @ W.T from stored weights: called as
     (x, w, scale) for int8 w with scale [N, G] float32 (each scale covers K / G consecutive inputs), as
-    (x, w) for float16 / bfloat16 w."""
+    (x, w) for float16 / bfloat16 / float32 w."""
     import mindspore as ms
     from mindspore import nn, ops
 
@@ -119,4 +121,4 @@ def make_decode_attention():
     return DecodeAttention()
 
 
-__all__ = ["make_matmul", "make_decode_attention", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]
+__all__ = ["make_matmul", "make_decode_attention", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]

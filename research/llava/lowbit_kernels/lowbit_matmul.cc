@@ -1,6 +1,7 @@
 // y[M, N] = x[M, K] @ W[N, K].T for weights stored in low precision, read in their stored form:
 //   int8  (symmetric, float32 scales [N, groups]: groups = 1 is one scale per output channel),
-//   float16, bfloat16.
+//   float16, bfloat16; and float32 (MindSpore's CPU MatMul reads a float32 weight at well under memory speed
+//   for a single row of x, so decode steps of float32 models use the streaming path below too).
 // No float32 copy of W is ever made: decode (few rows of x) converts each weight vector in registers as it
 // streams from memory; prefill (many rows) converts a KC x NR panel of W into a small float32 scratch that
 // stays in L1/L2 and runs a register-blocked MR x NR micro-kernel over all rows of x against it, so every
@@ -38,6 +39,7 @@ namespace {
 struct Q8 { using T = int8_t; };    // int8 weight, scaled
 struct H16 { using T = uint16_t; }; // IEEE half
 struct B16 { using T = uint16_t; }; // bfloat16
+struct F32 { using T = float; };    // float32: decode (few rows of x) streams it like the others
 
 float half_to_float(uint16_t h) {
   uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -152,7 +154,9 @@ struct V {
   }
   static float sw(Q8, int8_t v) { return float(v); }
   static float sw(H16, uint16_t v) { return _cvtsh_ss(v); }
+  static reg lw(F32, const float* p) { return _mm512_loadu_ps(p); }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
+  static float sw(F32, float v) { return v; }
 };
 #include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
 }  // namespace isa_avx512
@@ -190,7 +194,9 @@ struct V {
   }
   static float sw(Q8, int8_t v) { return float(v); }
   static float sw(H16, uint16_t v) { return _cvtsh_ss(v); }
+  static reg lw(F32, const float* p) { return _mm256_loadu_ps(p); }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
+  static float sw(F32, float v) { return v; }
 };
 #include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
 }  // namespace isa_avx2
@@ -215,7 +221,9 @@ struct V {
   static reg lw(B16, const uint16_t* p) { return bf16_to_float(*p); }
   static float sw(Q8, int8_t v) { return float(v); }
   static float sw(H16, uint16_t v) { return half_to_float(v); }
+  static reg lw(F32, const float* p) { return *p; }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
+  static float sw(F32, float v) { return v; }
 };
 #include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
 }  // namespace isa_scalar
@@ -293,7 +301,7 @@ const char* LlavaKernelIsa() {
   return isa < 0 ? "" : names[isa];
 }
 
-// ops.Custom(func_type="aot") entry. Inputs x [M, K] float32, w [N, K] int8|float16|bfloat16 and, for int8,
+// ops.Custom(func_type="aot") entry. Inputs x [M, K] float32, w [N, K] int8|float16|bfloat16|float32 and, for int8,
 // scale [N, G] float32 (G divides K; each scale covers K / G consecutive inputs); output y [M, N] float32.
 // Returns non-zero (MindSpore raises) on a signature it was not built for.
 int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
@@ -325,6 +333,8 @@ int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, c
     run<H16>(isa, p);
   } else if (nparam == 3 && !std::strcmp(wt, "bfloat16")) {
     run<B16>(isa, p);
+  } else if (nparam == 3 && !std::strcmp(wt, "float32")) {
+    run<F32>(isa, p);
   } else {
     return 8;
   }
