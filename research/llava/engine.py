@@ -396,10 +396,11 @@ class Engine:
 
     def eager_for(self, kind, tokens):
         """Whether a `vision` or `prefill` step over `tokens` positions (images x patches, batch x padded
-        length) runs op by op: only from a Graph-mode context, then as `eager` says when set, else on CPU
-        when its estimated activations (hidden- and MLP-sized float32 tensors per token and layer of the
-        vision tower or the decoder) exceed EAGER_BYTES."""
-        if ms.get_context("mode") != ms.GRAPH_MODE:
+        length) runs op by op: only from a Graph-mode context on one rank, then as `eager` says when set,
+        else on CPU when its estimated activations (hidden- and MLP-sized float32 tensors per token and layer
+        of the vision tower or the decoder) exceed EAGER_BYTES."""
+        # tensor-parallel ranks stay compiled: their collectives are tested in compiled steps only
+        if ms.get_context("mode") != ms.GRAPH_MODE or self.model.tp.world > 1:
             return False
         if self.eager is not None:
             return bool(self.eager)
