@@ -95,6 +95,7 @@ def test_bad_command_and_bad_image_keep_the_chat_going(setup):
     assert len(chat.answers()) == 1, chat.stdout()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_not_the_chat(setup):
     hf = setup["hf"]
     chat = ChatProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out3"), "--max_new_tokens", "400",

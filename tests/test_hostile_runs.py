@@ -223,6 +223,7 @@ def test_a_plain_append_on_the_same_disk_leaves_half_a_record(tmp_path):
         assert len(data) == 4096 and not data.endswith(b"\n")
 
 
+@pytest.mark.slow
 def test_disk_filling_during_the_run_loses_nothing_and_logs_quietly(env, tmp_path):
     """The disk fills while the answer streams (the process is stopped, the disk filled, the process resumed):
     the results file keeps its earlier records byte for byte, the error names the disk, and the log writes
@@ -585,6 +586,7 @@ def _tp_yaml(env, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_log_dir_with_spaces_runs_two_ranks(env, oracle, tmp_path):
     """LOG_DIR and the output folder with spaces, prompts with spaces: msrun gets each as one word, both ranks
     run the predict command, and the answers are HF's."""

@@ -222,6 +222,7 @@ def test_fallback_gives_the_same_logits_as_the_kernel(sides, tiny_hf_dir, image_
     assert rel_err(np.concatenate(steps), ref["step_logits"][1:8]) <= REL_TOL
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_with_int8_weights(sides, tiny_hf_dir, image_paths, tmp_path):
     """Each rank quantizes its share (a row-split share from whole rows): the 2-rank logits of prefill and 7
     greedy steps are the single-process int8 model's, and so HF's on the dequantized weights."""

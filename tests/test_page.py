@@ -201,6 +201,7 @@ def test_oversized_image_is_a_message_and_the_page_goes_on(server, browser, tmp_
         images.close()
 
 
+@pytest.mark.slow
 def test_stop_busy_and_gone_server_are_messages(setup, browser, tmp_path):
     s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out_page_busy"), "--max_batch", "1",
                       "--max_queue", "1")

@@ -248,7 +248,7 @@ def predict_setup(tiny_hf_dir, tiny_ckpt, tmp_path_factory):
                 expected=[HFOracle(tiny_hf_dir).generate(img, prompt, MAX_NEW) for img, prompt in PAIRS])
 
 
-@pytest.mark.parametrize("source", ["single", "sharded"])
+@pytest.mark.parametrize("source", ["single", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_predict_from_the_hf_folder_equals_hf_and_the_converted_ckpt(source, predict_setup, tiny_hf_dir,
                                                                      tiny_sharded_dir, tiny_ckpt, tmp_path):
     """`--load_checkpoint HF_DIR` (no conversion) gives the HF oracle's answers, and the very records and
