@@ -83,8 +83,6 @@ def write_7b(out_dir, seed=0, shard_bytes=2 * 10 ** 9):
     return total
 
 
-
-
 def run_7b_child(args):
     """Child: benchmarks.ours.OursSide on the 7B folder with --weight-dtype; one JSON line per event."""
     proto = Protocol()
@@ -146,9 +144,6 @@ def bench_7b(args):
 
     if not os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json")):
         step("write HF safetensors (numpy, float16)", command("--side", "write7b", "--hf-dir", hf_dir))
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        hf_cfg = json.load(f)
-    from .compare import decode_weight_bytes
     for dtype in dtypes:
         wait_for_memory(args.need_gb, args.wait_s)
         argv = command("--side", "ours7b", "--hf-dir", hf_dir, "--threads", args.threads, "--new-tokens",
@@ -173,8 +168,6 @@ def bench_7b(args):
         t = lc.get("types", {}).get(PAIRS[dtype])
         if t:
             t["ttft_s"] = o["vision_s"] + t["prefill_s"]      # no vision tower in llama.cpp
-    result["decode_weight_bytes"] = {d: decode_weight_bytes(hf_cfg, itemsize) for d, itemsize in
-                                     (("int8", 1), ("float16", 2))}
     if args.clean:
         shutil.rmtree(work, ignore_errors=True)
     return result

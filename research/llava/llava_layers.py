@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from lowbit_kernels import STREAM_ROWS, WEIGHT_SCALE
+from lowbit_kernels import STREAM_ROWS, WEIGHT_SCALE, make_matmul
 from parallel import AllReduceSum, mask_to_range, vocab_range
 
 DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -64,7 +64,6 @@ class Linear(nn.Cell):
         # path: MindSpore's MatMul reads the weight well below memory speed for one row (docs/performance.md).
         self.stream = None
         if param_dtype == compute_dtype == ms.float32 and ms.get_context("device_target") == "CPU":
-            from lowbit_kernels import make_matmul
             stream = make_matmul(False)
             self.stream = stream if stream.native else None
 
@@ -87,7 +86,6 @@ class LowbitLinear(nn.Cell):
     def __init__(self, in_features, out_features, bias, weight_dtype, param_dtype=ms.float32,
                  compute_dtype=ms.float32):
         super().__init__()
-        from lowbit_kernels import make_matmul
         self.in_features = in_features
         self.out_features = out_features
         self.param_dtype = param_dtype
