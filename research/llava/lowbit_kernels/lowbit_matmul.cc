@@ -429,40 +429,35 @@ void gemv_rows(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// Decode of one row of x with one scale per output row (the model's case): two weight rows at a time, two
-// chains each, so four independent FMA chains and two weight streams are in flight.
+// Decode of one row of x with one scale per output row (the model's case): GEMV_BLOCK weight rows at a time,
+// one FMA chain each, so each loaded x register serves GEMV_BLOCK weight vectors and as many independent
+// chains hide the FMA latency. Measured on 7B shapes (int8, 2 threads, AVX-512): 2 rows at a time 15.5-17.7
+// GB/s, 4 rows 19.5-21.5, 8 rows 22.5-23.0, against 23.5 GB/s for a plain read of the same bytes.
+constexpr int GEMV_BLOCK = 8;
+
 template <class WK>
-void gemv1_pairs(const Problem& p, int64_t n0, int64_t n1) {
+void gemv1_block(const Problem& p, int64_t n0, int64_t n1) {
   using T = typename WK::T;
+  constexpr int R = GEMV_BLOCK;
   const int64_t K = p.K;
   const T* Wm = static_cast<const T*>(p.w);
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
-    const T* w0 = Wm + n * K;
-    const T* w1 = w0 + K;
-    typename V::reg a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();
+  for (; n + R <= n1; n += R) {
+    const T* w = Wm + n * K;
+    typename V::reg acc[R];
+    float tail[R];
+    for (int r = 0; r < R; ++r) { acc[r] = V::zero(); tail[r] = 0.0f; }
     int64_t k = 0;
-    for (; k + 2 * W <= K; k += 2 * W) {
-      const typename V::reg x0 = V::load(p.x + k), x1 = V::load(p.x + k + W);
-      a0 = V::fma(x0, V::lw(WK{}, w0 + k), a0);
-      a1 = V::fma(x1, V::lw(WK{}, w0 + k + W), a1);
-      b0 = V::fma(x0, V::lw(WK{}, w1 + k), b0);
-      b1 = V::fma(x1, V::lw(WK{}, w1 + k + W), b1);
-    }
     for (; k + W <= K; k += W) {
-      const typename V::reg x0 = V::load(p.x + k);
-      a0 = V::fma(x0, V::lw(WK{}, w0 + k), a0);
-      b0 = V::fma(x0, V::lw(WK{}, w1 + k), b0);
+      const typename V::reg xv = V::load(p.x + k);
+      for (int r = 0; r < R; ++r) acc[r] = V::fma(xv, V::lw(WK{}, w + r * K + k), acc[r]);
     }
-    float sa = 0.0f, sb = 0.0f;
-    for (; k < K; ++k) {
-      sa += p.x[k] * V::sw(WK{}, w0[k]);
-      sb += p.x[k] * V::sw(WK{}, w1[k]);
+    for (; k < K; ++k)
+      for (int r = 0; r < R; ++r) tail[r] += p.x[k] * V::sw(WK{}, w[r * K + k]);
+    for (int r = 0; r < R; ++r) {
+      const float v = V::sum(acc[r]) + tail[r];
+      p.y[n + r] = p.scale ? v * p.scale[n + r] : v;
     }
-    sa += V::sum(V::fma(a1, V::bcast(1.0f), a0));
-    sb += V::sum(V::fma(b1, V::bcast(1.0f), b0));
-    p.y[n] = p.scale ? sa * p.scale[n] : sa;
-    p.y[n + 1] = p.scale ? sb * p.scale[n + 1] : sb;
   }
   if (n < n1) gemv_rows<WK, 1>(p, n, n1);
 }
@@ -577,7 +572,7 @@ void matmul(const Problem& p) {
     parallel_ranges(p.N, threads, [&](int64_t a, int64_t b) {
       switch (p.M) {
         case 1:
-          if (p.groups == 1) gemv1_pairs<WK>(p, a, b);
+          if (p.groups == 1) gemv1_block<WK>(p, a, b);
           else gemv_rows<WK, 1>(p, a, b);
           break;
         case 2: gemv_rows<WK, 2>(p, a, b); break;
