@@ -23,7 +23,8 @@ from lowbit_kernels import build
 from llava_errors import LlavaError
 
 SHAPES = [(1, 17, 33), (2, 40, 64), (3, 1, 7), (4, 100, 300), (5, 33, 16), (7, 17, 33), (12, 32, 256),
-          (13, 70, 517), (65, 100, 33), (1, 130, 600), (30, 64, 1)]        # (M rows of x, N outputs, K inputs)
+          (13, 70, 517), (65, 100, 33), (1, 130, 600), (30, 64, 1),
+          (1, 515, 700)]        # (M rows of x, N outputs, K inputs); the last splits one row over threads
 GRAPH_SHAPES = [(1, 17, 33), (65, 100, 300)]
 
 
@@ -141,6 +142,62 @@ def test_paths_and_thread_counts_agree(env):
         results[path] = per_threads[0]
     for path in PATHS:
         np.testing.assert_allclose(results[path], results["scalar"], rtol=1e-5, atol=1e-4)
+
+
+# Calls straight into the built library through ctypes (which releases the GIL), so Python threads and a
+# forked child call the kernel at the same time as each other: the worker pool must serve one caller at a
+# time, let the others start their own threads, and be rebuilt in a child (it has none of the parent's
+# threads). Each output is one thread's fixed-order dot product, so every call gives the same bits.
+POOL_SCRIPT = r"""
+import ctypes, os, sys, threading
+import numpy as np
+lib = ctypes.CDLL(sys.argv[1])
+
+def matmul(x, w):
+    y = np.zeros((x.shape[0], w.shape[0]), np.float32)
+    arrs = [x, w, y]
+    params = (ctypes.c_void_p * 3)(*[a.ctypes.data for a in arrs])
+    ndims = (ctypes.c_int * 3)(2, 2, 2)
+    dims = [(ctypes.c_int64 * 2)(*a.shape) for a in arrs]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * 3)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
+    kinds = (ctypes.c_char_p * 3)(b"float32", b"float16", b"float32")
+    assert lib.LlavaLowbitMatmul(3, params, ndims, shapes, kinds, None, None) == 0
+    return y
+
+rng = np.random.default_rng(1)
+x = rng.standard_normal((1, 1500)).astype(np.float32)
+w = rng.standard_normal((1001, 1500)).astype(np.float16)
+ref = x.astype(np.float64) @ w.astype(np.float64).T
+first = matmul(x, w)
+assert np.abs(first - ref).max() < 1e-3, np.abs(first - ref).max()
+bad = []
+
+def hammer():
+    for _ in range(200):
+        if not np.array_equal(matmul(x, w), first):
+            bad.append(1)
+
+threads = [threading.Thread(target=hammer) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not bad, len(bad)
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if all(np.array_equal(matmul(x, w), first) for _ in range(50)) else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+print("ok")
+"""
+
+
+def test_concurrent_callers_and_a_forked_child_get_the_same_answer(env):
+    env.setenv("LLAVA_KERNEL", "native")
+    env.setenv("LLAVA_KERNEL_THREADS", "2")
+    proc = subprocess.run([sys.executable, "-c", POOL_SCRIPT, kernels.native_library()], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 # (B rows, H query heads, kv heads, D head_dim, S cache positions, T attended): grouped and plain heads,

@@ -25,12 +25,18 @@
 #define LLAVA_X86 0  // other CPUs build the portable path only
 #endif
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -85,11 +91,10 @@ struct Attention {
   float* out;           // [B, H, D]
 };
 
-// Threads: LLAVA_KERNEL_THREADS, else the CPUs this process may run on. Each call starts its threads (a
-// few tens of microseconds) and only when the work is large enough to pay for them. std::thread rather than
-// OpenMP: on a loaded 2-core machine (other processes, MindSpore's own pool) libgomp's spinning barriers cost
-// 20-34 ms per call in our measurement (1024x1024 int8, M=1: 0.11 ms with std::thread), and a second OpenMP
-// runtime in MindSpore's process is avoided.
+// Threads: LLAVA_KERNEL_THREADS, else the CPUs this process may run on, and only when the work is large
+// enough to pay for them. Our own pool rather than OpenMP: on a loaded 2-core machine (other processes,
+// MindSpore's own pool) libgomp's spinning barriers cost 20-34 ms per call in our measurement (1024x1024
+// int8, M=1), and a second OpenMP runtime in MindSpore's process is avoided.
 int thread_count(double work) {
   int n = 0;
   if (const char* env = std::getenv("LLAVA_KERNEL_THREADS")) n = std::atoi(env);
@@ -101,6 +106,88 @@ int thread_count(double work) {
   return std::max(1, std::min(n, 64));
 }
 
+// Worker threads kept between calls. A decode step makes hundreds of kernel calls of 0.1-3 ms each;
+// starting and joining a thread per call cost 5-10 % of a `mid` decode step. After a job a worker spins for
+// SPIN_US (the next call usually comes within that: the ops between two matmuls are small), then sleeps on
+// a condition variable. One caller at a time: a concurrent caller (MindSpore may run independent ops side
+// by side) gets false and starts its own threads. Never destroyed (threads blocked at exit must not see
+// their condition variable go), and rebuilt in a forked child, which has none of the parent's threads.
+class Pool {
+ public:
+  static constexpr int SPIN_US = 100;
+
+  static Pool& get() {
+    static Pool* pool = nullptr;
+    static pid_t owner = 0;
+    static std::mutex made;
+    std::lock_guard<std::mutex> lock(made);
+    if (pool == nullptr || owner != getpid()) {
+      pool = new Pool();  // a forked child's copy of the old pool has no threads: leave it
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+  // Runs job(t) for t in [1, n) on the workers and job(0) on the caller; false (nothing run) when busy.
+  bool run(int n, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> mine(calling_, std::try_to_lock);
+    if (!mine.owns_lock()) return false;
+    while (int(workers_) < n - 1) {
+      // started with the current generation: the job published below is its first
+      std::thread(&Pool::work, this, int(workers_) + 1, gen_.load(std::memory_order_acquire)).detach();
+      ++workers_;
+    }
+    job_ = &job;
+    active_ = n;
+    pending_.store(n - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job(0);
+    while (pending_.load(std::memory_order_acquire) != 0) pause();
+    return true;
+  }
+
+ private:
+  static void pause() {
+#if LLAVA_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void work(int index, uint64_t seen) {
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        if ((i & 255) == 255 &&
+            std::chrono::steady_clock::now() - start > std::chrono::microseconds(SPIN_US)) {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+        pause();
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (index < active_) {
+        (*job_)(index);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex calling_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  int active_ = 0;
+  size_t workers_ = 0;
+};
+
 // Splits [0, units) into `threads` contiguous ranges and runs f(begin, end) on each (the caller's thread
 // takes the first).
 template <class F>
@@ -110,13 +197,12 @@ void parallel_ranges(int64_t units, int threads, F f) {
     if (units > 0) f(int64_t(0), units);
     return;
   }
+  const std::function<void(int)> part = [&](int t) { f(units * t / threads, units * (t + 1) / threads); };
+  if (Pool::get().run(threads, part)) return;
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) {
-    int64_t b = units * t / threads, e = units * (t + 1) / threads;
-    pool.emplace_back([=] { f(b, e); });
-  }
-  f(int64_t(0), units / threads);
+  for (int t = 1; t < threads; ++t) pool.emplace_back(part, t);
+  part(0);
   for (auto& th : pool) th.join();
 }
 
