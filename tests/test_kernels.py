@@ -240,6 +240,49 @@ def test_decode_attention_matches_float64(path, env, mode):
 def test_decode_attention_without_the_native_library_is_none(env):
     env.setenv("LLAVA_KERNEL", "fallback")
     assert kernels.make_decode_attention() is None
+    assert kernels.make_prompt_attention() is None
+
+
+# (B rows, Lq queries, Lk keys, H query heads, kv heads, D head_dim, left padding of the last row): causal
+# prompts with grouped and plain heads, head_dim below / not a multiple of the vector width, a query count
+# that is not a multiple of the 4-query block, left-padded rows (pad queries attend to nothing), and the
+# last query alone (Lq = 1, the prompt's last layer)
+PROMPT_SHAPES = [(1, 5, 5, 4, 4, 16, 0), (2, 33, 33, 6, 2, 24, 7), (1, 1, 20, 8, 1, 7, 0),
+                 (2, 1, 37, 4, 2, 64, 5), (1, 70, 70, 32, 32, 128, 0)]
+
+
+def prompt_case(rng, b, lq, lk, h, kv, d, pad):
+    q = rng.standard_normal((b * lq, h, d)).astype(np.float32)
+    k = rng.standard_normal((b * lk, kv, d)).astype(np.float32)
+    v = rng.standard_normal((b * lk, kv, d)).astype(np.float32)
+    causal = np.tril(np.ones((lk, lk), np.int32))[lk - lq:]              # the queries are the last lq tokens
+    mask = np.repeat(causal[None], b, 0)
+    mask[-1, :, :pad] = 0                                                # the last row's left padding
+    mask[-1, :max(0, pad - (lk - lq))] = 0                               # its pad queries attend to nothing
+    ref = np.zeros((b * lq, h, d))
+    for bi in range(b):
+        for hi in range(h):
+            g = hi // (h // kv)
+            scores = q[bi * lq:(bi + 1) * lq, hi].astype(np.float64) @ k[bi * lk:(bi + 1) * lk, g].astype(np.float64).T
+            scores = np.where(mask[bi] == 1, scores, -np.inf)
+            scores[~mask[bi].any(1)] = 0.0                               # all masked: equal weights
+            p = np.exp(scores - scores.max(1, keepdims=True))
+            ref[bi * lq:(bi + 1) * lq, hi] = (p / p.sum(1, keepdims=True)) @ v[bi * lk:(bi + 1) * lk, g]
+    return (q, k, v, mask), ref
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_prompt_attention_matches_float64(path, env, mode):
+    """The prompt-attention kernel against numpy float64: causal masks, padded rows, grouped heads."""
+    env.setenv("LLAVA_KERNEL", "native")
+    env.setenv("LLAVA_KERNEL_ISA", path)
+    rng = np.random.default_rng(13)
+    op = kernels.make_prompt_attention()
+    for shape in PROMPT_SHAPES if mode == "pynative" else PROMPT_SHAPES[1:2]:
+        args, ref = prompt_case(rng, *shape)
+        y = op(*map(Tensor, args)).asnumpy()
+        assert y.shape == ref.shape and y.dtype == np.float32
+        assert np.abs(y - ref).max() <= 2e-5 * (1 + shape[2] / 64), (path, shape, np.abs(y - ref).max())
 
 
 def test_unknown_or_unavailable_isa_is_a_clear_error(env):

@@ -113,7 +113,7 @@ class _CacheWriteStep(nn.Cell):
         self.model = model
 
     def construct(self, slots, *kv):
-        b, _, l, _ = kv[0].shape
+        b, l, _, _ = kv[0].shape
         return self.model.language_model.write_cache(kv, slots, b, l)
 
 

@@ -5,7 +5,9 @@ Graph mode):
   bfloat16, computed from the stored weights, or by a slow pure-MindSpore fallback that casts W to float32 on
   every call (`make_matmul`);
 * decode attention: one token's attention read straight from the KV-cache Parameter over its first T
-  positions (`make_decode_attention`; None without the native library: the caller keeps MindSpore's ops).
+  positions (`make_decode_attention`; None without the native library: the caller keeps MindSpore's ops);
+* prompt attention: a prompt's attention from the token-major q/k/v the projections give and its int32 mask,
+  with no transposes, score tensors or bias tensors in between (`make_prompt_attention`; None likewise).
 
 LLAVA_KERNEL selects the backend: `auto` (default: the C++ kernel, built on first use by lowbit_kernels.build; the
 fallback, announced once on stderr, when it cannot be built), `native` (the kernel or a LlavaError),
@@ -121,4 +123,26 @@ def make_decode_attention():
     return DecodeAttention()
 
 
-__all__ = ["make_matmul", "make_decode_attention", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]
+def make_prompt_attention():
+    """A cell (q [B * Lq, H, D] scaled, k, v [B * Lk, kv, D], mask [B, Lq, Lk] int32) -> [B * Lq, H, D]
+    float32, or None when the native library is not used (LLAVA_KERNEL=fallback, or no build)."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    lib = native_library()
+    if lib is None:
+        return None
+
+    class PromptAttention(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = ops.Custom(func=f"{lib}:LlavaPromptAttention", out_shape=lambda q, *rest: q,
+                                 out_dtype=ms.float32, func_type="aot")
+
+        def construct(self, q, k, v, mask):
+            return self.op(q, k, v, mask)
+
+    return PromptAttention()
+
+
+__all__ = ["make_prompt_attention", "make_matmul", "make_decode_attention", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]

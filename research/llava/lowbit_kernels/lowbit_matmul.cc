@@ -91,6 +91,17 @@ struct Attention {
   float* out;           // [B, H, D]
 };
 
+struct Prompt {
+  int64_t B, Lq, Lk;    // batch rows, queries and keys per row (the queries are the last Lq of the Lk tokens)
+  int64_t H, kv, D;     // query heads, KV heads, head_dim
+  const float* q;       // [B * Lq, H, D], already scaled by 1/sqrt(D)
+  const float* k;       // [B * Lk, kv, D]
+  const float* v;       // same layout
+  const int32_t* mask;  // [B, Lq, Lk]: 1 = the query attends to the key
+  float* out;           // [B * Lq, H, D]
+  const int64_t* last;  // [B * Lq]: 1 + the last key each query attends to, 0 for none (set by the kernel)
+};
+
 // Threads: LLAVA_KERNEL_THREADS, else the CPUs this process may run on, and only when the work is large
 // enough to pay for them. Our own pool rather than OpenMP: on a loaded 2-core machine (other processes,
 // MindSpore's own pool) libgomp's spinning barriers cost 20-34 ms per call in our measurement (1024x1024
@@ -208,6 +219,19 @@ void parallel_ranges(int64_t units, int threads, F f) {
 
 }  // namespace
 
+// exp(x) = 2^n * exp(r), r = x - n ln 2 (ln 2 in two parts), exp(r) by Cephes' expf polynomial; the body
+// of each vector path's exp_poly, written with that path's own fma / mul / bcast.
+#define LLAVA_EXP_POLY(x, n)                                   \
+  reg r = fma(n, bcast(-0.693359375f), x);                     \
+  r = fma(n, bcast(2.12194440e-4f), r);                        \
+  reg p = bcast(1.9875691500e-4f);                             \
+  p = fma(p, r, bcast(1.3981999507e-3f));                      \
+  p = fma(p, r, bcast(8.3334519073e-3f));                      \
+  p = fma(p, r, bcast(4.1665795894e-2f));                      \
+  p = fma(p, r, bcast(1.6666665459e-1f));                      \
+  p = fma(p, r, bcast(5.0000001201e-1f));                      \
+  return fma(p, mul(r, r), r) + bcast(1.0f);
+
 #define LLAVA_KERNEL_GENERIC_BODY 1
 
 #if LLAVA_X86
@@ -228,6 +252,24 @@ struct V {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static float sum(reg v) { return _mm512_reduce_add_ps(v); }
+  static reg exp_poly(reg x, reg n) {
+    LLAVA_EXP_POLY(x, n)
+  }
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  // s where m != 0, else fill
+  static reg keep(const int32_t* m, reg s, reg fill) {
+    const __m512i mv = _mm512_loadu_si512(m);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(mv, mv), fill, s);
+  }
+  static float hmax(reg v) { return _mm512_reduce_max_ps(v); }
+  // exp (Cephes' polynomial, ~1 ulp); exactly 0 below -87.3 so that masked scores give nothing
+  static reg exp(reg x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.3f));
+    const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(exp_poly(x, n), n));
+  }
   static reg lw(Q8, const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
@@ -268,6 +310,30 @@ struct V {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static reg exp_poly(reg x, reg n) {
+    LLAVA_EXP_POLY(x, n)
+  }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg keep(const int32_t* m, reg s, reg fill) {
+    const __m256i zero = _mm256_cmpeq_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m)),
+                                            _mm256_setzero_si256());
+    return _mm256_blendv_ps(s, fill, _mm256_castsi256_ps(zero));
+  }
+  static float hmax(reg v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  // as the AVX-512 one; 2^n built in the exponent bits (n >= -126 above the cut-off)
+  static reg exp(reg x) {
+    const reg live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
+    const reg n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(live, _mm256_mul_ps(exp_poly(x, n), _mm256_castsi256_ps(bits)));
+  }
   static reg lw(Q8, const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
@@ -302,6 +368,10 @@ struct V {
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static reg mul(reg a, reg b) { return a * b; }
   static float sum(reg v) { return v; }
+  static reg max(reg a, reg b) { return std::max(a, b); }
+  static reg keep(const int32_t* m, reg s, reg fill) { return *m ? s : fill; }
+  static float hmax(reg v) { return v; }
+  static reg exp(reg x) { return x < -87.3f ? 0.0f : std::exp(x); }
   static reg lw(Q8, const int8_t* p) { return float(*p); }
   static reg lw(H16, const uint16_t* p) { return half_to_float(*p); }
   static reg lw(B16, const uint16_t* p) { return bf16_to_float(*p); }
@@ -362,6 +432,16 @@ void run(int isa, const Problem& p) {
     case kAvx2: isa_avx2::matmul<WK>(p); break;
 #endif
     default: isa_scalar::matmul<WK>(p); break;
+  }
+}
+
+void run_prompt(int isa, const Prompt& a) {
+  switch (isa) {
+#if LLAVA_X86
+    case kAvx512: isa_avx512::prompt_attention(a); break;
+    case kAvx2: isa_avx2::prompt_attention(a); break;
+#endif
+    default: isa_scalar::prompt_attention(a); break;
   }
 }
 
@@ -459,6 +539,39 @@ int LlavaDecodeAttention(int nparam, void** params, int* ndims, int64_t** shapes
   const int isa = choose_isa();
   if (isa < 0) return 5;
   run_attention(isa, a);
+  return 0;
+}
+
+// ops.Custom(func_type="aot") entry. Inputs q [B * Lq, H, D], k and v [B * Lk, kv, D] (float32, token-major
+// as the projections give them) and mask [B, Lq, Lk] int32 (1 = attend); output [B * Lq, H, D] float32:
+// per row, query and head softmax(q . K + mask) . V over that row's keys, head h reading KV head
+// h / (H / kv). Non-zero (MindSpore raises) on a signature it was not built for.
+int LlavaPromptAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                         void* /*stream*/, void* /*extra*/) {
+  if (nparam != 5) return 1;
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 3 || ndims[4] != 3) return 2;
+  for (int i : {0, 1, 2, 4})
+    if (std::strcmp(dtypes[i], "float32") != 0) return 3;
+  if (std::strcmp(dtypes[3], "int32") != 0) return 3;
+  Prompt a;
+  a.B = shapes[3][0];
+  a.Lq = shapes[3][1];
+  a.Lk = shapes[3][2];
+  a.H = shapes[0][1];
+  a.D = shapes[0][2];
+  a.kv = shapes[1][1];
+  if (a.B <= 0 || a.kv <= 0 || a.H % a.kv != 0 || shapes[0][0] != a.B * a.Lq || shapes[1][0] != a.B * a.Lk ||
+      shapes[1][2] != a.D || shapes[2][0] != shapes[1][0] || shapes[2][1] != a.kv || shapes[2][2] != a.D ||
+      shapes[4][0] != shapes[0][0] || shapes[4][1] != a.H || shapes[4][2] != a.D)
+    return 4;
+  a.q = static_cast<const float*>(params[0]);
+  a.k = static_cast<const float*>(params[1]);
+  a.v = static_cast<const float*>(params[2]);
+  a.mask = static_cast<const int32_t*>(params[3]);
+  a.out = static_cast<float*>(params[4]);
+  const int isa = choose_isa();
+  if (isa < 0) return 5;
+  run_prompt(isa, a);
   return 0;
 }
 
@@ -717,6 +830,146 @@ void decode_attention(const Attention& a) {
   const int64_t pairs = a.B * a.H;
   const int threads = thread_count(2.0 * double(pairs) * double(a.T) * double(a.D));
   parallel_ranges(pairs, threads, [&](int64_t b, int64_t e) { attention_pairs(a, b, e); });
+}
+
+// A prompt's attention for (row, head) pairs [i0, i1) (pair = b * H + h), in blocks of PR queries held in
+// registers like the GEMM's micro-kernel: the keys of the pair's KV head are transposed once into kt [D][Lp]
+// (shared by the heads of a group, which are consecutive pairs); scores for PR queries x 2 W keys at a time
+// (one broadcast per query and two kt loads per d, no horizontal sums); softmax in float32 over the attended
+// keys (max subtracted, as torch does); then PR x 2 W output columns accumulated in registers over the keys.
+// Keys past the last one any query of the block attends to are skipped (a causal mask leaves about half).
+// A query attending to nothing averages all Lk values, as a softmax over equal masked scores does in
+// transformers.
+constexpr int PR = V::MR >= 12 ? 8 : 4;
+
+void prompt_pairs(const Prompt& a, int64_t i0, int64_t i1) {
+  const int64_t D = a.D, Lk = a.Lk, Lq = a.Lq, groups = a.H / a.kv;
+  const int64_t Lp = (Lk + 2 * W - 1) / (2 * W) * (2 * W);
+  std::vector<float> kt(size_t(D * Lp), 0.0f), scores(size_t(PR * Lp));
+  int64_t packed = -1;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / a.H, h = i % a.H, g = h / groups;
+    if (b * a.kv + g != packed) {
+      packed = b * a.kv + g;
+      for (int64_t t = 0; t < Lk; ++t) {
+        const float* kr = a.k + ((b * Lk + t) * a.kv + g) * D;
+        for (int64_t d = 0; d < D; ++d) kt[d * Lp + t] = kr[d];
+      }
+    }
+    for (int64_t q0 = 0; q0 < Lq; q0 += PR) {
+      const int rows = int(std::min<int64_t>(PR, Lq - q0));
+      const float* qr[PR];
+      const int32_t* mr[PR];
+      int64_t hi = 0;
+      for (int r = 0; r < PR; ++r) {
+        const int64_t qi = q0 + std::min(r, rows - 1);    // rows past Lq repeat the last: computed, not stored
+        qr[r] = a.q + ((b * Lq + qi) * a.H + h) * D;
+        mr[r] = a.mask + (b * Lq + qi) * Lk;
+        const int64_t last = a.last[b * Lq + qi];
+        hi = std::max(hi, last == 0 ? Lk : last);
+      }
+      const int64_t hw = (hi + W - 1) / W * W, hp = (hi + 2 * W - 1) / (2 * W) * (2 * W);
+      for (int64_t j = 0; j < hp; j += 2 * W) {
+        typename V::reg c0[PR], c1[PR];
+        for (int r = 0; r < PR; ++r) { c0[r] = V::zero(); c1[r] = V::zero(); }
+        const float* kd = kt.data() + j;
+        for (int64_t d = 0; d < D; ++d, kd += Lp) {
+          const typename V::reg k0 = V::load(kd), k1 = V::load(kd + W);
+          for (int r = 0; r < PR; ++r) {
+            const typename V::reg qv = V::bcast(qr[r][d]);
+            c0[r] = V::fma(qv, k0, c0[r]);
+            c1[r] = V::fma(qv, k1, c1[r]);
+          }
+        }
+        for (int r = 0; r < PR; ++r) {
+          V::store(scores.data() + r * Lp + j, c0[r]);
+          V::store(scores.data() + r * Lp + j + W, c1[r]);
+        }
+      }
+      float inv[PR];
+      for (int r = 0; r < PR; ++r) {
+        float* sr = scores.data() + r * Lp;
+        const int32_t* m = mr[r];
+        const typename V::reg low = V::bcast(-3.4e38f);
+        typename V::reg tops = low;
+        int64_t j = 0;
+        for (; j + W <= hi; j += W) {
+          const typename V::reg v = V::keep(m + j, V::load(sr + j), low);
+          V::store(sr + j, v);
+          tops = V::max(tops, v);
+        }
+        for (; j < hw; ++j) sr[j] = j < hi && m[j] ? sr[j] : -3.4e38f;
+        float top = V::hmax(tops);
+        for (j = hi / W * W; j < hi; ++j) top = std::max(top, sr[j]);
+        if (top == -3.4e38f) {                  // nothing to attend to: equal weights (hi == Lk here)
+          for (j = 0; j < hi; ++j) sr[j] = 0.0f;
+          top = 0.0f;
+        }
+        const typename V::reg tv = V::bcast(top);
+        typename V::reg tot = V::zero();
+        for (int64_t j = 0; j < hw; j += W) {
+          const typename V::reg e = V::exp(V::load(sr + j) - tv);
+          V::store(sr + j, e);
+          tot = tot + e;
+        }
+        inv[r] = 1.0f / V::sum(tot);
+      }
+      // out[r, d] = inv[r] * sum_j p[r, j] V[j, d]: 2 W columns at a time, then single vectors, then scalars
+      const float* vb = a.v + (b * Lk * a.kv + g) * D;
+      const int64_t vstride = a.kv * D;
+      float* out[PR];
+      for (int r = 0; r < PR; ++r) out[r] = a.out + ((b * Lq + q0 + std::min(r, rows - 1)) * a.H + h) * D;
+      int64_t d0 = 0;
+      for (; d0 + 2 * W <= D; d0 += 2 * W) {
+        typename V::reg o0[PR], o1[PR];
+        for (int r = 0; r < PR; ++r) { o0[r] = V::zero(); o1[r] = V::zero(); }
+        const float* vr = vb + d0;
+        for (int64_t j = 0; j < hi; ++j, vr += vstride) {
+          const typename V::reg v0 = V::load(vr), v1 = V::load(vr + W);
+          for (int r = 0; r < PR; ++r) {
+            const typename V::reg pv = V::bcast(scores[r * Lp + j]);
+            o0[r] = V::fma(pv, v0, o0[r]);
+            o1[r] = V::fma(pv, v1, o1[r]);
+          }
+        }
+        for (int r = 0; r < rows; ++r) {
+          V::store(out[r] + d0, V::mul(o0[r], V::bcast(inv[r])));
+          V::store(out[r] + d0 + W, V::mul(o1[r], V::bcast(inv[r])));
+        }
+      }
+      for (; d0 + W <= D; d0 += W) {
+        typename V::reg o0[PR];
+        for (int r = 0; r < PR; ++r) o0[r] = V::zero();
+        const float* vr = vb + d0;
+        for (int64_t j = 0; j < hi; ++j, vr += vstride) {
+          const typename V::reg v0 = V::load(vr);
+          for (int r = 0; r < PR; ++r) o0[r] = V::fma(V::bcast(scores[r * Lp + j]), v0, o0[r]);
+        }
+        for (int r = 0; r < rows; ++r) V::store(out[r] + d0, V::mul(o0[r], V::bcast(inv[r])));
+      }
+      for (; d0 < D; ++d0) {
+        for (int r = 0; r < rows; ++r) {
+          float acc = 0.0f;
+          for (int64_t j = 0; j < hi; ++j) acc += scores[r * Lp + j] * vb[j * vstride + d0];
+          out[r][d0] = acc * inv[r];
+        }
+      }
+    }
+  }
+}
+
+void prompt_attention(Prompt a) {
+  std::vector<int64_t> last(size_t(a.B * a.Lq));
+  for (int64_t i = 0; i < a.B * a.Lq; ++i) {
+    const int32_t* m = a.mask + i * a.Lk;
+    int64_t e = a.Lk;
+    while (e > 0 && m[e - 1] == 0) --e;
+    last[i] = e;
+  }
+  a.last = last.data();
+  const int64_t pairs = a.B * a.H;
+  const int threads = thread_count(2.0 * double(pairs) * double(a.Lq) * double(a.Lk) * double(a.D));
+  parallel_ranges(pairs, threads, [&](int64_t b, int64_t e) { prompt_pairs(a, b, e); });
 }
 
 #endif
