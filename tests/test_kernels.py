@@ -144,6 +144,61 @@ def test_paths_and_thread_counts_agree(env):
         np.testing.assert_allclose(results[path], results["scalar"], rtol=1e-5, atol=1e-4)
 
 
+def rms_ref(x, w, eps):
+    x64 = x.astype(np.float64)
+    return w * (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps))
+
+
+def swiglu_ref(g, u):
+    g64 = g.astype(np.float64)
+    return g64 / (1 + np.exp(-g64)) * u
+
+
+def rotary_ref(x, cos, sin):
+    """transformers' apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin, with the tables
+    given the kernel's way (sin's first half negated, so rotate_half becomes a swap of the halves)."""
+    half = x.shape[-1] // 2
+    x64 = x.astype(np.float64)
+    rotated = np.concatenate([-x64[..., half:], x64[..., :half]], -1)
+    true_sin = np.concatenate([-sin[:, :half], sin[:, half:]], -1).astype(np.float64)
+    return x64 * cos[:, None, :] + rotated * true_sin[:, None, :]
+
+
+def per_token_cases(rng):
+    """(maker, inputs, float64 reference): rows / widths below, at and off the vector width, SwiGLU inputs
+    far out in both tails, rotary halves that are and are not a multiple of the vector width."""
+    out = []
+    for n, c in ((1, 5), (3, 64), (7, 1037)):
+        x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+        w = rng.standard_normal(c).astype(np.float32)
+        eps = np.array([1e-5], np.float32)
+        out.append((kernels.make_rms_norm, (x, w, eps), rms_ref(x, w, 1e-5)))
+    for n, c in ((1, 3), (4, 130)):
+        g = (rng.standard_normal((n, c)) * 30).astype(np.float32)
+        g.flat[:2] = (-120.0, 95.0)
+        u = rng.standard_normal((n, c)).astype(np.float32)
+        out.append((kernels.make_swiglu, (g, u), swiglu_ref(g, u)))
+    for n, h, d in ((3, 5, 6), (4, 2, 128), (2, 3, 64)):
+        x = rng.standard_normal((n, h, d)).astype(np.float32)
+        angles = rng.random((n, d // 2)) * 50
+        cos = np.cos(np.concatenate([angles, angles], -1)).astype(np.float32)
+        sin = np.sin(np.concatenate([angles, angles], -1)) * np.concatenate([-np.ones(d // 2), np.ones(d // 2)])
+        out.append((kernels.make_rotary, (x, cos, sin.astype(np.float32)), rotary_ref(x, cos, sin)))
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_per_token_steps_match_float64(path, env, mode):
+    """RMSNorm, SwiGLU and rotary embedding kernels against numpy float64 (transformers' formulas)."""
+    env.setenv("LLAVA_KERNEL", "native")
+    env.setenv("LLAVA_KERNEL_ISA", path)
+    for maker, inputs, ref in per_token_cases(np.random.default_rng(17)):
+        y = maker()(*map(Tensor, inputs)).asnumpy()
+        assert y.shape == ref.shape and y.dtype == np.float32
+        err = np.abs(y - ref).max()
+        assert err <= 1e-5 * max(1.0, np.abs(ref).max()), (path, maker.__name__, inputs[0].shape, err)
+
+
 # Calls straight into the built library through ctypes (which releases the GIL), so Python threads and a
 # forked child call the kernel at the same time as each other: the worker pool must serve one caller at a
 # time, let the others start their own threads, and be rebuilt in a child (it has none of the parent's
@@ -241,6 +296,7 @@ def test_decode_attention_without_the_native_library_is_none(env):
     env.setenv("LLAVA_KERNEL", "fallback")
     assert kernels.make_decode_attention() is None
     assert kernels.make_prompt_attention() is None
+    assert kernels.make_rms_norm() is None and kernels.make_swiglu() is None and kernels.make_rotary() is None
 
 
 # (B rows, Lq queries, Lk keys, H query heads, kv heads, D head_dim, left padding of the last row): causal

@@ -19,7 +19,7 @@ Activations are 2-D [B * L, hidden]; LlamaModel takes `mask` and every layer bel
                                      cache positions 0..T-1; T <= seq_length, one compiled graph per T)
     rope          (cos_q, sin_q, cos_k, sin_k)  rotary tables for the positions of the L new tokens, tiled
                                      to [B * L, heads, head_dim] for q and [B * L, n_kv_heads, head_dim] for k
-                                     (rotary_tables)
+                                     (rotary_tables); [B * L, head_dim] for the rotary kernel
     blocks        python tuple       query blocks ((start, end, keys), ...) from query_blocks(L, T)
     bias          tuple of tensors   per block the additive mask [B, H, end - start, keys] (softmax dtype),
                                      built once per step from `mask` (attention_bias); for a prompt on the
@@ -37,8 +37,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from llava_layers import Dtypes, Embedding, RMSNorm, cast, linear, new_param
-from lowbit_kernels import make_decode_attention, make_prompt_attention
+from llava_layers import Dtypes, Embedding, RMSNorm, cast, linear, native_float32, new_param
+from lowbit_kernels import make_decode_attention, make_prompt_attention, make_rotary, make_swiglu
 from parallel import AllReduceSum, GatherLastDim, TensorParallel
 
 CACHE_NAMES = ("k_cache", "v_cache")
@@ -144,12 +144,13 @@ class LlamaAttention(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         # A decode step on CPU in float32 reads the cache in place with the kernel (no Gather copy of the
         # positions in use: 4.3 ms -> 1.3 ms per 7B layer at 640 positions); elsewhere MindSpore's ops below.
-        native = (ms.get_context("device_target") == "CPU" and dt.compute == ms.float32
-                  and dt.softmax == ms.float32)
+        native = native_float32(dt.compute, dt.softmax)
         self.decode_attention = make_decode_attention() if native else None
         # Likewise a prompt's attention: one kernel call from the token-major q/k/v and the int32 mask, in place
         # of transposes, per-block score, bias and softmax tensors (7B layer, 600 tokens, op by op: ~0.1 s).
         self.prompt_attention = make_prompt_attention() if native else None
+        # and rotary embedding: one call per q / k from untiled tables (LlamaModel.rotary_tables)
+        self.rotary = make_rotary() if native else None
         self.cache_layout = Tensor(np.array([self.n_kv, self.seq_length], np.int32))
 
     def construct(self, x, rope, bias, blocks, slots, b, l, decode, last_only=False):
@@ -164,8 +165,12 @@ class LlamaAttention(nn.Cell):
         k = ops.reshape(self.k_proj(x), (b * l, self.n_kv, self.head_dim))
         v = ops.reshape(self.v_proj(x), (b, l, self.n_kv, self.head_dim))
         half = self.head_dim // 2
-        q = apply_rotary(q, cos_q, sin_q, half)
-        k = apply_rotary(k, cos_k, sin_k, half)
+        if self.rotary is not None:
+            q = self.rotary(q, cos_q, sin_q)
+            k = self.rotary(k, cos_k, sin_k)
+        else:
+            q = apply_rotary(q, cos_q, sin_q, half)
+            k = apply_rotary(k, cos_k, sin_k, half)
         keys = ops.reshape(k, (b, l, self.n_kv, self.head_dim))
         values = v
         if not decode and self.prompt_attention is not None:
@@ -243,8 +248,11 @@ class LlamaMLP(nn.Cell):
         self.up_proj = linear(tc.hidden_size, inter, False, dt)
         self.down_proj = linear(inter, tc.hidden_size, False, dt)
         self.reduce = AllReduceSum(tp)
+        self.swiglu = make_swiglu() if native_float32(dt.compute) else None
 
     def construct(self, x):
+        if self.swiglu is not None:
+            return self.reduce(self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x))))
         return self.reduce(self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
@@ -288,11 +296,12 @@ class LlamaModel(nn.Cell):
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
         self.inv_freq = Tensor(inv_freq(tc.head_dim, tc.theta), ms.float32)
 
-    def rotary_tables(self, position_ids, b, l):
+    def rotary_tables(self, position_ids, b, l, tile=True):
         """position_ids [b, l] -> (cos_q, sin_q, cos_k, sin_k): cos and sin of transformers' float32 angles,
         sin with its first half negated (swap_halves), q's tables times 1/sqrt(head_dim) (so neither q nor
         the scores need a scaling pass), tiled over the heads once per step because a multiply that
-        broadcasts over the heads is several times slower on CPU than one of equal shapes."""
+        broadcasts over the heads is several times slower on CPU than one of equal shapes; [b * l, head_dim]
+        untiled with tile=False (the rotary kernel applies a token's tables to each of its heads)."""
         pos = ops.reshape(ops.cast(position_ids, ms.float32), (b * l, 1))
         freqs = pos * self.inv_freq                                              # b*l, hd/2
         emb = cast(ops.concat((freqs, freqs), -1), ms.float32, self.rotary_dtype)
@@ -303,7 +312,8 @@ class LlamaModel(nn.Cell):
                                     (cos, self.local_kv_heads, 1.0), (sin, self.local_kv_heads, 1.0)):
             if scale != 1.0:
                 table = table * scale
-            table = ops.tile(ops.reshape(table, (b * l, 1, self.head_dim)), (1, heads, 1))
+            if tile:
+                table = ops.tile(ops.reshape(table, (b * l, 1, self.head_dim)), (1, heads, 1))
             tables = tables + (cast(table, ms.float32, self.compute_dtype),)
         return tables
 
@@ -315,7 +325,7 @@ class LlamaModel(nn.Cell):
         need all positions. With `write` (a prompt) each layer writes its keys/values into the cache at
         `slots` as soon as it has them and none are returned: run op by op, a layer's keys/values are then
         freed before the next layer runs."""
-        rope = self.rotary_tables(position_ids, b, l)
+        rope = self.rotary_tables(position_ids, b, l, tile=self.layers[0].self_attn.rotary is None)
         blocks = query_blocks(l, mask.shape[2])              # T: l for a prompt, the cache bucket for decode
         # the prompt kernel (LlamaAttention.prompt_attention) reads the int32 mask itself
         native_prompt = not decode and self.layers[0].self_attn.prompt_attention is not None

@@ -10,10 +10,10 @@ the identity, and make the compute dtype explicit:
 * normalisation statistics run in `norm_dtype` (config.layernorm_compute_type) and the result is cast back.
 """
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from lowbit_kernels import STREAM_ROWS, WEIGHT_SCALE, make_matmul
+from lowbit_kernels import STREAM_ROWS, WEIGHT_SCALE, make_matmul, make_rms_norm
 from parallel import AllReduceSum, mask_to_range, vocab_range
 
 DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -33,6 +33,12 @@ class Dtypes:
         self.softmax = ms_dtype(config.softmax_compute_type)
         self.rotary = ms_dtype(config.rotary_dtype)
         self.weight = config.weight_dtype         # a name: "int8" has no float MindSpore type
+
+
+def native_float32(*dtypes):
+    """Whether cells computing in these dtypes use the plugin's CPU kernels (lowbit_kernels) for their steps:
+    on CPU, all float32 (the kernels' only dtype; elsewhere MindSpore's own ops stay)."""
+    return ms.get_context("device_target") == "CPU" and all(d == ms.float32 for d in dtypes)
 
 
 def new_param(shape, dtype, init="normal", name=None, requires_grad=True):
@@ -63,7 +69,7 @@ class Linear(nn.Cell):
         # A float32 layer on CPU multiplies decode rows (at most STREAM_ROWS) with the kernel's streaming
         # path: MindSpore's MatMul reads the weight well below memory speed for one row (docs/performance.md).
         self.stream = None
-        if param_dtype == compute_dtype == ms.float32 and ms.get_context("device_target") == "CPU":
+        if native_float32(param_dtype, compute_dtype):
             stream = make_matmul(False)
             self.stream = stream if stream.native else None
 
@@ -171,9 +177,17 @@ class LayerNorm(_Norm):
 
 class RMSNorm(_Norm):
     """LlamaRMSNorm: x * rsqrt(mean(x^2) + eps), statistics in norm_dtype, then `weight *` in compute dtype.
-    construct(x [rows, size], rows): `rows` is the static row count (no shape query)."""
+    construct(x [rows, size], rows): `rows` is the static row count (no shape query). All float32 on CPU:
+    one kernel call instead of six ops."""
+
+    def __init__(self, size, eps, param_dtype=ms.float32, norm_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__(size, eps, param_dtype, norm_dtype, compute_dtype)
+        self.native = make_rms_norm() if native_float32(param_dtype, norm_dtype, compute_dtype) else None
+        self.eps_tensor = Tensor([eps], ms.float32)
 
     def construct(self, x, rows):
+        if self.native is not None:
+            return self.native(x, self.weight, self.eps_tensor)
         x = cast(x, self.compute_dtype, self.norm_dtype)
         var = ops.mean(x * x, -1, True)
         y = cast(x * tile_rows(ops.rsqrt(var + self.eps), rows, self.size), self.norm_dtype, self.compute_dtype)

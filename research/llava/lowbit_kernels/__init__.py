@@ -5,9 +5,14 @@ Graph mode):
   bfloat16, computed from the stored weights, or by a slow pure-MindSpore fallback that casts W to float32 on
   every call (`make_matmul`);
 * decode attention: one token's attention read straight from the KV-cache Parameter over its first T
-  positions (`make_decode_attention`; None without the native library: the caller keeps MindSpore's ops);
+  positions (`make_decode_attention`);
 * prompt attention: a prompt's attention from the token-major q/k/v the projections give and its int32 mask,
-  with no transposes, score tensors or bias tensors in between (`make_prompt_attention`; None likewise).
+  with no transposes, score tensors or bias tensors in between (`make_prompt_attention`);
+* the per-token steps around the matmuls, one pass each: RMSNorm, SwiGLU, rotary embedding (`make_rms_norm`,
+  `make_swiglu`, `make_rotary`).
+
+The attention and per-token makers return None without the native library; the callers then keep
+MindSpore's own ops.
 
 LLAVA_KERNEL selects the backend: `auto` (default: the C++ kernel, built on first use by lowbit_kernels.build; the
 fallback, announced once on stderr, when it cannot be built), `native` (the kernel or a LlavaError),
@@ -101,9 +106,10 @@ def make_matmul(int8):
     return LowbitMatmul()
 
 
-def make_decode_attention():
-    """A cell (q [B, H, D], k_cache, v_cache [B * kv * S, D], bias [B, H, 1, T], layout [2] int32 = (kv, S))
-    -> [B, H, D] float32, or None when the native library is not used (LLAVA_KERNEL=fallback, or no build)."""
+def _native_cell(entry, out_shape):
+    """A cell calling the kernel library's `entry` on its inputs (float32 output of out_shape(*input shapes)),
+    or None when the native library is not used (LLAVA_KERNEL=fallback, or no build): the caller then keeps
+    MindSpore's own ops."""
     import mindspore as ms
     from mindspore import nn, ops
 
@@ -111,38 +117,45 @@ def make_decode_attention():
     if lib is None:
         return None
 
-    class DecodeAttention(nn.Cell):
+    class NativeOp(nn.Cell):
         def __init__(self):
             super().__init__()
-            self.op = ops.Custom(func=f"{lib}:LlavaDecodeAttention", out_shape=lambda q, *rest: q,
-                                 out_dtype=ms.float32, func_type="aot")
+            self.op = ops.Custom(func=f"{lib}:{entry}", out_shape=out_shape, out_dtype=ms.float32, func_type="aot")
 
-        def construct(self, q, k_cache, v_cache, bias, layout):
-            return self.op(q, k_cache, v_cache, bias, layout)
+        def construct(self, *inputs):
+            return self.op(*inputs)
 
-    return DecodeAttention()
+    return NativeOp()
+
+
+def _first(shape, *rest):
+    return shape
+
+
+def make_decode_attention():
+    """(q [B, H, D], k_cache, v_cache [B * kv * S, D], bias [B, H, 1, T], layout [2] int32 = (kv, S))
+    -> [B, H, D]."""
+    return _native_cell("LlavaDecodeAttention", _first)
 
 
 def make_prompt_attention():
-    """A cell (q [B * Lq, H, D] scaled, k, v [B * Lk, kv, D], mask [B, Lq, Lk] int32) -> [B * Lq, H, D]
-    float32, or None when the native library is not used (LLAVA_KERNEL=fallback, or no build)."""
-    import mindspore as ms
-    from mindspore import nn, ops
-
-    lib = native_library()
-    if lib is None:
-        return None
-
-    class PromptAttention(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.op = ops.Custom(func=f"{lib}:LlavaPromptAttention", out_shape=lambda q, *rest: q,
-                                 out_dtype=ms.float32, func_type="aot")
-
-        def construct(self, q, k, v, mask):
-            return self.op(q, k, v, mask)
-
-    return PromptAttention()
+    """(q [B * Lq, H, D] scaled, k, v [B * Lk, kv, D], mask [B, Lq, Lk] int32) -> [B * Lq, H, D]."""
+    return _native_cell("LlavaPromptAttention", _first)
 
 
-__all__ = ["make_prompt_attention", "make_matmul", "make_decode_attention", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]
+def make_rms_norm():
+    """(x [N, C], weight [C], eps [1]) -> weight * x / sqrt(mean(x^2) + eps) [N, C]."""
+    return _native_cell("LlavaRmsNorm", _first)
+
+
+def make_swiglu():
+    """(gate [N, C], up [N, C]) -> silu(gate) * up."""
+    return _native_cell("LlavaSwiGlu", _first)
+
+
+def make_rotary():
+    """(x [N, Hx, D], cos [N, D], sin [N, D]) -> x * cos + swap_halves(x) * sin, per head of each token."""
+    return _native_cell("LlavaRotary", _first)
+
+
+__all__ = ["make_prompt_attention", "make_rms_norm", "make_swiglu", "make_rotary", "make_matmul", "make_decode_attention", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]

@@ -251,6 +251,7 @@ struct V {
   static reg bcast(float v) { return _mm512_set1_ps(v); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
   static float sum(reg v) { return _mm512_reduce_add_ps(v); }
   static reg exp_poly(reg x, reg n) {
     LLAVA_EXP_POLY(x, n)
@@ -304,6 +305,7 @@ struct V {
   static reg bcast(float v) { return _mm256_set1_ps(v); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
   static float sum(reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -367,6 +369,7 @@ struct V {
   static reg bcast(float v) { return v; }
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static reg mul(reg a, reg b) { return a * b; }
+  static reg div(reg a, reg b) { return a / b; }
   static float sum(reg v) { return v; }
   static reg max(reg a, reg b) { return std::max(a, b); }
   static reg keep(const int32_t* m, reg s, reg fill) { return *m ? s : fill; }
@@ -434,6 +437,18 @@ void run(int isa, const Problem& p) {
     default: isa_scalar::matmul<WK>(p); break;
   }
 }
+
+// One call of the chosen path's function: LLAVA_DISPATCH(isa, fn(args)).
+#if LLAVA_X86
+#define LLAVA_DISPATCH(isa, call)                 \
+  switch (isa) {                                  \
+    case kAvx512: isa_avx512::call; break;        \
+    case kAvx2: isa_avx2::call; break;            \
+    default: isa_scalar::call; break;             \
+  }
+#else
+#define LLAVA_DISPATCH(isa, call) isa_scalar::call;
+#endif
 
 void run_prompt(int isa, const Prompt& a) {
   switch (isa) {
@@ -572,6 +587,58 @@ int LlavaPromptAttention(int nparam, void** params, int* ndims, int64_t** shapes
   const int isa = choose_isa();
   if (isa < 0) return 5;
   run_prompt(isa, a);
+  return 0;
+}
+
+}  // extern "C"
+
+namespace {
+bool f32(const char* t) { return std::strcmp(t, "float32") == 0; }
+}  // namespace
+
+extern "C" {
+
+// ops.Custom(func_type="aot") entries for the per-token steps (all float32; non-zero on another signature):
+// LlavaRmsNorm(x [N, C], weight [C], eps [1]) -> [N, C]
+int LlavaRmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 2) return 1;
+  if (!f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2]) || !f32(dtypes[3])) return 3;
+  const int64_t N = shapes[0][0], C = shapes[0][1];
+  if (shapes[1][0] != C || shapes[2][0] != 1 || shapes[3][0] != N || shapes[3][1] != C) return 4;
+  const int isa = choose_isa();
+  if (isa < 0) return 5;
+  const float eps = *static_cast<const float*>(params[2]);
+  LLAVA_DISPATCH(isa, rms_norm(static_cast<const float*>(params[0]), static_cast<const float*>(params[1]), eps,
+                               static_cast<float*>(params[3]), N, C))
+  return 0;
+}
+
+// LlavaSwiGlu(gate [N, C], up [N, C]) -> silu(gate) * up [N, C]
+int LlavaSwiGlu(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  if (!f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2])) return 3;
+  for (int i = 1; i < 3; ++i)
+    if (shapes[i][0] != shapes[0][0] || shapes[i][1] != shapes[0][1]) return 4;
+  const int isa = choose_isa();
+  if (isa < 0) return 5;
+  LLAVA_DISPATCH(isa, swiglu(static_cast<const float*>(params[0]), static_cast<const float*>(params[1]),
+                             static_cast<float*>(params[2]), shapes[0][0] * shapes[0][1]))
+  return 0;
+}
+
+// LlavaRotary(x [N, Hx, D], cos [N, D], sin [N, D]) -> x * cos + swap_halves(x) * sin [N, Hx, D], the token's
+// tables applied to each of its heads (sin's first half negated by the caller).
+int LlavaRotary(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void*, void*) {
+  if (nparam != 4 || ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 3) return 1;
+  if (!f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2]) || !f32(dtypes[3])) return 3;
+  const int64_t N = shapes[0][0], Hx = shapes[0][1], D = shapes[0][2];
+  if (D % 2 != 0 || shapes[1][0] != N || shapes[1][1] != D || shapes[2][0] != N || shapes[2][1] != D ||
+      shapes[3][0] != N || shapes[3][1] != Hx || shapes[3][2] != D)
+    return 4;
+  const int isa = choose_isa();
+  if (isa < 0) return 5;
+  LLAVA_DISPATCH(isa, rotary(static_cast<const float*>(params[0]), static_cast<const float*>(params[1]),
+                             static_cast<const float*>(params[2]), static_cast<float*>(params[3]), N, Hx, D))
   return 0;
 }
 
@@ -970,6 +1037,79 @@ void prompt_attention(Prompt a) {
   const int64_t pairs = a.B * a.H;
   const int threads = thread_count(2.0 * double(pairs) * double(a.Lq) * double(a.Lk) * double(a.D));
   parallel_ranges(pairs, threads, [&](int64_t b, int64_t e) { prompt_pairs(a, b, e); });
+}
+
+// The small per-token steps around the matmuls, one pass each instead of MindSpore's 2-6 ops (which cost a
+// launch apiece in a decode step and a pass over the activations apiece in a prompt run op by op).
+
+// y = w * (x * 1 / sqrt(mean(x^2) + eps)) per row of C (LlamaRMSNorm in float32), rows [r0, r1).
+void rms_rows(const float* x, const float* w, float eps, float* y, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    typename V::reg acc = V::zero();
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      const typename V::reg v = V::load(xr + c);
+      acc = V::fma(v, v, acc);
+    }
+    float ss = V::sum(acc);
+    for (; c < C; ++c) ss += xr[c] * xr[c];
+    const float inv = 1.0f / std::sqrt(ss / float(C) + eps);
+    const typename V::reg iv = V::bcast(inv);
+    for (c = 0; c + W <= C; c += W) V::store(yr + c, V::mul(V::load(w + c), V::mul(V::load(xr + c), iv)));
+    for (; c < C; ++c) yr[c] = w[c] * (xr[c] * inv);
+  }
+}
+
+// y = silu(g) * u = g / (1 + exp(-g)) * u over [i0, i1).
+void swiglu_range(const float* g, const float* u, float* y, int64_t i0, int64_t i1) {
+  const typename V::reg one = V::bcast(1.0f);
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) {
+    const typename V::reg gv = V::load(g + i);
+    const typename V::reg e = V::exp(V::mul(gv, V::bcast(-1.0f)));
+    V::store(y + i, V::mul(V::div(gv, e + one), V::load(u + i)));
+  }
+  for (; i < i1; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+// Rotary embedding of token n's heads: out = x * cos + swap_halves(x) * sin, with cos / sin [D] the token's
+// tables (sin with its first half negated, so that this equals transformers' x * cos + rotate_half(x) * sin),
+// rows (token, head) [r0, r1) of x [N, Hx, D].
+void rotary_rows(const float* x, const float* cs, const float* sn, float* y, int64_t Hx, int64_t D, int64_t r0,
+                 int64_t r1) {
+  const int64_t half = D / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / Hx;
+    const float* xr = x + r * D;
+    const float* c = cs + n * D;
+    const float* sv = sn + n * D;
+    float* yr = y + r * D;
+    int64_t d = 0;
+    if (half % W == 0) {
+      for (; d < half; d += W)
+        V::store(yr + d, V::fma(V::load(xr + d + half), V::load(sv + d), V::mul(V::load(xr + d), V::load(c + d))));
+      for (; d < D; d += W)
+        V::store(yr + d, V::fma(V::load(xr + d - half), V::load(sv + d), V::mul(V::load(xr + d), V::load(c + d))));
+    }
+    for (; d < D; ++d) yr[d] = xr[d] * c[d] + xr[d < half ? d + half : d - half] * sv[d];
+  }
+}
+
+void rms_norm(const float* x, const float* w, float eps, float* y, int64_t N, int64_t C) {
+  const int threads = thread_count(4.0 * double(N) * double(C));
+  parallel_ranges(N, threads, [&](int64_t a, int64_t b) { rms_rows(x, w, eps, y, C, a, b); });
+}
+
+void swiglu(const float* g, const float* u, float* y, int64_t n) {
+  const int threads = thread_count(16.0 * double(n));
+  parallel_ranges(n, threads, [&](int64_t a, int64_t b) { swiglu_range(g, u, y, a, b); });
+}
+
+void rotary(const float* x, const float* cs, const float* sn, float* y, int64_t N, int64_t Hx, int64_t D) {
+  const int threads = thread_count(4.0 * double(N) * double(Hx) * double(D));
+  parallel_ranges(N * Hx, threads, [&](int64_t a, int64_t b) { rotary_rows(x, cs, sn, y, Hx, D, a, b); });
 }
 
 #endif
