@@ -7,7 +7,8 @@ after the layer that `vision_feature_layer` selects; LLaVA never uses the pooled
 import mindspore as ms
 from mindspore import nn, ops
 
-from llava_layers import Dtypes, LayerNorm, Linear, cast, gelu, linear, new_param, quick_gelu
+from llava_layers import Dtypes, LayerNorm, Linear, cast, gelu, linear, native_float32, new_param, quick_gelu
+from lowbit_kernels import make_prompt_attention
 
 
 class PatchEmbedding(nn.Cell):
@@ -77,12 +78,19 @@ class CLIPAttention(nn.Cell):
         self.out_proj = linear(d, d, True, dt)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        # on CPU in float32 the prompt-attention kernel, with every key attended (as the decoder's prompts)
+        self.kernel = make_prompt_attention() if native_float32(dt.compute, dt.softmax) else None
 
     def _heads(self, x, n, t):
         return ops.transpose(ops.reshape(x, (n, t, self.num_heads, self.head_dim)), (0, 2, 1, 3))
 
     def construct(self, x, n, t):
         """x [n * t, D] -> [n * t, D]; full (unmasked) attention within each image."""
+        if self.kernel is not None:
+            tokens = (n * t, self.num_heads, self.head_dim)
+            out = self.kernel(ops.reshape(self.q_proj(x) * self.scale, tokens), ops.reshape(self.k_proj(x), tokens),
+                              ops.reshape(self.v_proj(x), tokens), ops.ones((n, t, t), ms.int32))
+            return self.out_proj(ops.reshape(out, (n * t, self.dim)))
         q = self._heads(self.q_proj(x) * self.scale, n, t)        # scale n*t*D values, not n*H*t*t scores
         k = self._heads(self.k_proj(x), n, t)
         v = self._heads(self.v_proj(x), n, t)
