@@ -1,12 +1,14 @@
 """[J] The plugin's CPU kernels (research/llava/lowbit_kernels): the low-precision weight matmul y = x @ W.T from int8
-(+ scales), float16, bfloat16 and float32 weights, and the decode attention over the KV cache, against numpy float64, on every instruction-set path this machine has (read from
-/proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative and Graph mode, and the
-pure-MindSpore fallback; plus the build cache and the errors.
+(+ scales), float16, bfloat16 and float32 weights, the decode attention over the KV cache, the prompt attention
+and the per-token steps (RMSNorm, SwiGLU, rotary), against numpy float64, on every instruction-set path this
+machine has (read from /proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative and
+Graph mode, and the pure-MindSpore fallback; plus the kernel's worker threads under concurrent callers and
+fork, the build cache and the errors.
 
 Shapes are chosen to hit every edge of the kernel: rows of x below, at and above the decode/prefill switch
 (1..4 rows stream W, more use the blocked GEMM) and the micro-kernel's row strips (12 AVX-512, 6 AVX2, 4
 scalar), inputs that are not multiples of the vector width or span several 256-input panels, outputs that
-are not multiples of the 2-register column block.
+are not multiples of the 2-register column block, and decode rows split over threads around the 8-row blocks.
 """
 import os
 import subprocess
@@ -277,22 +279,7 @@ def attention_case(rng, b, h, kv, d, s, t):
     return (q, k, v, bias, np.array([kv, s], np.int32)), ref
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_decode_attention_matches_float64(path, env, mode):
-    """The decode-attention kernel reads the first T cache positions of each row's KV head in place: softmax
-    over q . K + bias, times V, against numpy float64 (masked positions included, grouped heads)."""
-    env.setenv("LLAVA_KERNEL", "native")
-    env.setenv("LLAVA_KERNEL_ISA", path)
-    rng = np.random.default_rng(11)
-    op = kernels.make_decode_attention()
-    for shape in ATTENTION_SHAPES if mode == "pynative" else ATTENTION_SHAPES[1:2]:
-        args, ref = attention_case(rng, *shape)
-        y = op(*map(Tensor, args)).asnumpy()
-        assert y.shape == ref.shape and y.dtype == np.float32
-        assert np.abs(y - ref).max() <= 1e-5 * (1 + shape[5] / 64), (path, shape, np.abs(y - ref).max())
-
-
-def test_decode_attention_without_the_native_library_is_none(env):
+def test_without_the_native_library_the_attention_and_per_token_makers_are_none(env):
     env.setenv("LLAVA_KERNEL", "fallback")
     assert kernels.make_decode_attention() is None
     assert kernels.make_prompt_attention() is None
@@ -327,18 +314,29 @@ def prompt_case(rng, b, lq, lk, h, kv, d, pad):
     return (q, k, v, mask), ref
 
 
+# per kind: (maker, case builder, shapes, the shape's tolerance against float64)
+ATTENTION_KERNELS = {
+    "decode": (kernels.make_decode_attention, attention_case, ATTENTION_SHAPES, lambda s: 1e-5 * (1 + s[5] / 64)),
+    "prompt": (kernels.make_prompt_attention, prompt_case, PROMPT_SHAPES, lambda s: 2e-5 * (1 + s[2] / 64)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_KERNELS))
 @pytest.mark.parametrize("path", PATHS)
-def test_prompt_attention_matches_float64(path, env, mode):
-    """The prompt-attention kernel against numpy float64: causal masks, padded rows, grouped heads."""
+def test_attention_kernels_match_float64(kind, path, env, mode):
+    """decode: reads the first T cache positions of each row's KV head in place, softmax over q . K + bias,
+    times V (masked positions, grouped heads); prompt: causal masks, padded rows, grouped heads, the last
+    query alone. Both against numpy float64."""
     env.setenv("LLAVA_KERNEL", "native")
     env.setenv("LLAVA_KERNEL_ISA", path)
-    rng = np.random.default_rng(13)
-    op = kernels.make_prompt_attention()
-    for shape in PROMPT_SHAPES if mode == "pynative" else PROMPT_SHAPES[1:2]:
-        args, ref = prompt_case(rng, *shape)
+    maker, case, shapes, tolerance_of = ATTENTION_KERNELS[kind]
+    rng = np.random.default_rng(11)
+    op = maker()
+    for shape in shapes if mode == "pynative" else shapes[1:2]:
+        args, ref = case(rng, *shape)
         y = op(*map(Tensor, args)).asnumpy()
         assert y.shape == ref.shape and y.dtype == np.float32
-        assert np.abs(y - ref).max() <= 2e-5 * (1 + shape[2] / 64), (path, shape, np.abs(y - ref).max())
+        assert np.abs(y - ref).max() <= tolerance_of(shape), (path, kind, shape, np.abs(y - ref).max())
 
 
 def test_unknown_or_unavailable_isa_is_a_clear_error(env):
