@@ -61,8 +61,10 @@ def parser():
     ap.add_argument("--llamacpp-reps", type=int, default=2, help="7b: llama-bench repetitions per test")
     ap.add_argument("--need-gb", type=float, default=17.0, help="7b: available memory to wait for")
     ap.add_argument("--wait-s", type=int, default=1800, help="7b: how long to wait for that memory")
+    ap.add_argument("--hf-dtype", default=None,
+                    help="7b: HF's weights and compute, default bfloat16 (float32 needs 28 GB); 'none' skips it")
     # the child processes' entry points (the parent starts them)
-    ap.add_argument("--side", choices=("ours", "hf", "write7b", "ours7b"), help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=("ours", "hf", "write7b", "ours7b", "hf7b"), help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     return ap
 
@@ -79,6 +81,8 @@ def child(args):
     if args.side == "write7b":
         seven_b.write_7b(args.hf_dir)
         return 0
+    if args.side == "hf7b":
+        return seven_b.run_hf7b_child(args)
     return seven_b.run_7b_child(args)
 
 
@@ -86,7 +90,7 @@ def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
     if args.new_tokens is None:
-        args.new_tokens = 16 if args.preset == "7b" or args.side == "ours7b" else 32
+        args.new_tokens = 16 if args.preset == "7b" or args.side in ("ours7b", "hf7b") else 32
     if args.side:
         return child(args)
     if not args.preset:

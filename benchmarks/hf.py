@@ -1,5 +1,6 @@
-"""The Hugging Face side: LlavaForConditionalGeneration (transformers + torch, float32) with the model, the
-tokenizer, the image processor and the prompt ids of the tests' oracle (tests/oracle.py).
+"""The Hugging Face side: LlavaForConditionalGeneration (transformers + torch, float32, or --hf-dtype for the
+7B) with the model, the tokenizer, the image processor and the prompt ids of the tests' oracle
+(tests/oracle.py).
 
 EOS is ignored (`min_new_tokens=max_new_tokens`) so that a request decodes exactly `new_tokens` tokens.
 """
@@ -27,13 +28,14 @@ class HFSide:
         self.import_s = time.perf_counter() - t0
         self.baseline_rss = rss_mb()
         t0 = time.perf_counter()
-        model = oracle.load_model(args.hf_dir)
+        dtype = getattr(args, "hf_dtype", None) or "float32"
+        model = oracle.load_model(args.hf_dir, dtype)
         self.load_s = time.perf_counter() - t0
         hf = oracle.HFOracle(args.hf_dir, model=model)
         self.model = hf.model
         self.ids = torch.tensor([hf.ids(PROMPT)])
         self.mask = torch.ones_like(self.ids)
-        self.pixels = hf.pixels(IMAGE)
+        self.pixels = hf.pixels(IMAGE).to(getattr(torch, dtype))
         self.n = args.new_tokens
         self.loaded_rss = rss_mb()
 

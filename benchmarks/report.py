@@ -103,10 +103,14 @@ def _llamacpp_line(lc):
 
 
 def render_7b(r):
-    """Markdown for a 7b result (seven_b.bench_7b): per weight storage, ours beside llama.cpp's GGUF type."""
+    """Markdown for a 7b result (seven_b.bench_7b): per weight storage, ours beside llama.cpp's GGUF type and
+    HF transformers (one dtype for both tables)."""
     from .seven_b import PAIRS
     m = r["machine"]
     lc = r.get("llamacpp") or {}
+    hf = r.get("hf")
+    hf_name = f"HF {hf['dtype']}" if hf else "HF"
+    hf_get = (lambda key: None) if hf is None else (lambda key: hf[key])
     lines = [
         f"### `7b` ({r['time']})",
         "",
@@ -125,28 +129,42 @@ def render_7b(r):
         why = lc.get("failed", {}).get(kind) or lc.get("error") or "not run"
         cpp = (lambda key, scale=1.0: None) if t is None else (lambda key, scale=1.0: t[key] * scale)
 
-        def row(name, a, b, digits):
-            ratio = _ratio(a, b)
-            return f"| {name} | {_fmt(a, digits)} | {'' if b is None else _fmt(b, digits)} | {ratio} |"
+        def row(name, a, b, digits, h=None, ratios=True):
+            cells = [_fmt(a, digits)] + ["" if v is None else _fmt(v, digits) for v in (b, h)]
+            if ratios:
+                cells += [_ratio(a, b), _ratio(a, h)]
+            else:
+                cells += ["", ""]
+            return f"| {name} | {' | '.join(cells)} |"
 
         lines += [
-            f"| {dtype} weights | ours | llama.cpp {kind} | ours / llama.cpp |",
-            "| --- | ---: | ---: | ---: |",
-            row("time to first token (s)", o["ttft_s"], cpp("ttft_s"), 1),
-            row("decode tokens/s", o["decode_tok_s"], cpp("decode_tok_s"), 2),
+            f"| {dtype} weights | ours | llama.cpp {kind} | {hf_name} | ours / llama.cpp | ours / HF |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            row("time to first token (s)", o["ttft_s"], cpp("ttft_s"), 1, hf_get("ttft_s")),
+            row("decode tokens/s", o["decode_tok_s"], cpp("decode_tok_s"), 2, hf_get("decode_tok_s")),
             row("prefill alone (s)", o["ttft_s"] - o["vision_s"], cpp("prefill_s"), 1),
             row("peak RSS (MB)", o["peak_rss_mb"], None if t is None else
-                max(t["prefill"]["peak_rss_mb"], t["decode"]["peak_rss_mb"]), 0),
-            f"| vision tower (CLIP + projector, s) | {o['vision_s']:.2f} | (ours) | |",
-            f"| first request incl. compile: first token (s) | {o['first_request']['ttft_s']:.1f} | | |",
-            f"| model load (s) | {o['load_s']:.0f} | | |",
-            f"| other processes' CPU meanwhile (cores) | {o['background_cores']:.2f} | "
-            f"{'' if t is None else _fmt(max(t['prefill']['background_cores'], t['decode']['background_cores']), 2)} | |",
+                max(t["prefill"]["peak_rss_mb"], t["decode"]["peak_rss_mb"]), 0, hf_get("peak_rss_mb")),
+            f"| vision tower (CLIP + projector, s) | {o['vision_s']:.2f} | (ours) | (its own, in its first token) | | |",
+            row("first request incl. compile: first token (s)", o["first_request"]["ttft_s"], None, 1,
+                None if hf is None else hf["first_request"]["ttft_s"]),
+            row("model load (s)", o["load_s"], None, 0, hf_get("load_s")),
+            row("other processes' CPU meanwhile (cores)", o["background_cores"], None if t is None else
+                max(t["prefill"]["background_cores"], t["decode"]["background_cores"]), 2,
+                hf_get("background_cores"), ratios=False),
             "",
         ]
         if t is None:
             lines += [f"llama.cpp {kind}: {why}.", ""]
     lines.append(_llamacpp_line(lc) if lc else "llama.cpp: not run.")
+    if hf:
+        same = all(hf["tokens"] == o["tokens"] for o in r["ours"].values())
+        lines += ["", f"HF: transformers {r['versions'].get('transformers')} + torch {r['versions'].get('torch')}, "
+                      f"weights and compute in {hf['dtype']} (float32 weights would need 28 GB), "
+                      f"{hf.get('torch_threads')} torch threads, the second of two requests; greedy tokens "
+                      f"{'equal to' if same else 'differ from'} ours (different precisions)."]
+    else:
+        lines += ["", "HF: not run."]
     lines += ["", "| step | wall (s) | peak RSS (MB) | other processes' CPU meanwhile (cores) |",
               "| --- | ---: | ---: | ---: |"]
     for name, s in r["steps"].items():

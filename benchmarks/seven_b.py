@@ -1,12 +1,14 @@
 """The real LLaVA-1.5-7B shapes with random float16 weights, on CPU: ours (int8 and float16 weight storage)
-beside llama.cpp (q8_0 and f16 GGUF of the LLaMA half of the same weights), in one run (not a test).
+beside llama.cpp (q8_0 and f16 GGUF of the LLaMA half of the same weights) and HF transformers + torch
+(bfloat16 by default: float32 weights would need 28 GB), in one run (not a test).
 
 `bench_7b` (parent) writes the HF-layout safetensors with numpy (seeded, one tensor at a time, ~2 GB shards,
 llava-hf key names) into --workdir (kept for the next run; --clean removes it). Per --weight-dtypes it then
 runs `run_7b_child` in its own process (peak RSS from wait4): LlavaModel in Graph mode, float32 compute,
 built under mindspore.nn.utils.no_init_parameters() and loaded from the HF folder itself (one tensor at a
 time, quantized or cast as it loads), as `predict_llava1_5_7b_cpu.yaml` does. It answers the benchmark's
-image + prompt twice (the first request compiles the graphs) and times the vision tower alone. Then
+image + prompt twice (the first request compiles the graphs) and times the vision tower alone. HF answers
+the same request twice in its own process (`run_hf7b_child`, --hf-dtype). Then
 llama.cpp's llama-bench measures the GGUF files (benchmarks/llamacpp.py): prefill of the same token count and
 decode after that context. llama.cpp has no vision tower: its time to first token is our vision tower's time
 + its prefill.
@@ -83,18 +85,31 @@ def write_7b(out_dir, seed=0, shard_bytes=2 * 10 ** 9):
     return total
 
 
+def _two_requests(proto, side):
+    proto.send({"event": "loaded", **side.info()})
+    proto.send({"event": "first", **side.run()})
+    proto.send({"event": "second", **side.run()})
+
+
 def run_7b_child(args):
     """Child: benchmarks.ours.OursSide on the 7B folder with --weight-dtype; one JSON line per event."""
     proto = Protocol()
     system.limit_cores(args.threads)
     from .ours import OursSide
     side = OursSide(args)
-    proto.send({"event": "loaded", **side.info()})
-    first = side.run()
-    proto.send({"event": "first", **first})
-    second = side.run()
-    proto.send({"event": "second", **second})
+    _two_requests(proto, side)
     proto.send({"event": "done", "vision_s": side.vision(2), "peak_rss_mb": system.peak_rss_mb()})
+    return 0
+
+
+def run_hf7b_child(args):
+    """Child: benchmarks.hf.HFSide on the 7B folder in --hf-dtype (its time to first token includes its own
+    vision tower); one JSON line per event."""
+    proto = Protocol()
+    system.limit_cores(args.threads)
+    from .hf import HFSide
+    _two_requests(proto, HFSide(args))
+    proto.send({"event": "done", "peak_rss_mb": system.peak_rss_mb()})
     return 0
 
 
@@ -154,6 +169,17 @@ def bench_7b(args):
         result["ours"][dtype] = {**got["loaded"], "first_request": got["first"], **got["second"],
                                  "vision_s": got["done"]["vision_s"], "peak_rss_mb": s["peak_rss_mb"],
                                  "background_cores": s["background_cores"]}
+    hf_dtype = args.hf_dtype or "bfloat16"
+    if hf_dtype != "none":
+        wait_for_memory(args.need_gb, args.wait_s)
+        argv = command("--side", "hf7b", "--hf-dir", hf_dir, "--threads", args.threads, "--new-tokens",
+                       args.new_tokens, "--hf-dtype", hf_dtype)
+        name = f"HF transformers, {hf_dtype}"
+        events = step(name, argv, show)
+        got = {e["event"]: e for e in events}
+        result["hf"] = {"dtype": hf_dtype, **got["loaded"], "first_request": got["first"], **got["second"],
+                        "peak_rss_mb": result["steps"][name]["peak_rss_mb"],
+                        "background_cores": result["steps"][name]["background_cores"]}
     prompt_tokens = next(iter(result["ours"].values()))["prompt_tokens"] if result["ours"] else 595
     types = [PAIRS[d] for d in dtypes]
     try:

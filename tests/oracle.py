@@ -24,11 +24,12 @@ def prompt_ids(tokenizer, num_image_tokens, prompt, n_images=1):
     return out
 
 
-def load_model(hf_dir):
-    """LlavaForConditionalGeneration from an HF-layout folder, float32, in eval mode."""
+def load_model(hf_dir, dtype="float32"):
+    """LlavaForConditionalGeneration from an HF-layout folder, in eval mode: float32 (the oracle), or the
+    torch dtype named (the 7B benchmark's HF side, whose float32 weights would not fit in memory)."""
     import torch
     from transformers import LlavaForConditionalGeneration
-    return LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
 
 
 class HFOracle:
