@@ -145,7 +145,8 @@ def render_7b(r):
             row("prefill alone (s)", o["ttft_s"] - o["vision_s"], cpp("prefill_s"), 1),
             row("peak RSS (MB)", o["peak_rss_mb"], None if t is None else
                 max(t["prefill"]["peak_rss_mb"], t["decode"]["peak_rss_mb"]), 0, hf_get("peak_rss_mb")),
-            f"| vision tower (CLIP + projector, s) | {o['vision_s']:.2f} | (ours) | (its own, in its first token) | | |",
+            f"| vision tower (CLIP + projector, s) | {o['vision_s']:.2f} | (ours) | (its own, in its first token) "
+            "| | |",
             row("first request incl. compile: first token (s)", o["first_request"]["ttft_s"], None, 1,
                 None if hf is None else hf["first_request"]["ttft_s"]),
             row("model load (s)", o["load_s"], None, 0, hf_get("load_s")),

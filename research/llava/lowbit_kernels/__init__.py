@@ -158,4 +158,6 @@ def make_rotary():
     return _native_cell("LlavaRotary", _first)
 
 
-__all__ = ["make_prompt_attention", "make_rms_norm", "make_swiglu", "make_rotary", "make_matmul", "make_decode_attention", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE", "is_scale_param"]
+__all__ = ["make_matmul", "make_decode_attention", "make_prompt_attention", "make_rms_norm", "make_swiglu",
+           "make_rotary", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE",
+           "is_scale_param"]
