@@ -427,17 +427,6 @@ int choose_isa() {
   return kScalar;
 }
 
-template <class WK>
-void run(int isa, const Problem& p) {
-  switch (isa) {
-#if LLAVA_X86
-    case kAvx512: isa_avx512::matmul<WK>(p); break;
-    case kAvx2: isa_avx2::matmul<WK>(p); break;
-#endif
-    default: isa_scalar::matmul<WK>(p); break;
-  }
-}
-
 // One call of the chosen path's function: LLAVA_DISPATCH(isa, fn(args)).
 #if LLAVA_X86
 #define LLAVA_DISPATCH(isa, call)                 \
@@ -450,25 +439,7 @@ void run(int isa, const Problem& p) {
 #define LLAVA_DISPATCH(isa, call) isa_scalar::call;
 #endif
 
-void run_prompt(int isa, const Prompt& a) {
-  switch (isa) {
-#if LLAVA_X86
-    case kAvx512: isa_avx512::prompt_attention(a); break;
-    case kAvx2: isa_avx2::prompt_attention(a); break;
-#endif
-    default: isa_scalar::prompt_attention(a); break;
-  }
-}
-
-void run_attention(int isa, const Attention& a) {
-  switch (isa) {
-#if LLAVA_X86
-    case kAvx512: isa_avx512::decode_attention(a); break;
-    case kAvx2: isa_avx2::decode_attention(a); break;
-#endif
-    default: isa_scalar::decode_attention(a); break;
-  }
-}
+bool f32(const char* t) { return std::strcmp(t, "float32") == 0; }
 
 }  // namespace
 
@@ -490,7 +461,7 @@ int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, c
   if (nparam != 3 && nparam != 4) return 1;
   const int out = nparam - 1;
   if (ndims[0] != 2 || ndims[1] != 2 || ndims[out] != 2) return 2;
-  if (std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[out], "float32") != 0) return 3;
+  if (!f32(dtypes[0]) || !f32(dtypes[out])) return 3;
   Problem p;
   p.M = shapes[0][0];
   p.K = shapes[0][1];
@@ -505,17 +476,17 @@ int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, c
   if (isa < 0) return 5;
   const char* wt = dtypes[1];
   if (!std::strcmp(wt, "int8")) {
-    if (nparam != 4 || ndims[2] != 2 || std::strcmp(dtypes[2], "float32") != 0) return 6;
+    if (nparam != 4 || ndims[2] != 2 || !f32(dtypes[2])) return 6;
     if (shapes[2][0] != p.N || shapes[2][1] <= 0 || p.K % shapes[2][1] != 0) return 7;
     p.scale = static_cast<const float*>(params[2]);
     p.groups = shapes[2][1];
-    run<Q8>(isa, p);
+    LLAVA_DISPATCH(isa, matmul<Q8>(p))
   } else if (nparam == 3 && !std::strcmp(wt, "float16")) {
-    run<H16>(isa, p);
+    LLAVA_DISPATCH(isa, matmul<H16>(p))
   } else if (nparam == 3 && !std::strcmp(wt, "bfloat16")) {
-    run<B16>(isa, p);
+    LLAVA_DISPATCH(isa, matmul<B16>(p))
   } else if (nparam == 3 && !std::strcmp(wt, "float32")) {
-    run<F32>(isa, p);
+    LLAVA_DISPATCH(isa, matmul<F32>(p))
   } else {
     return 8;
   }
@@ -531,7 +502,7 @@ int LlavaDecodeAttention(int nparam, void** params, int* ndims, int64_t** shapes
   if (nparam != 6) return 1;
   if (ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 4 || ndims[4] != 1 || ndims[5] != 3) return 2;
   for (int i : {0, 1, 2, 3, 5})
-    if (std::strcmp(dtypes[i], "float32") != 0) return 3;
+    if (!f32(dtypes[i])) return 3;
   if (std::strcmp(dtypes[4], "int32") != 0 || shapes[4][0] != 2) return 3;
   Attention a;
   a.B = shapes[0][0];
@@ -553,7 +524,7 @@ int LlavaDecodeAttention(int nparam, void** params, int* ndims, int64_t** shapes
   a.out = static_cast<float*>(params[5]);
   const int isa = choose_isa();
   if (isa < 0) return 5;
-  run_attention(isa, a);
+  LLAVA_DISPATCH(isa, decode_attention(a))
   return 0;
 }
 
@@ -566,7 +537,7 @@ int LlavaPromptAttention(int nparam, void** params, int* ndims, int64_t** shapes
   if (nparam != 5) return 1;
   if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 3 || ndims[4] != 3) return 2;
   for (int i : {0, 1, 2, 4})
-    if (std::strcmp(dtypes[i], "float32") != 0) return 3;
+    if (!f32(dtypes[i])) return 3;
   if (std::strcmp(dtypes[3], "int32") != 0) return 3;
   Prompt a;
   a.B = shapes[3][0];
@@ -586,17 +557,9 @@ int LlavaPromptAttention(int nparam, void** params, int* ndims, int64_t** shapes
   a.out = static_cast<float*>(params[4]);
   const int isa = choose_isa();
   if (isa < 0) return 5;
-  run_prompt(isa, a);
+  LLAVA_DISPATCH(isa, prompt_attention(a))
   return 0;
 }
-
-}  // extern "C"
-
-namespace {
-bool f32(const char* t) { return std::strcmp(t, "float32") == 0; }
-}  // namespace
-
-extern "C" {
 
 // ops.Custom(func_type="aot") entries for the per-token steps (all float32; non-zero on another signature):
 // LlavaRmsNorm(x [N, C], weight [C], eps [1]) -> [N, C]
