@@ -69,6 +69,8 @@ def build_parser():
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--max_batch", type=int, default=8, help="requests answered together at most (default 8)")
+    s.add_argument("--prefill_chunk", type=int, default=None,
+                   help="prompt tokens a step takes at most beside the running answers (default 256)")
     s.add_argument("--max_queue", type=int, default=64,
                    help="requests waiting at most; more are answered 429 (default 64)")
     s.add_argument("--served_model_name", default=None, help="model id in the API (default: the checkpoint's name)")

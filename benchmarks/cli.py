@@ -49,9 +49,6 @@ def parser():
                     help="tiny/mid: llama.cpp as a third side: auto = if built (python -m benchmarks.llamacpp "
                          "--build), build = build it first if missing, off")
     ap.add_argument("--llamacpp-types", default="f32,f16,q8_0", help="GGUF types to measure (the table shows f32)")
-    ap.add_argument("--decode-bucket", type=int, default=None,
-                    help="tiny/mid: our decode steps attend over the cache positions in use rounded up to a "
-                         "multiple of this (0 = the whole cache; default: the engine's)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--weight-dtype", default=None, choices=("float32", "float16", "bfloat16", "int8"),
                     help="tiny/mid: our linear layers' storage (default float32)")

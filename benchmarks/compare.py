@@ -37,8 +37,6 @@ def start(side, args, hf_dir):
     argv = command("--side", side, "--hf-dir", hf_dir, "--threads", args.threads, "--new-tokens", args.new_tokens)
     if args.seq_length:
         argv += ["--seq-length", str(args.seq_length)]
-    if args.decode_bucket is not None:
-        argv += ["--decode-bucket", str(args.decode_bucket)]
     if side == "ours" and args.weight_dtype:
         argv += ["--weight-dtype", args.weight_dtype]
     return harness.Child(side, argv, args.threads)

@@ -89,8 +89,8 @@ def instruction_sets(cpuinfo="/proc/cpuinfo"):
 
 
 def build(cache=CACHE, jobs=1):
-    """pip download the sdist (if not cached), unpack it, cmake-build llama-bench (~40 min with 1 job on a
-    busy 2-core machine)."""
+    """pip download the sdist (if not cached), unpack it, cmake-build llama-bench and llama-server (the serving
+    benchmark's peer; ~40 min with 1 job on a busy 2-core machine)."""
     os.makedirs(cache, exist_ok=True)
     if not glob.glob(os.path.join(cache, "llama_cpp_python-*.tar.gz")):
         _say(f"pip download --no-binary :all: --no-deps {PACKAGE} ...")
@@ -107,12 +107,20 @@ def build(cache=CACHE, jobs=1):
     configure = ["cmake", "-S", src, "-B", os.path.join(src, "build"), "-G", "Unix Makefiles",
                  "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF"] + [f"-DGGML_{name}={'ON' if on else 'OFF'}" for name, on in isa.items()]
+                 "-DLLAMA_BUILD_SERVER=ON"] + [f"-DGGML_{name}={'ON' if on else 'OFF'}" for name, on in isa.items()]
     _say(f"cmake (Release, CPU only, {' '.join(n for n, on in isa.items() if on)}) ...")
     subprocess.run(configure, check=True)
     subprocess.run(["nice", "cmake", "--build", os.path.join(src, "build"), "-j", str(jobs), "--target",
-                    "llama-bench"], check=True)
+                    "llama-bench", "llama-server"], check=True)
     return bench_binary(cache)
+
+
+def server_binary(cache=CACHE):
+    src = source_dir(cache)
+    path = src and os.path.join(src, "build", "bin", "llama-server")
+    if not path or not os.path.exists(path):
+        raise NotBuilt(f"no llama-server under {cache} (python -m benchmarks.llamacpp --build)")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- weights

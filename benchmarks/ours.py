@@ -50,8 +50,6 @@ class OursSide:
         self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.n = args.new_tokens
         self.engine = self.model.engine()
-        if getattr(args, "decode_bucket", None) is not None:
-            self.engine.decode_bucket = args.decode_bucket
         # exactly n tokens: no eos id can stop a row
         self.settings = GenerationSettings.from_config(self.config, max_new_tokens=self.n, eos_token_id=[-1])
         self.threads = args.threads
@@ -62,9 +60,9 @@ class OursSide:
                 "loaded_rss_mb": self.loaded_rss, "prompt_tokens": int(self.ids.shape[1]),
                 "ids_digest": ids_digest(self.ids[0]), "seq_length": self.config.seq_length,
                 "threads_num": self.threads, "affinity": sorted(os.sched_getaffinity(0)),
-                "decode_bucket": self.engine.decode_bucket, "weight_dtype": self.config.weight_dtype,
-                # cache positions the middle decode step attends over
-                "decode_positions": self.engine.decode_length(int(self.ids.shape[1]) + self.n // 2)}
+                "weight_dtype": self.config.weight_dtype,
+                # KV positions the middle decode step attends over
+                "decode_positions": int(self.ids.shape[1]) + self.n // 2}
 
     def run(self):
         stamps = []
@@ -107,9 +105,13 @@ class OursSide:
                 logits = engine.decode(token)
                 decode.append(time.perf_counter() - t0)
                 token = np.argmax(logits, -1)
-            # the compiled decode graph alone (inputs prepared beforehand; includes the logits' asnumpy)
-            step = engine.step("decode")
-            args = engine.decode_inputs(token)
+            # the compiled step alone (inputs prepared beforehand; includes the logits' asnumpy); it writes the
+            # same position again each time
+            step = engine.step_cell("rows")
+            rows = list(engine.rows)
+            for row, t in zip(rows, token):
+                row.ids.append(int(t))
+            args, _, _ = engine.step_inputs([(r, 1) for r in rows])
             for _ in range(5):
                 t0 = time.perf_counter()
                 step(*args).asnumpy()

@@ -10,10 +10,7 @@ def _fmt(x, digits=3):
 
 
 def _cache_read(o):
-    if not o.get("decode_bucket"):
-        return f"whole seq_length={o['seq_length']}, masked"
-    return (f"{o['decode_positions']} of seq_length={o['seq_length']} positions: the positions in use rounded "
-            f"up to a multiple of {o['decode_bucket']}")
+    return f"{o['decode_positions']} of seq_length={o['seq_length']} positions: the row's positions in use"
 
 
 def _ratio(a, b):

@@ -1,17 +1,26 @@
-"""Serving benchmark: a served request's time to first token against predict's, and total tokens/s with 1, 4
-and 8 concurrent streaming clients against one request at a time.
+"""Serving benchmark: ours served beside the warm engine, the one-shot CLI, an earlier scheduler and llama.cpp's
+`llama-server`, all in one run on the same machine.
 
-    python benchmarks/serve_bench.py --preset mid [--new-tokens 32] [--out benchmarks/]
+    python benchmarks/serve_bench.py --preset mid [--baseline REV] [--llamacpp auto|off] [--out benchmarks/]
 
-Both sides use the same converted random-weight checkpoint (the tests' HF-layout fixture) and the tests' photo.
-predict: `run_mindformer.py --run_mode predict`, wall time from the command's start to the first byte of the
-answer (what a user of one-shot predict waits: imports, model load, compilation, prefill) and, for reference,
-the same minus the time to the model being ready. serve: one warm `run_mindformer.py --run_mode serve`; a
-request's time to first token is from sending it to the first streamed content chunk. Throughput: N streaming
-clients at once, each asking about the photo with its own question and max_tokens=--new-tokens (EOS can end an
-answer early: tokens are counted from the usage the server reports), total completion tokens / wall time; the
-"one at a time" row sends the same 8 requests one after another. Before measuring, the server is warmed up with
-the same loads (new batch sizes and prompt-length buckets compile once). Results: benchmarks/serve_<preset>.{json,md}.
+Every side uses the same converted random-weight checkpoint (the tests' HF-layout fixture), 2 threads.
+
+* engine: the warm engine (`python -m benchmarks`' ours side in a child process): time to first token of the
+  image question and decode tokens/s after it, median of a few runs;
+* predict: one `run_mindformer.py --run_mode predict` process per answer of --long tokens (130): decode
+  tokens/s from its first to its last streamed byte (tokens from predict_results.jsonl);
+* served (one warm `--run_mode serve`, OpenAI chat API, streamed):
+  (a) a short text question's time to first token alone, and while another client's long answer streams;
+  (b) one client: the image question's TTFT and decode tokens/s (tokens - 1 over first to last chunk);
+  (c) a mixed load: 8 clients, answers of 8..256 tokens, arriving 0.25 s apart: p50/p95 TTFT, tokens/s;
+  (d) a ~700-token text prompt: one client's TTFT and decode tokens/s, and 4 clients' total tokens/s;
+* baseline (--baseline REV, default the commit before continuous batching): (a) and (c) on that revision's
+  server (a git worktree), in the same run;
+* llama-server (built by `python -m benchmarks.llamacpp --build`): (d) on the decoder's f32 GGUF, `-np 4`,
+  continuous batching (its default), the same text prompt through its /completion endpoint (cache_prompt off,
+  ignore_eos), `-t 2`.
+Answers of random weights can end at an eos early: tokens are what the servers report. Results:
+benchmarks/serve_<preset>.{json,md}.
 """
 import argparse
 import base64
@@ -32,10 +41,14 @@ for path in (os.path.join(ROOT, "research", "llava"), os.path.join(ROOT, "tests"
         sys.path.insert(0, path)
 
 IMAGE = os.path.join(ROOT, "tests", "fixtures", "images", "chelsea.jpg")
-QUESTIONS = ["Describe the image in English:", "What animal is this?", "What colour is it?",
-             "Where is it sitting?", "Is it awake?", "What is in the background?", "How old might it be?",
-             "Write a caption for this photo."]
+QUESTION = "Describe the image in English:"
+SHORT = "Hi, what is two plus two?"
+STORY = ("The old lighthouse keeper climbed the stairs each evening to light the lamp, and the ships that "
+         "passed in the night saw its beam across the dark water. ")
+MIXED = (8, 256, 16, 128, 32, 192, 64, 96)
 SEQ_LENGTH = {"tiny": 512, "mid": 1024}
+BASELINE = "f3079df"          # the scheduler that formed a batch only when the previous one had finished
+THREADS = 2
 
 
 def write_yaml(hf_dir, path, seq_length):
@@ -43,36 +56,62 @@ def write_yaml(hf_dir, path, seq_length):
     return yaml_for(hf_dir, path, vocab_file=TOKENIZER_MODEL, seq_length=seq_length)
 
 
-def predict_ttft(yaml_path, ckpt, work, new_tokens):
-    """Seconds from the predict command's start to the first byte of its answer on stdout."""
+def say(msg):
+    print(f"[serve-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def env():
+    return dict(os.environ, GLOG_v="3", OMP_NUM_THREADS=str(THREADS))
+
+
+# ---------------------------------------------------------------------------------------------- clients
+class Stream:
+    """One streamed request's times: first chunk with text, last chunk, tokens."""
+
+    def __init__(self, first, last, tokens, prompt_tokens=None):
+        self.first, self.last, self.tokens, self.prompt_tokens = first, last, tokens, prompt_tokens
+
+    @property
+    def decode_tok_s(self):
+        span = self.last - self.first
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
+
+
+def _sse(url, body):
+    import httpx
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "run_mindformer.py", "--config", yaml_path, "--run_mode", "predict",
-                             "--predict_data", IMAGE, QUESTIONS[0], "--modal_type", "image", "text",
-                             "--load_checkpoint", ckpt, "--output_dir", os.path.join(work, "predict"),
-                             "--max_new_tokens", str(new_tokens)],
-                            cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    proc.stdout.read(1)
-    first = time.perf_counter() - t0
-    proc.communicate()
-    assert proc.returncode == 0, "predict failed"
-    return first
+    first = last = None
+    with httpx.stream("POST", url, json=body, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter() - t0
+            yield now, json.loads(line[6:])
+            last = now
+            first = first if first is not None else now
 
 
-class Server:
-    def __init__(self, yaml_path, ckpt, work, max_batch):
+class OurServer:
+    def __init__(self, root, yaml_path, ckpt, work, max_batch=8):
         import httpx
         from helpers import free_port
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(work, f"serve-{self.port}.log"), "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "run_mindformer.py", "--config", yaml_path, "--run_mode",
                                       "serve", "--load_checkpoint", ckpt, "--output_dir", os.path.join(work, "serve"),
                                       "--port", str(self.port), "--max_batch", str(max_batch)],
-                                     cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     cwd=root, env=dict(env(), PYTHONPATH=root), stdout=subprocess.DEVNULL,
+                                     stderr=self.log)
         while True:
-            assert self.proc.poll() is None, "the server died"
+            assert self.proc.poll() is None, f"the server died (log {self.log.name})"
             try:
                 if httpx.get(self.base + "/health", timeout=1).status_code == 200:
                     break
@@ -82,103 +121,294 @@ class Server:
         with open(IMAGE, "rb") as f:
             self.image = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
 
-    def stream(self, question, new_tokens):
-        """(seconds to the first content chunk, seconds to the end, completion tokens) of one streamed request;
-        the prompt's length (from the usage) is kept in self.prompt_tokens."""
-        import httpx
-        body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": new_tokens,
-                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": self.image}},
-                                                          {"type": "text", "text": question}]}]}
-        t0 = time.perf_counter()
-        first, tokens = None, 0
-        with httpx.stream("POST", self.base + "/v1/chat/completions", json=body, timeout=600) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                    self.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter() - t0
-        return first, time.perf_counter() - t0, tokens
-
-    def concurrent(self, n, new_tokens):
-        results = [None] * n
-
-        def client(i):
-            results[i] = self.stream(QUESTIONS[i % len(QUESTIONS)], new_tokens)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        tokens = sum(r[2] for r in results)
-        return {"clients": n, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-                "median_ttft_s": statistics.median(r[0] for r in results)}
-
-    def sequential(self, n, new_tokens):
-        t0 = time.perf_counter()
-        tokens = sum(self.stream(QUESTIONS[i % len(QUESTIONS)], new_tokens)[2] for i in range(n))
-        wall = time.perf_counter() - t0
-        return {"clients": f"{n}, one at a time", "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+    def stream(self, text, max_tokens, image=True):
+        content = [{"type": "text", "text": text}]
+        if image:
+            content.insert(0, {"type": "image_url", "image_url": {"url": self.image}})
+        body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": content}]}
+        first, last, tokens, prompt = None, None, 0, None
+        for now, chunk in _sse(self.base + "/v1/chat/completions", body):
+            if chunk.get("usage"):
+                tokens, prompt = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
+            elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first = first if first is not None else now
+                last = now
+        return Stream(first if first is not None else last, last, tokens, prompt)
 
     def close(self):
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        self.log.close()
+
+
+class LlamaServer:
+    def __init__(self, gguf, ctx, parallel, work):
+        import httpx
+        from benchmarks import llamacpp
+        from helpers import free_port
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(work, "llama-server.log"), "w")
+        self.proc = subprocess.Popen([llamacpp.server_binary(), "-m", gguf, "-t", str(THREADS), "-tb", str(THREADS),
+                                      "-c", str(ctx * parallel), "-np", str(parallel), "--port", str(self.port),
+                                      "--host", "127.0.0.1"],
+                                     env=llamacpp.BENCH_ENV, stdout=self.log, stderr=self.log)
+        while True:
+            assert self.proc.poll() is None, f"llama-server died (log {self.log.name})"
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+
+    def stream(self, text, max_tokens, image=False):
+        body = {"prompt": f"USER: {text} ASSISTANT:", "n_predict": max_tokens, "stream": True,
+                "cache_prompt": False, "ignore_eos": True}
+        first, last, tokens, prompt = None, None, 0, None
+        for now, chunk in _sse(self.base + "/completion", body):
+            if chunk.get("stop"):
+                timings = chunk.get("timings", {})
+                tokens = timings.get("predicted_n", chunk.get("tokens_predicted", tokens))
+                prompt = timings.get("prompt_n")
+            else:
+                first = first if first is not None else now
+                last = now
+        return Stream(first, last, tokens, prompt)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def together(server, asks, delays=None):
+    """Streams started at once (or after `delays` seconds each) -> (their Streams, wall seconds)."""
+    results = [None] * len(asks)
+
+    def client(i):
+        if delays:
+            time.sleep(delays[i])
+        results[i] = server.stream(*asks[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(asks))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def short_while_long(server, long_tokens=256):
+    """(a): the short question's TTFT alone (median of 3) and while a long image answer streams."""
+    alone = statistics.median(server.stream(SHORT, 4, False).first for _ in range(3))
+    box = {}
+    long = threading.Thread(target=lambda: box.update(long=server.stream(QUESTION, long_tokens)))
+    long.start()
+    time.sleep(3.0)                     # the long answer is decoding by now
+    busy = server.stream(SHORT, 4, False)
+    long.join()
+    return {"alone_s": alone, "beside_long_s": busy.first, "long_tokens": box["long"].tokens,
+            "ratio": busy.first / alone}
+
+
+def mixed(server):
+    """(c): 8 clients, answers of 8..256 tokens, arriving 0.25 s apart."""
+    asks = [(QUESTION, n) for n in MIXED]
+    results, wall = together(server, asks, delays=[0.25 * i for i in range(len(asks))])
+    ttft = [r.first for r in results]
+    tokens = sum(r.tokens for r in results)
+    return {"p50_ttft_s": quantile(ttft, 0.5), "p95_ttft_s": quantile(ttft, 0.95), "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def text_prompt(server, text, new_tokens):
+    """(d): one client's TTFT / decode tokens/s (median of 3) and 4 clients' total tokens/s."""
+    one = [server.stream(text, new_tokens, False) for _ in range(3)]
+    four, wall = together(server, [(text, new_tokens, False)] * 4)
+    return {"prompt_tokens": one[0].prompt_tokens, "ttft_s": statistics.median(r.first for r in one),
+            "decode_tok_s": statistics.median(r.decode_tok_s for r in one),
+            "clients4_tokens_per_s": sum(r.tokens for r in four) / wall,
+            "clients4_tokens": sum(r.tokens for r in four)}
+
+
+# ---------------------------------------------------------------------------------------------- sides
+def warm_engine(hf_dir, new_tokens):
+    """The warm engine's figures (benchmarks' ours side): TTFT and decode tokens/s, median of 3 runs."""
+    from benchmarks import harness
+    from benchmarks.workload import command
+    child = harness.Child("ours", command("--side", "ours", "--hf-dir", hf_dir, "--threads", THREADS,
+                                          "--new-tokens", new_tokens, "--seq-length", SEQ_LENGTH["mid"]), THREADS)
+    try:
+        child.recv()
+        for _ in range(2):
+            child.ask("run")
+        runs = [child.ask("run") for _ in range(3)]
+        child.finish()
+    except BaseException:
+        child.kill()
+        raise
+    return {"ttft_s": statistics.median(r["ttft_s"] for r in runs),
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs)}
+
+
+def predict_cli(yaml_path, ckpt, work, new_tokens):
+    """One predict process: decode tokens/s from the first to the last byte of its streamed answer."""
+    out = os.path.join(work, "predict")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "run_mindformer.py", "--config", yaml_path, "--run_mode", "predict",
+                             "--predict_data", IMAGE, QUESTION, "--modal_type", "image", "text",
+                             "--load_checkpoint", ckpt, "--output_dir", out, "--max_new_tokens", str(new_tokens)],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first = last = None
+    while True:
+        b = proc.stdout.read(1)
+        if not b:
+            break
+        last = time.perf_counter() - t0
+        first = first if first is not None else last
+    proc.wait()
+    assert proc.returncode == 0, "predict failed"
+    with open(os.path.join(out, "predict_results.jsonl")) as f:
+        tokens = len(json.loads(f.readlines()[-1])["output_ids"])
+    return {"first_byte_s": first, "tokens": tokens,
+            "decode_tok_s": (tokens - 1) / (last - first) if last > first else float("nan")}
+
+
+def our_served(root, yaml_path, ckpt, work, story, new_tokens, full=True):
+    server = OurServer(root, yaml_path, ckpt, work)
+    try:
+        r = {"start_s": server.start_s}
+        for n in (1, 4, 8):            # warm-up: whatever still compiles on first use (an older scheduler)
+            together(server, [(QUESTION, 8)] * n)
+            together(server, [(story, 8, False)] * n)
+        server.stream(SHORT, 4, False)
+        r["short_while_long"] = short_while_long(server)
+        r["mixed"] = mixed(server)
+        if full:
+            one = [server.stream(QUESTION, new_tokens) for _ in range(3)]
+            r["one_client"] = {"ttft_s": statistics.median(s.first for s in one),
+                               "decode_tok_s": statistics.median(s.decode_tok_s for s in one),
+                               "tokens": one[0].tokens, "prompt_tokens": one[0].prompt_tokens}
+            r["text"] = text_prompt(server, story, 128)
+        return r
+    finally:
+        server.close()
+
+
+def baseline_served(rev, yaml_path, ckpt, work, story, new_tokens):
+    tree = os.path.join(work, "baseline")
+    subprocess.run(["git", "worktree", "add", "--detach", tree, rev], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        r = our_served(tree, yaml_path, ckpt, work, story, new_tokens, full=False)
+        r["revision"] = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip()
+        return r
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT, check=False)
+
+
+def llama_served(hf_dir, story, work):
+    from benchmarks import llamacpp
+    gguf = llamacpp.gguf_file(hf_dir, "f32")
+    server = LlamaServer(gguf, SEQ_LENGTH["mid"], 4, work)
+    try:
+        server.stream(story, 8)
+        r = text_prompt(server, story, 128)
+        r["version"] = llamacpp.version()
+        return r
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _f(x, d=2):
+    return f"{x:.{d}f}" if isinstance(x, (int, float)) else str(x)
 
 
 def render(r):
+    s, e, p = r["served"], r["engine"], r["predict"]
+    a, c, one, t = s["short_while_long"], s["mixed"], s["one_client"], s["text"]
+    b = r.get("baseline") or {}
+    lc = r.get("llama_server") or {}
     lines = [f"# Serving benchmark: `{r['preset']}`", "",
-             f"{r['machine']}; {r['new_tokens']} new tokens per request; image + question prompts "
-             f"({r['prompt_tokens']} tokens); server `--max_batch 8`; {r['date']}.", "",
-             "| time to first token | seconds |", "| --- | ---: |",
-             f"| predict: command start to first answer byte (imports, load, compile, prefill) | {r['predict_ttft_s']:.2f} |",
-             f"| serve: request to first streamed token, warm server (median of {len(r['served_ttft_s'])}) | "
-             f"{statistics.median(r['served_ttft_s']):.2f} |",
-             f"| serve: start-up until ready (once) | {r['server_start_s']:.1f} |", "",
-             "| clients | wall (s) | completion tokens | tokens/s | median time to first token (s) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for row in r["throughput"]:
-        ttft = f"{row['median_ttft_s']:.2f}" if "median_ttft_s" in row else "–"
-        lines.append(f"| {row['clients']} | {row['wall_s']:.2f} | {row['tokens']} | {row['tokens_per_s']:.1f} | {ttft} |")
+             f"{r['machine']}; {THREADS} threads per side; one run, {r['date']}. Server `--max_batch 8`, default "
+             f"`--prefill_chunk`; image prompts of {one.get('prompt_tokens')} tokens (576 image tokens).", "",
+             "| | ours | baseline" + (f" ({b.get('revision')})" if b else "") + " |", "| --- | ---: | ---: |",
+             f"| (a) short question alone: TTFT (s) | {_f(a['alone_s'])} | {_f(b.get('short_while_long', {}).get('alone_s', '–'))} |",
+             f"| (a) the same while a {a['long_tokens']}-token answer streams: TTFT (s) | {_f(a['beside_long_s'])} | "
+             f"{_f(b.get('short_while_long', {}).get('beside_long_s', '–'))} |",
+             f"| (a) ratio (goal <= 2) | {_f(a['ratio'])} | {_f(b.get('short_while_long', {}).get('ratio', '–'))} |",
+             f"| (c) mixed load, 8 clients: p50 TTFT (s) | {_f(c['p50_ttft_s'])} | {_f(b.get('mixed', {}).get('p50_ttft_s', '–'))} |",
+             f"| (c) p95 TTFT (s) | {_f(c['p95_ttft_s'])} | {_f(b.get('mixed', {}).get('p95_ttft_s', '–'))} |",
+             f"| (c) total tokens/s | {_f(c['tokens_per_s'], 1)} | {_f(b.get('mixed', {}).get('tokens_per_s', '–'), 1)} |",
+             "", "| one client, image question | served | warm engine | served / engine |", "| --- | ---: | ---: | ---: |",
+             f"| (b) TTFT (s) | {_f(one['ttft_s'])} | {_f(e['ttft_s'])} | {_f(one['ttft_s'] / e['ttft_s'])} |",
+             f"| (b) decode tokens/s | {_f(one['decode_tok_s'], 1)} | {_f(e['decode_tok_s'], 1)} | "
+             f"{_f(one['decode_tok_s'] / e['decode_tok_s'])} |",
+             f"| predict CLI, one process, {p['tokens']}-token answer: decode tokens/s | {_f(p['decode_tok_s'], 1)} | "
+             f"{_f(e['decode_tok_s'], 1)} | {_f(p['decode_tok_s'] / e['decode_tok_s'])} |",
+             "", f"| (d) text prompt of {t.get('prompt_tokens')} tokens, 128-token answers | ours | llama-server f32 | ours / llama |",
+             "| --- | ---: | ---: | ---: |"]
+    for key, name, d in (("ttft_s", "one client: TTFT (s)", 2), ("decode_tok_s", "one client: decode tokens/s", 1),
+                         ("clients4_tokens_per_s", "4 clients: total tokens/s", 1)):
+        theirs = lc.get(key, "–")
+        ratio = _f(t[key] / theirs) if isinstance(theirs, (int, float)) and theirs else ""
+        lines.append(f"| {name} | {_f(t[key], d)} | {_f(theirs, d)} | {ratio} |")
+    if lc.get("error"):
+        lines.append(f"\nllama-server: {lc['error']}")
+    lines.append(f"\nOur server was ready {s['start_s']:.1f} s after its start (load, compile every step shape).")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(SEQ_LENGTH), default="mid")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5, help="single served requests for the time to first token")
+    ap.add_argument("--new-tokens", type=int, default=64, help="(b): the one client's answer length")
+    ap.add_argument("--long", type=int, default=130, help="predict's answer length")
+    ap.add_argument("--baseline", default=BASELINE, help="a git revision whose server is measured too ('' = off)")
+    ap.add_argument("--llamacpp", choices=("auto", "off"), default="auto")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args(argv)
     from conftest import hf_checkpoint
+    from benchmarks import system
     hf_dir = hf_checkpoint(args.preset, shard_mb=200 if args.preset == "mid" else None)
     work = tempfile.mkdtemp(prefix="llava-serve-bench-")
     yaml_path = write_yaml(hf_dir, os.path.join(work, "model.yaml"), SEQ_LENGTH[args.preset])
     ckpt = os.path.join(work, "model.ckpt")
     subprocess.run([sys.executable, "convert_weight.py", "--model", "llava", "--input_path", hf_dir,
-                    "--output_path", ckpt, "--quiet"], cwd=ROOT, check=True, env=dict(os.environ, GLOG_v="3"))
-    import platform
-    r = {"preset": args.preset, "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d"),
-         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
-    r["predict_ttft_s"] = predict_ttft(yaml_path, ckpt, work, args.new_tokens)
-    server = Server(yaml_path, ckpt, work, max_batch=8)
-    try:
-        r["server_start_s"] = server.start_s
-        # warm-up: every new batch size and prompt-length bucket compiles its graphs once (seconds each); how
-        # concurrent requests split into batches depends on their arrival, so each load runs a few times
-        for n in (8, 8, 8, 4, 4, 1):
-            server.concurrent(n, 4)
-        r["served_ttft_s"] = [server.stream(QUESTIONS[0], args.new_tokens)[0] for _ in range(args.repeats)]
-        r["prompt_tokens"] = server.prompt_tokens
-        r["throughput"] = [server.sequential(8, args.new_tokens)] + \
-            [server.concurrent(n, args.new_tokens) for n in (1, 4, 8)]
-    finally:
-        server.close()
+                    "--output_path", ckpt, "--quiet"], cwd=ROOT, check=True, env=env())
+    from llava_tokenizer import LlavaTokenizer
+    from helpers import TOKENIZER_MODEL
+    tok = LlavaTokenizer(vocab_file=TOKENIZER_MODEL)
+    story = STORY
+    while len(tok.encode(story + "What happened?")) < 690:
+        story += STORY
+    story += "What happened?"
+    m = system.machine_info()
+    isa = "AVX-512" if m["avx512f"] else "AVX2" if m["avx2"] else "no AVX2"
+    r = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "machine": f"{m['cpu']} ({isa}), {m['cores']} cores"}
+    say("warm engine ...")
+    r["engine"] = warm_engine(hf_dir, args.new_tokens)
+    say("predict CLI ...")
+    r["predict"] = predict_cli(yaml_path, ckpt, work, args.long)
+    say("our server ...")
+    r["served"] = our_served(ROOT, yaml_path, ckpt, work, story, args.new_tokens)
+    if args.baseline:
+        say(f"baseline server ({args.baseline}) ...")
+        try:
+            r["baseline"] = baseline_served(args.baseline, yaml_path, ckpt, work, story, args.new_tokens)
+        except (subprocess.CalledProcessError, AssertionError, OSError) as e:
+            r["baseline"] = {"error": str(e)}
+    if args.llamacpp == "auto":
+        say("llama-server ...")
+        try:
+            r["llama_server"] = llama_served(hf_dir, story, work)
+        except Exception as e:  # noqa: BLE001  the peer is optional: say why it is missing
+            r["llama_server"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     with open(os.path.join(args.out, f"serve_{args.preset}.json"), "w") as f:
         json.dump(r, f, indent=1)
     with open(os.path.join(args.out, f"serve_{args.preset}.md"), "w") as f:

@@ -403,12 +403,12 @@ def test_memory_estimate_matches_a_hand_count_and_the_checkpoint(tiny_hf_dir):
                        compute_dtype="float32")
     t = shapes["text"]
     hd = t["hidden_size"] // t["heads"]
-    kv3 = t["layers"] * 2 * 3 * t["kv_heads"] * 256 * hd * 4           # float32 cache for batch_size 3
-    kv5 = t["layers"] * 2 * 5 * t["kv_heads"] * 256 * hd * 4           # and one for a run of 5 inputs
+    kv3 = t["layers"] * 2 * 3 * t["kv_heads"] * 256 * hd * 4           # float32 pool of batch_size 3 rows
+    kv5 = t["layers"] * 2 * 5 * t["kv_heads"] * 256 * hd * 4           # one pool of 5 rows for a run of 5
     act5 = (5 * 256 * (2 * t["hidden_size"] + 2 * t["intermediate_size"]) + 5 * t["heads"] * 128 * 256
             + 5 * t["vocab"]) * 4
     est = memory_budget.estimate(config, batch=5)
-    assert (est.weights, est.kv_cache, est.activations, est.runtime) == (stored * 2, kv3 + kv5, act5, GIB)
+    assert (est.weights, est.kv_cache, est.activations, est.runtime) == (stored * 2, kv5, act5, GIB)
     # two ranks: split weights and the KV heads halve, replicated weights (vision, projector, norms) do not
     est2 = memory_budget.estimate(config, batch=3, world=2)
     assert est2.kv_cache == kv3 // 2
@@ -418,9 +418,16 @@ def test_memory_estimate_matches_a_hand_count_and_the_checkpoint(tiny_hf_dir):
     with pytest.raises(LlavaError) as e:
         memory_budget.check(config, batch=5, available=(have, "available (test)"))
     assert f"needs ~{est.total / GIB:.1f} GiB (weights {stored * 2 / GIB:.1f} GiB + KV cache " \
-           f"{(kv3 + kv5) / GIB:.1f} GiB" in str(e.value)
+           f"{kv5 / GIB:.1f} GiB" in str(e.value)
     assert f"{have / GIB:.1f} GiB available (test): lower seq_length or batch_size" in str(e.value)
     assert memory_budget.check(config, batch=5, available=(est.total, "available (test)")).total == est.total
+    # a server takes the KV pool that fits (at least one full-length row), and only when asked to
+    one_row = kv5 // 5
+    short = memory_budget.check(config, batch=5, available=(est.total - kv5 + 2 * one_row + 7, "test"),
+                                shrink_kv=True)
+    assert short.kv_cache == 2 * one_row + 7 and short.weights == est.weights
+    with pytest.raises(LlavaError, match="needs"):
+        memory_budget.check(config, batch=5, available=(est.total - kv5 + one_row - 1, "test"), shrink_kv=True)
     # device memory is compared only when the yaml says how much there is
     assert memory_budget.parse_size("58GB") == 58 * GIB and memory_budget.parse_size("512MB") == 512 << 20
     with pytest.raises(LlavaError, match=r"GiB device memory \(context.max_device_memory=1MB\)"):

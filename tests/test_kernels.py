@@ -1,8 +1,8 @@
 """[J] The plugin's CPU kernels (research/llava/lowbit_kernels): the low-precision weight matmul y = x @ W.T from int8
-(+ scales), float16, bfloat16 and float32 weights, the decode attention over the KV cache, the prompt attention
-and the per-token steps (RMSNorm, SwiGLU, rotary), against numpy float64, on every instruction-set path this
-machine has (read from /proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative and
-Graph mode, and the pure-MindSpore fallback; plus the kernel's worker threads under concurrent callers and
+(+ scales), float16, bfloat16 and float32 weights, the prompt attention, the paged attention over a block-table
+KV pool and the per-token steps (RMSNorm, SwiGLU, rotary), against numpy float64, on every instruction-set path
+this machine has (read from /proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative
+and Graph mode, and the pure-MindSpore fallback; plus the kernel's worker threads under concurrent callers and
 fork, the build cache and the errors.
 
 Shapes are chosen to hit every edge of the kernel: rows of x below, at and above the decode/prefill switch
@@ -257,32 +257,10 @@ def test_concurrent_callers_and_a_forked_child_get_the_same_answer(env):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
-# (B rows, H query heads, kv heads, D head_dim, S cache positions, T attended): grouped and plain heads,
-# head_dim below / not a multiple of the vector width, T = 1, T = S, T in between
-ATTENTION_SHAPES = [(1, 4, 4, 16, 8, 5), (2, 6, 2, 24, 33, 33), (3, 8, 1, 7, 20, 1), (1, 32, 32, 128, 70, 64)]
-
-
-def attention_case(rng, b, h, kv, d, s, t):
-    q = rng.standard_normal((b, h, d)).astype(np.float32)
-    k = rng.standard_normal((b * kv * s, d)).astype(np.float32)
-    v = rng.standard_normal((b * kv * s, d)).astype(np.float32)
-    masked = rng.random((b, t)) < 0.3
-    masked[:, 0] = False                                     # every row attends to at least one position
-    bias = np.where(masked, np.float32(-1e30), np.float32(0))[:, None, None, :].repeat(h, 1).astype(np.float32)
-    ref = np.zeros((b, h, d))
-    for bi in range(b):
-        for hi in range(h):
-            rows = (bi * kv + hi // (h // kv)) * s + np.arange(t)
-            scores = k[rows].astype(np.float64) @ q[bi, hi].astype(np.float64) + bias[bi, hi, 0]
-            p = np.exp(scores - scores.max())
-            ref[bi, hi] = (p / p.sum()) @ v[rows].astype(np.float64)
-    return (q, k, v, bias, np.array([kv, s], np.int32)), ref
-
-
 def test_without_the_native_library_the_attention_and_per_token_makers_are_none(env):
     env.setenv("LLAVA_KERNEL", "fallback")
-    assert kernels.make_decode_attention() is None
     assert kernels.make_prompt_attention() is None
+    assert kernels.make_paged_attention() is None
     assert kernels.make_rms_norm() is None and kernels.make_swiglu() is None and kernels.make_rotary() is None
 
 
@@ -314,19 +292,65 @@ def prompt_case(rng, b, lq, lk, h, kv, d, pad):
     return (q, k, v, mask), ref
 
 
+# (H query heads, kv heads, D head_dim, BS positions per block, tokens in call order as (table row, L0, n)
+# groups: n tokens of the row attending L0, L0 + 1, ... positions (a prompt chunk; L0 > 1 has cached positions
+# before it; n = 1 a decode token); L0 = 0: n padding tokens): grouped and plain heads, head_dim below / not a
+# multiple of the vector width, blocks of 1, 4, 16 positions, chunks not a multiple of the query block, chunks
+# ending on and crossing block edges, and a decode token of a row next to (not continuing) a chunk of it
+PAGED_SHAPES = [(4, 4, 16, 4, ((0, 1, 6), (1, 9, 1), (2, 0, 1), (2, 5, 4))),
+                (6, 2, 24, 16, ((0, 1, 33), (1, 40, 1), (3, 0, 2), (2, 10, 7), (4, 17, 1))),
+                (8, 1, 7, 1, ((0, 3, 5), (1, 1, 1), (0, 0, 2), (2, 4, 1), (2, 9, 3), (3, 2, 2))),
+                (32, 32, 128, 16, ((0, 1, 20), (1, 70, 1), (2, 30, 9), (3, 0, 1), (4, 45, 1), (5, 1, 1)))]
+
+
+def paged_tokens(groups):
+    return np.array([(r, l0 + j if l0 else 0) for r, l0, n in groups for j in range(n)], np.int32)
+
+
+def paged_rows(tokens, tables, kv, bs):
+    """Per token, its attended cache rows [kv, L] (row (block * kv + g) * bs + offset of positions 0..L-1)."""
+    out = []
+    for r, length in tokens:
+        p = np.arange(length)
+        out.append((tables[r, p // bs][None] * kv + np.arange(kv)[:, None]) * bs + p % bs)
+    return out
+
+
+def paged_case(rng, h, kv, d, bs, groups):
+    """Each table row's blocks a random scattering of a shuffled permutation of blocks 1..NB-1 (block 0 and a
+    few others belong to nobody), one spare table entry per row; float64 reference per token and head."""
+    tokens = paged_tokens(groups)
+    rows = int(tokens[:, 0].max()) + 1
+    mb = -(-int(tokens[:, 1].max()) // bs) + 1
+    nb = 1 + rows * mb + 3
+    tables = rng.permutation(np.arange(1, nb))[:rows * mb].reshape(rows, mb).astype(np.int32)
+    q = rng.standard_normal((len(tokens), h, d)).astype(np.float32)
+    k = rng.standard_normal((nb * kv * bs, d)).astype(np.float32)
+    v = rng.standard_normal((nb * kv * bs, d)).astype(np.float32)
+    ref = np.zeros((len(tokens), h, d))
+    for i, at in enumerate(paged_rows(tokens, tables, kv, bs)):
+        for hi in range(h):
+            if at.shape[1]:
+                g = at[hi // (h // kv)]
+                scores = k[g].astype(np.float64) @ q[i, hi].astype(np.float64)
+                p = np.exp(scores - scores.max())
+                ref[i, hi] = (p / p.sum()) @ v[g].astype(np.float64)
+    return (q, k, v, tokens, tables, np.array([kv, bs], np.int32)), ref
+
+
 # per kind: (maker, case builder, shapes, the shape's tolerance against float64)
 ATTENTION_KERNELS = {
-    "decode": (kernels.make_decode_attention, attention_case, ATTENTION_SHAPES, lambda s: 1e-5 * (1 + s[5] / 64)),
     "prompt": (kernels.make_prompt_attention, prompt_case, PROMPT_SHAPES, lambda s: 2e-5 * (1 + s[2] / 64)),
+    "paged": (kernels.make_paged_attention, paged_case, PAGED_SHAPES,
+              lambda s: 2e-5 * (1 + paged_tokens(s[4])[:, 1].max() / 64)),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION_KERNELS))
 @pytest.mark.parametrize("path", PATHS)
 def test_attention_kernels_match_float64(kind, path, env, mode):
-    """decode: reads the first T cache positions of each row's KV head in place, softmax over q . K + bias,
-    times V (masked positions, grouped heads); prompt: causal masks, padded rows, grouped heads, the last
-    query alone. Both against numpy float64."""
+    """prompt: causal masks, padded rows, grouped heads, the last query alone; paged: prompt chunks, decode
+    tokens and padding of several rows in one call through scattered blocks. All against numpy float64."""
     env.setenv("LLAVA_KERNEL", "native")
     env.setenv("LLAVA_KERNEL_ISA", path)
     maker, case, shapes, tolerance_of = ATTENTION_KERNELS[kind]
@@ -337,6 +361,69 @@ def test_attention_kernels_match_float64(kind, path, env, mode):
         y = op(*map(Tensor, args)).asnumpy()
         assert y.shape == ref.shape and y.dtype == np.float32
         assert np.abs(y - ref).max() <= tolerance_of(shape), (path, kind, shape, np.abs(y - ref).max())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paged_attention_reads_only_each_tokens_positions(path, env):
+    """Per token: every cache row outside its own attended positions (other rows' blocks, unused blocks, its
+    row's positions >= L, which later tokens of its chunk attend) rewritten with large values leaves its output
+    bit for bit the same; and 1 or 2 threads give the same bits (each output is one thread's fixed-order sum)."""
+    env.setenv("LLAVA_KERNEL", "native")
+    env.setenv("LLAVA_KERNEL_ISA", path)
+    rng = np.random.default_rng(23)
+    op = kernels.make_paged_attention()
+    for shape in (PAGED_SHAPES[1], PAGED_SHAPES[3]):
+        (q, k, v, tokens, tables, layout), _ = paged_case(rng, *shape)
+        base = op(*map(Tensor, (q, k, v, tokens, tables, layout))).asnumpy()
+        for i, at in enumerate(paged_rows(tokens, tables, *layout)):
+            other = np.ones(len(k), bool)
+            other[at.ravel()] = False
+            k2, v2 = k.copy(), v.copy()
+            k2[other] = rng.standard_normal((other.sum(), k.shape[1])) * 1e4
+            v2[other] = rng.standard_normal((other.sum(), k.shape[1])) * 1e4
+            y = op(*map(Tensor, (q, k2, v2, tokens, tables, layout))).asnumpy()
+            np.testing.assert_array_equal(y[i], base[i], err_msg=f"{path} {shape[:4]} token {i}")
+        for threads in ("1", "2"):
+            env.setenv("LLAVA_KERNEL_THREADS", threads)
+            np.testing.assert_array_equal(op(*map(Tensor, (q, k, v, tokens, tables, layout))).asnumpy(), base)
+        env.delenv("LLAVA_KERNEL_THREADS")
+
+
+def call_entry(name, arrays, out):
+    """The library's ops.Custom entry `name` called through ctypes on numpy arrays (inputs, then out) -> its
+    return code."""
+    import ctypes
+    arrs = [*arrays, out]
+    params = (ctypes.c_void_p * len(arrs))(*[a.ctypes.data for a in arrs])
+    ndims = (ctypes.c_int * len(arrs))(*[a.ndim for a in arrs])
+    dims = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrs]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * len(arrs))(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64))
+                                                           for d in dims])
+    kinds = (ctypes.c_char_p * len(arrs))(*[str(a.dtype).encode() for a in arrs])
+    return getattr(ctypes.CDLL(kernels.native_library()), name)(len(arrs), params, ndims, shapes, kinds, None, None)
+
+
+def test_paged_attention_rejects_bad_tokens_tables_and_shapes(env):
+    """Non-zero (MindSpore raises) for a table row outside tables, L < 0 or past the table's MB * BS
+    positions, a block id of an attended position outside the pool, and mismatched shapes or dtypes."""
+    env.setenv("LLAVA_KERNEL", "native")
+    (q, k, v, tokens, tables, layout), ref = paged_case(np.random.default_rng(3), *PAGED_SHAPES[0])
+    out = np.zeros_like(q)
+    assert call_entry("LlavaPagedAttention", (q, k, v, tokens, tables, layout), out) == 0
+    assert np.abs(out - ref).max() < 1e-4
+    bs, mb = int(layout[1]), tables.shape[1]
+    for change in ((0, 0, len(tables)), (0, 0, -1), (0, 1, mb * bs + 1), (0, 1, -1)):
+        bad = tokens.copy()
+        bad[change[0], change[1]] = change[2]
+        assert call_entry("LlavaPagedAttention", (q, k, v, bad, tables, layout), out) != 0, change
+    for block in (-1, len(k) // (int(layout[0]) * bs)):
+        bad = tables.copy()
+        bad[tokens[0, 0], 0] = block
+        assert call_entry("LlavaPagedAttention", (q, k, v, tokens, bad, layout), out) != 0, block
+    assert call_entry("LlavaPagedAttention", (q, k[:-1], v[:-1], tokens, tables, layout), out) != 0
+    assert call_entry("LlavaPagedAttention", (q, k, v, tokens[:-1], tables, layout), out) != 0
+    assert call_entry("LlavaPagedAttention", (q, k, v, tokens.astype(np.int64), tables, layout), out) != 0
+    assert call_entry("LlavaPagedAttention", (q, k, v, tokens, tables, np.array([3, bs], np.int32)), out) != 0
 
 
 def test_unknown_or_unavailable_isa_is_a_clear_error(env):

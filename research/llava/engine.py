@@ -1,44 +1,44 @@
-"""The engine: runs LlavaModel's cells for requests.
+"""The engine: runs LlavaModel's cells for requests, as rows of one KV pool and steps over them.
 
-Everything that turns a request into tokens lives here, and every way in (predict, MindFormers' Trainer and
-pipeline through `LlavaModel.generate`, the benchmark, the tests) goes through `Engine`:
+Everything that turns a request into tokens lives here, and every way in (predict, chat, the server's
+scheduler, MindFormers' Trainer and pipeline through `LlavaModel.generate`, the benchmark, the tests) goes
+through `Engine`:
 
-* compiled steps: small cells over the model's parts, compiled as one graph each in GRAPH_MODE (or with
-  `mindspore.jit` in PyNative when `jit_steps` is set):
+* a **row** (`Row`) is one request in flight: its token ids (prompt, then what it generated), its image
+  features, its block table in the KV pool (kv_pool.KVPool) and how many of its positions are in the pool,
+  its token selector and stop rule. Rows start and end at any step; nothing is shared between rows but the
+  weights. A row's rotary positions are its own 0, 1, 2, ...: no left padding, no shared position counter.
+* a **step** (`run` / `step`) is one forward pass over a plan [(row, n), ...]: the next n tokens of each row
+  (a prompt chunk of a joining row, or the one token a decoding row just chose), flattened into one batch of
+  tokens, so the weights are read once for all of them. Each token writes its keys/values into its row's
+  blocks and attends over its row's positions so far (llama_text.LlamaModel.rows). Shapes depend only on the
+  number of tokens (rounded up to a bucket, `token_bucket`) and of logits: the attended lengths, positions and
+  block tables are data, so Graph mode compiles one graph per bucket, never per length, and `warmup` compiles
+  them all before a server says ready.
+* compiled cells (one graph per input shape in GRAPH_MODE, or `mindspore.jit` in PyNative with `jit_steps`):
     vision   pixel_values [N, 3, H, W] -> image features [N * num_image_tokens, text_hidden]
-    prefill  merged prompt embeddings [B, L] -> logits of the last position (or of all positions) and the
-             prompt's keys/values
-    write    the prompt's keys/values -> KV cache positions 0..L-1 (run with the first decode step, so the
-             first token does not wait for the copy)
-    prefill_write  a prefill whose layers write their keys/values into the cache as they go: a large
-             prompt on CPU runs it op by op (eager_for), so no layer's keys/values outlive it
-    decode   one token per row [B, 1] -> logits [B, V]; writes its keys/values at the next cache position
-             in place and attends over cache positions 0..T-1 only: T, the length of its mask, is the
-             positions in use rounded up to a multiple of `decode_bucket` (default 64), so Graph mode
-             compiles one decode graph per bucket and reuses it
-    forward  the full sequence without the cache -> logits [B, L, V] (reference, and config.use_past=False)
-* host-side input preparation (`prepare_prompt`): left padding, image-token count, merge index, positions,
-  masks; prompts are left-padded to a multiple of `prefill_bucket` (default 8) so Graph mode compiles one
-  prefill per bucket, not per length;
-* `KVCache`: the cache Parameters per batch size, the pending prompt write, and per row which cache positions
-  hold its tokens;
-* the generate loop over `generation.TokenSelector.step` (the one stop rule) and the prompt budget
-  (`check_budget`, checked once per request as it starts; the predict job also calls it before loading the
-  weights, so that a prompt too long fails in a second).
+    rows     a step's tokens -> logits of the tokens that end their row's known ids
+    forward  the full left-padded sequence without the pool -> logits [B, L, V] (reference, use_past=False)
+* the prompt budget (`check_budget` / generation.check_fits: prompt + max_new_tokens <= seq_length, checked
+  once per request as its row is added; the predict job also calls it before loading the weights) and the
+  stop rule (generation.TokenSelector: eos, max_new_tokens) are decided here, once per row.
 
-Request API: `stream(input_ids, pixel_values, attention_mask, settings)` yields each step's tokens per row;
-`generate(..., streamer=)` collects them. On CPU in PyNative mode set `pynative_synchronize=True` in the
-context: the asynchronous op queue's thread hand-offs cost ~1 ms per dependent op on a small machine (tiny
-decode 8 -> 67 steps/s); GRAPH_MODE is the fast path.
+Request API: `stream(input_ids, pixel_values, attention_mask, settings)` (left-padded batches: each row becomes
+a row of the pool) yields each step's tokens per row; `generate(..., streamer=)` collects them; `add` /
+`step` / `release` are the row API the server's scheduler plans with. On CPU in PyNative mode set
+`pynative_synchronize=True` in the context: the asynchronous op queue's thread hand-offs cost ~1 ms per
+dependent op on a small machine; GRAPH_MODE is the fast path.
 """
 import contextlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from generation import GenerationSettings, TokenSelector, check_fits
+from kv_pool import BLOCK_SIZE, KVPool, blocks_for
 from llama_text import cache_shape
 from llava_errors import LlavaError
 
@@ -56,12 +56,12 @@ def _numpy(x):
 
 
 def check_budget(config, input_ids, attention_mask, max_new_tokens):
-    """LlavaError unless every left-padded prompt of the batch + max_new_tokens fits seq_length (the KV-cache
-    size); the message names the longest prompt and its image tokens (never truncated)."""
+    """LlavaError unless every prompt of a left-padded batch (its real tokens: each row is its own row of the
+    KV pool) + max_new_tokens fits seq_length; the message names the longest prompt and its image tokens
+    (never truncated)."""
     ids = np.atleast_2d(_numpy(input_ids))
     mask = ids != config.text_config.pad_token_id if attention_mask is None else np.atleast_2d(_numpy(attention_mask))
     lengths = [int(n) for n in (mask != 0).sum(-1)]
-    lengths[int(np.argmax(lengths))] = ids.shape[-1]        # the KV cache holds the padded width
     check_fits(lengths, max_new_tokens, config.seq_length,
                image_tokens=[int(n) for n in (ids == config.image_token_index).sum(-1)])
 
@@ -76,55 +76,35 @@ class _VisionStep(nn.Cell):
         return self.model.image_features(pixel_values)
 
 
-class _PromptStep(nn.Cell):
-    """Prompt embeddings with image features merged in, then the decoder (prefill or cache-free forward)."""
-
-    def __init__(self, model, for_cache, last_only, write=False):
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.for_cache = for_cache          # also return the keys/values, for the 'write' step
-        self.last_only = last_only
-        self.write = write                  # each layer writes its keys/values into the cache itself
-
-    def construct(self, input_ids, image_features, merge_index, position_ids, mask, slots):
-        b, l = input_ids.shape
-        merged = self.model.embed(input_ids, image_features, merge_index)
-        logits, kv = self.model.language_model(merged, position_ids, mask, slots, b, l, False, self.last_only,
-                                               self.write)
-        return (logits, kv) if self.for_cache else logits
-
-
-class _DecodeStep(nn.Cell):
-    def __init__(self, model):
-        super().__init__(auto_prefix=False)
-        self.model = model
-
-    def construct(self, input_ids, position_ids, mask, slots):
-        b = input_ids.shape[0]
-        emb = self.model.language_model.embed(ops.reshape(input_ids, (b,)))
-        return self.model.language_model(emb, position_ids, mask, slots, b, 1, True, True)[0]
-
-
-class _CacheWriteStep(nn.Cell):
-    """A prompt's keys/values (k0, v0, k1, v1, ...) -> KV cache positions `slots` of every layer."""
+class _ForwardStep(nn.Cell):
+    """The cache-free full sequence: prompt embeddings with image features merged in, then the decoder."""
 
     def __init__(self, model):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, slots, *kv):
-        b, l, _, _ = kv[0].shape
-        return self.model.language_model.write_cache(kv, slots, b, l)
+    def construct(self, input_ids, image_features, merge_index, position_ids, mask):
+        return self.model(input_ids, image_features, merge_index, position_ids, mask)
+
+
+class _RowStep(nn.Cell):
+    """One row step (Engine.run): embeddings of the step's tokens with image features merged in, then the
+    decoder over the KV pool -> float32 logits [m, V] of the logit_index tokens."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, ids, image_features, image_mask, positions, write, tokens, tables, logit_index):
+        n, m = ids.shape[0], logit_index.shape[0]
+        emb = self.model.embed_rows(ids, image_features, image_mask)
+        return self.model.language_model.rows(emb, positions, write, tokens, tables, logit_index, n, m)
 
 
 _STEPS = {
     "vision": lambda m: _VisionStep(m),
-    "prefill": lambda m: _PromptStep(m, for_cache=True, last_only=True),
-    "prefill_all": lambda m: _PromptStep(m, for_cache=True, last_only=False),
-    "prefill_write": lambda m: _PromptStep(m, for_cache=True, last_only=True, write=True),
-    "forward": lambda m: _PromptStep(m, for_cache=False, last_only=False),
-    "decode": lambda m: _DecodeStep(m),
-    "write": lambda m: _CacheWriteStep(m),
+    "forward": lambda m: _ForwardStep(m),
+    "rows": lambda m: _RowStep(m),
 }
 
 
@@ -160,8 +140,8 @@ class Prompt:
     attention: np.ndarray      # [B, L, L] causal and padding mask
 
 
-def prepare_prompt(config, input_ids, attention_mask, n_images, pad_to=None):
-    """Check a left-padded prompt batch and build the prompt steps' inputs. `pad_to` adds left padding."""
+def prepare_prompt(config, input_ids, attention_mask, n_images):
+    """Check a left-padded prompt batch and build the cache-free step's inputs."""
     tc = config.text_config
     ids = _numpy(input_ids)
     if ids.ndim == 1:
@@ -193,11 +173,6 @@ def prepare_prompt(config, input_ids, attention_mask, n_images, pad_to=None):
                          f"real token (all padding)")
     if (np.diff(mask, axis=-1) < 0).any():
         raise LlavaError("input_ids must be left-padded (padding found after a real token)")
-    if pad_to is not None and pad_to > l:
-        extra = pad_to - l
-        ids = np.concatenate([np.full((b, extra), tc.pad_token_id, np.int64), ids], 1)
-        mask = np.concatenate([np.zeros((b, extra), np.int32), mask], 1)
-        l = pad_to
     image = ids == config.image_token_index
     n_tokens = int(image.sum())
     per_image = config.num_image_tokens
@@ -225,107 +200,67 @@ def check_pixels(config, pixel_values):
     return Tensor(np.asarray(pixel_values, dtype=np.float32), ms.float32)
 
 
-# ---------------------------------------------------------------------------------------------- KV cache
-class KVCache:
-    """The decoder's KV cache and which of its positions hold each row's tokens.
-
-    The cache tensors are Parameters held by the attention cells (llama_text.LlamaAttention) in the layout
-    `llama_text.cache_shape` gives. A compiled graph keeps the Parameter objects it was built with, so a cache
-    is kept per batch size (the pool) and swapped into the cells, never reallocated. After a prefill the
-    prompt's keys/values are pending: `flush` writes them with the first decode step.
-    """
-
-    def __init__(self, model, write_step):
-        self.model = model
-        self.seq_length = model.config.seq_length
-        self._write_step = write_step
-        self._pool = {}
-        self.mask = None            # [B, seq_length] int32: 1 = the position holds a real token of that row
-        self.next_slot = 0          # the position the next decode step writes (= positions in use)
-        self.pending = None         # (slots, keys/values) of the prompt, written by flush()
-
-    def use(self, batch):
-        """Make the cells hold this batch size's cache (allocated the first time)."""
-        lm = self.model.language_model
-        current = lm.cache_parameters()
-        rows = current[0][0].shape[0] // cache_shape(self.model.config, 1, self.model.tp.world)[0]
-        self._pool.setdefault(rows, current)
-        if rows == batch:
-            return
-        if batch not in self._pool:
-            dtype = current[0][0].dtype
-            shape = cache_shape(self.model.config, batch, self.model.tp.world)
-            self._pool[batch] = [tuple(Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=p.name,
-                                                 requires_grad=False) for p in pair) for pair in current]
-        lm.use_cache_parameters(self._pool[batch])
-
-    def start(self, prompt_mask, slots, kv):
-        """A prefill of prompt_mask [B, L] ran: its keys/values go to positions 0..L-1 with the next flush
-        (none: the prefill wrote them)."""
-        b, l = prompt_mask.shape
-        self.mask = np.zeros((b, self.seq_length), np.int32)
-        self.mask[:, :l] = prompt_mask
-        self.next_slot = l
-        self.pending = (slots, kv) if kv else None
+# ---------------------------------------------------------------------------------------------- rows
+@dataclass(eq=False)
+class Row:
+    """One request in flight (see the module doc). `ids` grows by each chosen token; `length` of them have
+    their keys/values in the pool: the row's next tokens to feed are ids[length:]."""
+    lane: int                          # the row's line in the step's block tables
+    ids: list                          # what the row feeds: prompt ids (image tokens as 0), then generated ids
+    prompt_ids: list                   # the prompt as given (image tokens included): the selector's history
+    prompt_length: int
+    image_rows: np.ndarray             # [prompt_length] int32: image-feature row of each position, -1 = text
+    features: Optional[np.ndarray]     # [image tokens, text_hidden] float32, or None
+    settings: GenerationSettings
+    selector: TokenSelector
+    blocks: list
+    length: int = 0
+    finished: bool = False
+    finish_reason: Optional[str] = None          # "stop" (eos) or "length" (max_new_tokens)
 
     @property
-    def batch(self):
-        return 0 if self.mask is None else self.mask.shape[0]
-
-    def flush(self):
-        if self.pending is not None:
-            slots, kv = self.pending
-            self._write_step(slots, *kv)
-            self.pending = None
+    def pending(self):
+        return len(self.ids) - self.length
 
     @property
-    def in_use(self):
-        """Positions 0..in_use-1 of every row hold the prompt and the tokens decoded so far (or padding)."""
-        return self.next_slot
+    def prefilling(self):
+        return self.length < self.prompt_length
 
-    def advance(self):
-        """Claim the next position for one new token per row -> (slot, rotary positions [B, 1])."""
-        if self.mask is None:
-            raise LlavaError("decode needs a prefill first")
-        slot = self.next_slot
-        if slot >= self.seq_length:
-            raise LlavaError(f"the KV cache is full (seq_length={self.seq_length})")
-        positions = self.mask[:, :slot].sum(-1).astype(np.int32).reshape(-1, 1)
-        self.mask[:, slot] = 1
-        self.next_slot = slot + 1
-        return slot, positions
+    @property
+    def generated(self):
+        return self.ids[self.prompt_length:]
 
-    def attention_mask(self, length):
-        """[B, 1, length] int32: which of cache positions 0..length-1 a decode step attends to
-        (length >= in_use: the positions past in_use are masked)."""
-        if not self.in_use <= length <= self.seq_length:
-            raise LlavaError(f"a decode step over {length} cache positions cannot cover the {self.in_use} "
-                             f"in use (seq_length={self.seq_length})")
-        return np.ascontiguousarray(self.mask[:, None, :length])
+
+def token_bucket(n):
+    """Tokens a step of n tokens runs with: n rounded up to a power of two up to 32, then to a multiple of 32
+    (the filler tokens write to the scratch block and attend nothing; at most 1/16 of a long prompt is filler,
+    and Graph mode compiles one graph per bucket)."""
+    if n <= 32:
+        return 1 << max(0, int(n - 1).bit_length())
+    return -(-n // 32) * 32
 
 
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
-    """Runs a LlavaModel: `stream`/`generate` for requests, `image_features`/`prefill`/`decode`/`forward` for
-    single steps."""
+    """Runs a LlavaModel: rows of one KV pool and steps over them (`add`, `step`, `release`), `stream` /
+    `generate` for left-padded batches, `image_features` / `prefill` / `decode` / `forward` for single steps."""
 
-    def __init__(self, model, prefill_bucket=8, jit_steps=False, decode_bucket=64, eager=None):
+    def __init__(self, model, jit_steps=False, eager=None, block_size=BLOCK_SIZE):
         self.model = model
         self.config = model.config
-        # Prompts are left-padded to a multiple of this many tokens (0 = exact length): one Graph-mode
-        # compilation per bucket instead of per length, and CPU matmuls are no slower on 600 rows than on 595.
-        self.prefill_bucket = int(prefill_bucket)
-        # A decode step attends over the cache positions in use rounded up to a multiple of this many
-        # (0 = always the whole cache): one Graph-mode compilation per bucket; see decode_length.
-        self.decode_bucket = int(decode_bucket)
         # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
         self.jit_steps = bool(jit_steps)
-        # Run the vision tower and the prefill op by op in a Graph-mode context: None = when eager_for says.
+        # Run the vision tower and large steps op by op in a Graph-mode context: None = when eager_for says.
         self.eager = eager
+        self.block_size = int(block_size)
+        self.pool = None                 # kv_pool.KVPool, from reserve()
+        self.lanes = 0
+        self.rows = []                   # rows in flight
+        self._free_lanes = []
         self._steps = {}
-        self.cache = KVCache(model, lambda *args: self.step("write")(*args))
+        self._single = []                # the rows of the prefill/decode single-step API
 
-    def step(self, kind):
+    def step_cell(self, kind):
         """The compiled cell of one step kind (see the module doc); in PyNative mode with `jit_steps` its
         construct runs through mindspore.jit."""
         use_jit = self.jit_steps and ms.get_context("mode") == ms.PYNATIVE_MODE
@@ -338,67 +273,208 @@ class Engine:
             self._steps[key] = cell
         return self._steps[key]
 
-    # ------------------------------------------------------------------ single steps
-    def image_features(self, pixel_values):
-        """pixel_values [N, 3, H, W] -> Tensor [N * num_image_tokens, text_hidden] (after the projector)."""
-        pix = check_pixels(self.config, pixel_values)
-        eager = self.eager_for("vision", pix.shape[0] * (self.config.vision_config.num_patches + 1))
+    # ------------------------------------------------------------------ the pool
+    @property
+    def max_blocks(self):
+        """Block-table width: the blocks of one row of seq_length positions."""
+        return blocks_for(self.config.seq_length, self.block_size)
+
+    def pool_bytes(self, blocks):
+        """Bytes of a pool of `blocks` blocks on this rank (keys and values of every layer)."""
+        shape = cache_shape(self.config, blocks, self.block_size, self.model.tp.world)
+        itemsize = np.dtype(np.float16 if self.model.language_model.compute_dtype != ms.float32
+                            else np.float32).itemsize
+        return 2 * self.config.text_config.num_layers * shape[0] * shape[1] * itemsize
+
+    def reserve(self, lanes, blocks=None):
+        """Allocate the KV pool for up to `lanes` rows at once and `blocks` blocks (default: every row can
+        reach seq_length; plus the scratch block). Only while no row is in flight: compiled graphs hold the
+        pool's Parameters, so they are dropped and compile again."""
+        for row in self._single:         # the single-step API's rows end here
+            self.release(row)
+        self._single = []
+        if self.rows:
+            raise LlavaError("the KV pool cannot be resized while rows are in flight")
+        lanes = int(lanes)
+        blocks = int(blocks) if blocks is not None else 1 + lanes * self.max_blocks
+        if lanes < 1 or blocks < 2:
+            raise LlavaError(f"a KV pool needs at least one row and two blocks, got {lanes} and {blocks}")
+        lm = self.model.language_model
+        shape = cache_shape(self.config, blocks, self.block_size, self.model.tp.world)
+        dtype = lm.compute_dtype
+        pairs = [tuple(Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=p.name, requires_grad=False)
+                       for p in pair) for pair in lm.cache_parameters()]
+        lm.use_cache_parameters(pairs, self.block_size)
+        self.pool = KVPool(blocks, self.block_size)
+        self.lanes = lanes
+        self._free_lanes = list(range(lanes - 1, -1, -1))
+        self._steps = {k: v for k, v in self._steps.items() if k[0] == "vision"}
+        self._single = []
+
+    def _ensure_pool(self, lanes):
+        if self.pool is None or (self.lanes < lanes and not self.rows):
+            self.reserve(max(lanes, self.config.batch_size))
+
+    # ------------------------------------------------------------------ rows
+    def fits(self, n_ids, settings):
+        """Whether a row of n_ids prompt tokens and its answer can be added now (a free lane and blocks)."""
+        return bool(self._free_lanes) and \
+            self.pool.needed(n_ids + settings.max_new_tokens) <= self.pool.free
+
+    def check_request(self, n_ids, settings):
+        """LlavaError unless the prompt + max_new_tokens fit seq_length and the whole pool."""
+        check_fits(n_ids, settings.max_new_tokens, self.config.seq_length)
+        need = self.pool.needed(n_ids + settings.max_new_tokens)
+        if need > self.pool.usable:
+            raise LlavaError(f"the prompt is {n_ids} tokens; + max_new_tokens={settings.max_new_tokens} needs "
+                             f"{need * self.block_size} KV positions, more than the pool's "
+                             f"{self.pool.usable * self.block_size}")
+
+    def add(self, ids, pixel_values=None, settings=None, features=None):
+        """A new row for a prompt whose `<image>` tokens are expanded (ids: a list of ints) and its images'
+        pixel values [n, 3, S, S] (or their `features` from image_features): its vision features are computed
+        now, its blocks (prompt + max_new_tokens) reserved. LlavaError for a bad prompt, one that does not
+        fit, or no free lane/blocks (`fits` says beforehand)."""
+        settings = settings or GenerationSettings.from_config(self.config)
+        self._ensure_pool(1)
+        ids = [int(i) for i in ids]
+        n_images = 0 if pixel_values is None and features is None else \
+            (np.shape(pixel_values)[0] if features is None else np.shape(features)[0] // self.config.num_image_tokens)
+        p = prepare_prompt(self.config, np.array([ids]), None, n_images)      # the checks: ids, image count
+        self.check_request(len(ids), settings)
+        if not self.fits(len(ids), settings):
+            raise LlavaError("no free row in the KV pool")
+        if features is None and pixel_values is not None:
+            features = self.image_features(pixel_values).asnumpy()
+        image = np.asarray(ids) == self.config.image_token_index
+        image_rows = np.full(len(ids), -1, np.int32)
+        image_rows[image] = np.arange(int(image.sum()), dtype=np.int32)
+        row = Row(lane=self._free_lanes.pop(), ids=[int(i) for i in p.input_ids[0]], prompt_ids=ids,
+                  prompt_length=len(ids),
+                  image_rows=image_rows, features=None if features is None else np.asarray(features, np.float32),
+                  settings=settings, selector=TokenSelector(settings),
+                  blocks=self.pool.allocate(self.pool.needed(len(ids) + settings.max_new_tokens)))
+        self.rows.append(row)
+        return row
+
+    def release(self, row):
+        """The row leaves: its blocks and its lane are free for the next step."""
+        if row in self.rows:
+            self.rows.remove(row)
+            self.pool.release(row.blocks)
+            self._free_lanes.append(row.lane)
+            row.blocks = []
+
+    def release_all(self):
+        for row in list(self.rows):
+            self.release(row)
+
+    # ------------------------------------------------------------------ steps
+    def step_inputs(self, plan, all_logits=False, bucket=None):
+        """Host-side inputs of the rows cell for plan [(row, n)] -> (tensors, wants: per plan entry the
+        indices of its logits in the output, the token bucket); `bucket` instead of token_bucket's."""
+        tc = self.config.text_config
+        nb = bucket or token_bucket(sum(k for _, k in plan))
+        bs, kv = self.block_size, self.model.language_model.model.layers[0].self_attn.n_kv
+        ids = np.zeros(nb, np.int32)
+        positions = np.zeros(nb, np.int32)
+        write = (np.arange(nb) % bs).astype(np.int32)              # filler: the scratch block
+        tokens = np.zeros((nb, 2), np.int32)
+        feats = None
+        mask = np.zeros((nb, 1), np.float32)
+        logit_index, wants = [], []
+        tables = np.zeros((self.lanes, self.max_blocks), np.int32)
+        at = 0
+        for row, k in plan:
+            if not 1 <= k <= row.pending:
+                raise LlavaError(f"a step plans {k} token(s) for a row with {row.pending} to feed")
+            tables[row.lane, :len(row.blocks)] = row.blocks
+            pos = np.arange(row.length, row.length + k)
+            ids[at:at + k] = row.ids[row.length:row.length + k]
+            positions[at:at + k] = pos
+            blocks = np.asarray(row.blocks, np.int64)[pos // bs]
+            write[at:at + k] = blocks * kv * bs + pos % bs
+            tokens[at:at + k, 0] = row.lane
+            tokens[at:at + k, 1] = pos + 1
+            if row.features is not None and row.length < row.prompt_length:
+                img = row.image_rows[pos[pos < row.prompt_length]]
+                where = np.nonzero(img >= 0)[0]
+                if where.size:
+                    if feats is None:
+                        feats = np.zeros((nb, tc.hidden_size), np.float32)
+                    feats[at + where] = row.features[img[where]]
+                    mask[at + where] = 1
+            if all_logits:
+                wants.append(list(range(len(logit_index), len(logit_index) + k)))
+                logit_index.extend(range(at, at + k))
+            elif row.length + k == len(row.ids):
+                wants.append([len(logit_index)])
+                logit_index.append(at + k - 1)
+            else:
+                wants.append([])
+            at += k
+        m = nb if all_logits else max(1, min(nb, self.lanes))
+        if len(logit_index) > m:
+            raise LlavaError(f"a step wants {len(logit_index)} logits, more than its {m}")
+        logit_index = np.array(logit_index + [0] * (m - len(logit_index)), np.int32)
+        if feats is None:
+            feats = np.zeros((nb, tc.hidden_size), np.float32)
+        dtype = self.model.language_model.compute_dtype
+        tensors = (Tensor(ids), Tensor(feats, dtype), Tensor(mask, dtype), Tensor(positions), Tensor(write),
+                   Tensor(tokens), Tensor(tables), Tensor(logit_index))
+        return tensors, wants, nb
+
+    def run(self, plan, all_logits=False):
+        """One forward pass over plan [(row, n), ...] (each row at most once): the next n tokens of each row
+        go into the pool. Returns per plan entry the float32 logits [k, V] of its tokens that end the row's
+        known ids (k = 1 or 0; with all_logits every token's)."""
+        if len({id(r) for r, _ in plan}) != len(plan):
+            raise LlavaError("a step plans a row twice")
+        tensors, wants, nb = self.step_inputs(plan, all_logits)
+        eager = self.eager_for("prefill", nb)
         with _op_by_op() if eager else contextlib.nullcontext():
-            return self.step("vision")(pix)
+            logits = self.step_cell("rows")(*tensors).asnumpy()
+        for row, k in plan:
+            row.length += k
+        return [logits[w] for w in wants]
 
-    def _features(self, pixel_values):
-        """Image features and their count; one zero row (never gathered) for a text-only prompt."""
-        if pixel_values is None:
-            d = self.config.text_config.hidden_size
-            return Tensor(np.zeros((1, d), np.float32), ms.float32).astype(self.model.language_model.compute_dtype), 0
-        return self.image_features(pixel_values), np.shape(pixel_values)[0]
+    def step(self, plan):
+        """`run`, then every row whose known ids are all in the pool picks its next token (its selector; the
+        stop rule: eos or max_new_tokens ends the row). Returns [(row, token)] for the rows that picked one."""
+        picked = []
+        for (row, _), logits in zip(plan, self.run(plan)):
+            if not len(logits) or row.finished:
+                continue
+            seq = [row.prompt_ids + row.generated]
+            token, running = row.selector.step(logits[-1:], seq, np.ones(1, bool))
+            token = int(token[0])
+            row.ids.append(token)
+            if not running[0]:
+                row.finished, row.finish_reason = True, "stop"
+            elif len(row.generated) >= row.settings.max_new_tokens:
+                row.finished, row.finish_reason = True, "length"
+            picked.append((row, token))
+        return picked
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None):
-        """Full sequence without the KV cache -> float32 numpy logits [B, L, V]."""
-        feats, n_images = self._features(pixel_values)
-        return self._forward(input_ids, attention_mask, feats, n_images)
+    def bucket_sizes(self, max_tokens):
+        """Every token bucket a step of up to max_tokens tokens can run with."""
+        return sorted({token_bucket(n) for n in range(1, max_tokens + 1)})
 
-    def _forward(self, input_ids, attention_mask, feats, n_images):
-        p = prepare_prompt(self.config, input_ids, attention_mask, n_images)
-        slots = Tensor(np.arange(p.input_ids.shape[1], dtype=np.int32))
-        return self.step("forward")(Tensor(p.input_ids), feats, Tensor(p.merge_index), Tensor(p.position_ids),
-                                     Tensor(p.attention), slots).asnumpy()
-
-    def _bucket_length(self, length, reserve):
-        bucket = self.prefill_bucket
-        if not bucket:
-            return length
-        return max(length, min(-(-length // bucket) * bucket, self.config.seq_length - reserve))
-
-    def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False, reserve=0):
-        """Run the prompt and start a new KV cache state. Returns float32 numpy logits [B, V] of the last
-        position, or [B, L, V] with return_all_logits. `reserve` positions are kept free for decoding: the
-        prompt budget (prompt + reserve <= seq_length) is checked here, once per request."""
-        length = np.shape(input_ids)[-1]
-        check_budget(self.config, input_ids, attention_mask, reserve)
-        feats, n_images = self._features(pixel_values)
-        p = prepare_prompt(self.config, input_ids, attention_mask, n_images,
-                           pad_to=self._bucket_length(length, reserve))
-        b, l = p.input_ids.shape
-        self.cache.use(b)
-        slots = Tensor(np.arange(l, dtype=np.int32))
-        eager = self.eager_for("prefill", b * l)
-        # op by op, each layer writes its keys/values as it goes (they are freed layer by layer: 0.6 GB for
-        # a 595-token 7B prompt); compiled, they are written with the first decode step (the first token
-        # comes out sooner)
-        step = self.step("prefill_all" if return_all_logits else "prefill_write" if eager else "prefill")
-        with _op_by_op() if eager else contextlib.nullcontext():
-            logits, kv = step(Tensor(p.input_ids), feats, Tensor(p.merge_index), Tensor(p.position_ids),
-                              Tensor(p.attention), slots)
-        self.cache.start(p.mask, slots, kv)
-        logits = logits.asnumpy()
-        return logits[:, l - length:] if return_all_logits else logits
+    def warmup(self, max_tokens):
+        """Compile the rows cell for every bucket of up to max_tokens tokens (padding tokens only: they write
+        to the scratch block and attend nothing), so that no request waits for a compile."""
+        self._ensure_pool(1)
+        if ms.get_context("mode") != ms.GRAPH_MODE:
+            return
+        for nb in self.bucket_sizes(max_tokens):
+            if not self.eager_for("prefill", nb):
+                self.step_cell("rows")(*self.step_inputs([], bucket=nb)[0]).asnumpy()
 
     def eager_for(self, kind, tokens):
-        """Whether a `vision` or `prefill` step over `tokens` positions (images x patches, batch x padded
-        length) runs op by op: only from a Graph-mode context on one rank, then as `eager` says when set,
-        else on CPU when its estimated activations (hidden- and MLP-sized float32 tensors per token and layer
-        of the vision tower or the decoder) exceed EAGER_BYTES."""
+        """Whether a `vision` or `prefill` (a row step of many tokens) over `tokens` positions (images x
+        patches, or the step's tokens) runs op by op: only from a Graph-mode context on one rank, then as
+        `eager` says when set, else on CPU when its estimated activations (hidden- and MLP-sized float32
+        tensors per token and layer of the vision tower or the decoder) exceed EAGER_BYTES."""
         # tensor-parallel ranks stay compiled: their collectives are tested in compiled steps only
         if ms.get_context("mode") != ms.GRAPH_MODE or self.model.tp.world > 1:
             return False
@@ -409,29 +485,90 @@ class Engine:
         activations = 4 * tokens * (8 * c.hidden_size + 3 * c.intermediate_size) * layers
         return ms.get_context("device_target") == "CPU" and activations > EAGER_BYTES
 
-    def decode_length(self, in_use):
-        """How many cache positions a decode step attends over when `in_use` of them hold tokens (including
-        the step's own): in_use rounded up to a multiple of decode_bucket, at most seq_length."""
-        seq = self.config.seq_length
-        if not self.decode_bucket:
-            return seq
-        return min(seq, -(-in_use // self.decode_bucket) * self.decode_bucket)
+    # ------------------------------------------------------------------ single steps
+    def image_features(self, pixel_values):
+        """pixel_values [N, 3, H, W] -> Tensor [N * num_image_tokens, text_hidden] (after the projector)."""
+        pix = check_pixels(self.config, pixel_values)
+        eager = self.eager_for("vision", pix.shape[0] * (self.config.vision_config.num_patches + 1))
+        with _op_by_op() if eager else contextlib.nullcontext():
+            return self.step_cell("vision")(pix)
 
-    def decode_inputs(self, token_ids):
-        """Claim the next cache position for token_ids [B] and write a pending prompt -> the decode step's
-        inputs (ids, rotary positions, mask over decode_length positions, slot)."""
-        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if tokens.shape[0] != self.cache.batch:
-            raise LlavaError(f"decode got {tokens.shape[0]} token(s) for a batch of {self.cache.batch}")
-        slot, positions = self.cache.advance()
-        mask = self.cache.attention_mask(self.decode_length(self.cache.in_use))
-        self.cache.flush()
-        return (Tensor(tokens.reshape(-1, 1).astype(np.int32)), Tensor(positions), Tensor(mask),
-                Tensor(np.array([slot], np.int32)))
+    def forward(self, input_ids, pixel_values=None, attention_mask=None):
+        """Full sequence without the KV pool -> float32 numpy logits [B, L, V]."""
+        feats, n_images = self._features(pixel_values)
+        return self._forward(input_ids, attention_mask, feats, n_images)
+
+    def _features(self, pixel_values):
+        """Image features and their count; one zero row (never gathered) for a text-only prompt."""
+        if pixel_values is None:
+            d = self.config.text_config.hidden_size
+            return Tensor(np.zeros((1, d), np.float32), ms.float32).astype(self.model.language_model.compute_dtype), 0
+        return self.image_features(pixel_values), np.shape(pixel_values)[0]
+
+    def _forward(self, input_ids, attention_mask, feats, n_images):
+        p = prepare_prompt(self.config, input_ids, attention_mask, n_images)
+        return self.step_cell("forward")(Tensor(p.input_ids), feats, Tensor(p.merge_index), Tensor(p.position_ids),
+                                         Tensor(p.attention)).asnumpy()
+
+    def _batch_rows(self, input_ids, pixel_values, attention_mask, settings):
+        """A left-padded batch -> new rows (one per batch row, its images in prompt order), after checking
+        the whole batch (ids, mask, image count, budget) before any row is added."""
+        ids = _numpy(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        n_images = 0 if pixel_values is None else np.shape(pixel_values)[0]
+        p = prepare_prompt(self.config, ids, attention_mask, n_images)
+        check_budget(self.config, ids, p.mask, max(s.max_new_tokens for s in settings))
+        if len(settings) != ids.shape[0]:
+            raise LlavaError(f"{len(settings)} generation settings for a batch of {ids.shape[0]}")
+        feats = None if pixel_values is None else self.image_features(pixel_values).asnumpy()
+        per_image = self.config.num_image_tokens
+        for row in self._single:         # the single-step API's rows end with the next batch
+            self.release(row)
+        self._single = []
+        self._ensure_pool(ids.shape[0])
+        if len(self._free_lanes) < ids.shape[0]:
+            raise LlavaError(f"a batch of {ids.shape[0]} with {len(self.rows)} rows in flight: the KV pool "
+                             f"holds {self.lanes}")
+        rows, used = [], 0
+        for b in range(ids.shape[0]):
+            real = [int(t) for t, m in zip(ids[b], p.mask[b]) if m]
+            count = sum(t == self.config.image_token_index for t in real) // per_image
+            f = None if not count else feats[used * per_image:(used + count) * per_image]
+            used += count
+            rows.append(self.add(real, None, settings[b], features=f))
+        return rows
+
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False, reserve=0):
+        """Run left-padded prompts as new rows (replacing the previous single-step rows). Returns float32
+        numpy logits [B, V] of each last position, or [B, L, V] with return_all_logits (zeros at padding).
+        `reserve` positions are kept for decoding: the prompt budget (prompt + reserve <= seq_length) is
+        checked here, once per request."""
+        ids = np.atleast_2d(_numpy(input_ids))
+        base = GenerationSettings.from_config(self.config)
+        settings = GenerationSettings(**{**base.__dict__, "max_new_tokens": max(1, int(reserve)),
+                                         "do_sample": False})
+        self._single = self._batch_rows(ids, pixel_values, attention_mask, [settings] * ids.shape[0])
+        for row in self._single:         # decode() may go on up to seq_length, as far as the pool allows
+            row.blocks += self.pool.allocate(min(self.max_blocks - len(row.blocks), self.pool.free))
+        out = self.run([(r, r.pending) for r in self._single], all_logits=return_all_logits)
+        if not return_all_logits:
+            return np.concatenate(out)
+        full = np.zeros(ids.shape + (out[0].shape[-1],), np.float32)
+        for b, logits in enumerate(out):
+            full[b, ids.shape[1] - len(logits):] = logits
+        return full
 
     def decode(self, token_ids):
-        """One decode step after prefill: token_ids [B] (the tokens just chosen) -> float32 logits [B, V]."""
-        return self.step("decode")(*self.decode_inputs(token_ids)).asnumpy()
+        """One step after prefill: token_ids [B] (the tokens just chosen) -> float32 logits [B, V]."""
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if tokens.shape[0] != len(self._single):
+            raise LlavaError(f"decode got {tokens.shape[0]} token(s) for a batch of {len(self._single)}")
+        for row, t in zip(self._single, tokens):
+            if len(row.ids) + 1 > len(row.blocks) * self.block_size:
+                raise LlavaError(f"the row's KV blocks are full ({len(row.ids)} positions)")
+            row.ids.append(int(t))
+        return np.concatenate(self.run([(r, 1) for r in self._single]))
 
     # ------------------------------------------------------------------ requests
     def stream(self, input_ids, pixel_values=None, attention_mask=None, settings=None, stop=None):
@@ -441,13 +578,12 @@ class Engine:
         (row-major over the batch), attention_mask [B, L] (derived from the pad id when None). `settings` is
         one GenerationSettings for every row or a list with one per row: each row has its own token selector
         (and seeded random generator) and ends at its own eos ids or max_new_tokens. `stop(running) -> ended`,
-        called after every step with the [B] bool mask of the rows still running, ends the rows it marks (a
-        stop string, a client gone).
+        called after every step with the [B] bool mask of the rows still running, ends the rows it marks.
 
-        Each step yields (tokens [B], real [B] bool): `real` marks the rows for which the token is generated
-        (False once a row has finished: its token is the pad id). With config.use_past (default) the prompt
-        runs once and each step decodes one token from the KV cache; with use_past=False every step
-        recomputes the whole sequence (slow; for checking)."""
+        Each batch row is a row of the pool (its own positions, no padding): the first step runs every prompt,
+        each later step one token per running row. Each step yields (tokens [B], real [B] bool): `real` marks
+        the rows for which the token is generated (False once a row has finished: its token is the pad id).
+        With config.use_past=False every step recomputes the whole sequence (slow; for checking)."""
         ids = _numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -456,26 +592,42 @@ class Engine:
             [settings or GenerationSettings.from_config(self.config)] * rows
         if len(per_row) != rows:
             raise LlavaError(f"{len(per_row)} generation settings for a batch of {rows}")
+        if not self.config.use_past:
+            yield from self._stream_uncached(ids, pixel_values, attention_mask, per_row, stop)
+            return
+        batch = self._batch_rows(ids, pixel_values, attention_mask, per_row)
+        pad = np.int64(self.config.text_config.pad_token_id)
+        try:
+            running = list(batch)
+            while running:
+                picked = dict((id(r), t) for r, t in self.step([(r, r.pending) for r in running]))
+                real = np.array([id(r) in picked for r in batch])
+                tokens = np.array([picked.get(id(r), pad) for r in batch], np.int64)
+                yield tokens, real
+                if stop is not None:
+                    ended = np.asarray(stop(np.array([r in running and not r.finished for r in batch])), bool)
+                    for r, e in zip(batch, ended):
+                        r.finished = r.finished or bool(e)
+                for r in [r for r in running if r.finished]:
+                    running.remove(r)
+                    self.release(r)
+        finally:
+            for r in batch:
+                self.release(r)
+
+    def _stream_uncached(self, ids, pixel_values, attention_mask, per_row, stop):
+        """use_past=False: every step recomputes the whole left-padded sequence (Engine.forward)."""
+        rows = ids.shape[0]
         selectors = [TokenSelector(s) for s in per_row]
         limits = np.array([s.max_new_tokens for s in per_row])
         steps = int(limits.max())
-        if self.config.use_past:
-            logits = self.prefill(ids, pixel_values, attention_mask, reserve=steps)
-            next_logits = self.decode
-        else:
-            check_budget(self.config, ids, attention_mask, steps)
-            feats, n_images = self._features(pixel_values)
-            running = {"ids": ids.astype(np.int64),
-                       "mask": prepare_prompt(self.config, ids, attention_mask, n_images).mask}
-
-            def next_logits(tokens):
-                running["ids"] = np.concatenate([running["ids"], tokens[:, None]], 1)
-                running["mask"] = np.concatenate([running["mask"], np.ones_like(tokens[:, None])], 1)
-                return self._forward(running["ids"], running["mask"], feats, n_images)[:, -1]
-
-            logits = self._forward(ids, running["mask"], feats, n_images)[:, -1]
+        check_budget(self.config, ids, attention_mask, steps)
+        feats, n_images = self._features(pixel_values)
+        seq = ids.astype(np.int64)
+        mask = prepare_prompt(self.config, ids, attention_mask, n_images).mask
         sequences = [list(map(int, row)) for row in ids]
         unfinished = np.ones(rows, dtype=bool)
+        logits = self._forward(seq, mask, feats, n_images)[:, -1]
         for step in range(steps):
             real = unfinished.copy()
             tokens = np.empty(rows, dtype=np.int64)
@@ -489,11 +641,14 @@ class Engine:
                 unfinished &= ~np.asarray(stop(unfinished.copy()), dtype=bool)
             if not unfinished.any():
                 return
-            logits = next_logits(tokens)
+            seq = np.concatenate([seq, tokens[:, None]], 1)
+            mask = np.concatenate([mask, np.ones_like(tokens[:, None], dtype=mask.dtype)], 1)
+            logits = self._forward(seq, mask, feats, n_images)[:, -1]
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, settings=None, streamer=None):
-        """`stream` (one settings for all rows, or one per row) collected: one list of new token ids per row, up to and including its first eos id.
-        streamer.put(tokens [B]) after every step (pad id for finished rows), streamer.end() at the end."""
+        """`stream` (one settings for all rows, or one per row) collected: one list of new token ids per row,
+        up to and including its first eos id. streamer.put(tokens [B]) after every step (pad id for finished
+        rows), streamer.end() at the end."""
         outputs = None
         for tokens, real in self.stream(input_ids, pixel_values, attention_mask, settings):
             if outputs is None:

@@ -1,44 +1,30 @@
-"""LLaMA (Vicuna) decoder with a static KV cache, laid out like transformers' `LlamaForCausalLM` so that
+"""LLaMA (Vicuna) decoder over a paged KV pool, laid out like transformers' `LlamaForCausalLM` so that
 parameter names equal llava-hf's `language_model.*` keys.
 
-KV cache: one `k_cache` / `v_cache` Parameter per layer (`language_model.model.layers.N.self_attn.k_cache`),
-2-D [batch * n_kv_heads * seq_length, head_dim], row (b * n_kv_heads + h) * seq_length + position. One
-`ops.scatter_update` along axis 0 writes a step (prefill: positions 0..L-1; decode: one position) into the
-Parameter in place in PyNative and Graph mode alike (its cost does not grow with the cache: measured 0.3-0.5
-ms for a 1 MB and a 1 GB cache). Its result must be used: in Graph mode a ScatterUpdate whose output nothing
-reads can be dropped and the Parameter keep its old values. Attention reads the cache as [batch, n_kv_heads,
-seq_length, head_dim] — no per-step transpose of the whole cache (a position-first [seq, batch, heads,
-head_dim] cache needs two full-cache transposes per layer and step) — and a decode step gathers the first T
-positions of every row (T = the length of its mask, a bucket the engine picks from the positions in use), so
-it reads T positions, not seq_length, and copies nothing else. They are not checkpoint weights
-(`is_cache_param`).
+KV pool: one `k_cache` / `v_cache` Parameter per layer (`language_model.model.layers.N.self_attn.k_cache`),
+2-D [blocks * n_kv_heads * block_size, head_dim]: position o of KV head g in block b is row
+(b * n_kv_heads + g) * block_size + o (`cache_shape`). The engine's kv_pool.KVPool owns the blocks; a row
+(a request in flight) is a block table and a length. One `ops.scatter_update` along axis 0 writes a step's
+keys/values into the Parameter in place in PyNative and Graph mode alike (its cost does not grow with the
+pool). Its result must be used: in Graph mode a ScatterUpdate whose output nothing reads can be dropped. They
+are not checkpoint weights (`is_cache_param`).
 
-Activations are 2-D [B * L, hidden]; LlamaModel takes `mask` and every layer below it the step arguments:
-    mask          [B, L, T] int32    1 = query may attend key (causal + padding); T = L (fresh keys) or, for
-                                     a decode step, the number of cache positions it attends over (the
-                                     cache positions 0..T-1; T <= seq_length, one compiled graph per T)
-    rope          (cos_q, sin_q, cos_k, sin_k)  rotary tables for the positions of the L new tokens, tiled
-                                     to [B * L, heads, head_dim] for q and [B * L, n_kv_heads, head_dim] for k
-                                     (rotary_tables); [B * L, head_dim] for the rotary kernel
-    blocks        python tuple       query blocks ((start, end, keys), ...) from query_blocks(L, T)
-    bias          tuple of tensors   per block the additive mask [B, H, end - start, keys] (softmax dtype),
-                                     built once per step from `mask` (attention_bias); for a prompt on the
-                                     prompt-attention kernel, (mask,) itself
-    slots         [L] int32          cache positions the new keys/values go to
-    b, l          python ints        batch and number of new tokens (graph constants)
-    decode        python bool        write the new keys/values into the cache at `slots` and attend over
-                                     cache positions 0..T-1; otherwise (a prompt) attend over the fresh keys
-
-Every step also returns its keys/values. A prompt step does not write them into the cache itself:
-`LlamaModel.write_cache` does that as a separate step, which the engine runs just before the first decode
-step, so the prompt's logits (the first token) are out before the cache write is paid.
+Two ways through the decoder:
+* `rows` (every cached run: Engine.run): the step's tokens of any rows, flattened to [n, hidden]: the prompt
+  chunks of joining rows and one token of each decoding row side by side, so the weights are read once for
+  all of them. Per token the host gives its rotary position, the pool row its keys/values go to, and (table
+  row, L): it attends positions 0..L-1 of its own row through that row's block table. Shapes depend on n and
+  the number of logits only (the attended lengths, positions and tables are data): one compiled graph per
+  token bucket, never per length.
+* `construct` (cache-free: Engine.forward, LlavaModel.construct): left-padded prompts [b, l] with a mask
+  [b, l, l]; no pool.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from llava_layers import Dtypes, Embedding, RMSNorm, cast, linear, native_float32, new_param
-from lowbit_kernels import make_decode_attention, make_prompt_attention, make_rotary, make_swiglu
+from lowbit_kernels import make_paged_attention, make_prompt_attention, make_rotary, make_swiglu
 from parallel import AllReduceSum, GatherLastDim, TensorParallel
 
 CACHE_NAMES = ("k_cache", "v_cache")
@@ -51,10 +37,11 @@ def is_cache_param(name):
     return name.rsplit(".", 1)[-1] in CACHE_NAMES
 
 
-def cache_shape(config, batch, world=1):
-    """Rows for this rank's KV heads (n_kv_heads / world under tensor parallelism)."""
+def cache_shape(config, blocks, block_size, world=1):
+    """A KV pool of `blocks` blocks of `block_size` positions for this rank's KV heads (n_kv_heads / world
+    under tensor parallelism): position o of KV head g in block b is row (b * kv + g) * block_size + o."""
     tc = config.text_config
-    return (batch * (tc.n_kv_heads // world) * config.seq_length, tc.head_dim)
+    return (blocks * (tc.n_kv_heads // world) * block_size, tc.head_dim)
 
 
 def _mask_value(dtype):
@@ -104,13 +91,6 @@ def apply_rotary(x, cos, sin_signed, half):
     return x * cos + swap_halves(x, half) * sin_signed
 
 
-def last_rows(x, b, l):
-    """[b * l, ...] -> [b, ...]: the last of every row's l positions."""
-    rest = tuple(x.shape[1:])
-    part = ops.slice(ops.reshape(x, (b, l) + rest), (0, l - 1) + (0,) * len(rest), (b, 1) + rest)
-    return ops.reshape(part, (b,) + rest)
-
-
 def inv_freq(head_dim, theta):
     """transformers' default rope: 1 / theta ** (arange(0, dim, 2) / dim), in float32."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -129,7 +109,6 @@ class LlamaAttention(nn.Cell):
         self.num_heads = tp.shape(_LAYER + "self_attn.q_proj.weight", config)[0] // self.head_dim
         self.n_kv = tp.shape(_LAYER + "self_attn.k_proj.weight", config)[0] // self.head_dim
         self.groups = self.num_heads // self.n_kv
-        self.seq_length = config.seq_length
         self.compute_dtype = dt.compute
         self.softmax_dtype = dt.softmax
         self.q_proj = linear(d, self.num_heads * self.head_dim, False, dt)
@@ -137,79 +116,89 @@ class LlamaAttention(nn.Cell):
         self.v_proj = linear(d, self.n_kv * self.head_dim, False, dt)
         self.o_proj = linear(self.num_heads * self.head_dim, d, False, dt)
         self.reduce = AllReduceSum(tp)
-        shape = cache_shape(config, config.batch_size, tp.world)
+        # A one-block placeholder: the engine installs its KV pool (use_cache) before any step compiles.
+        shape = cache_shape(config, 1, 1, tp.world)
         self.k_cache = new_param(shape, dt.compute, "zeros", name="k_cache", requires_grad=False)
         self.v_cache = new_param(shape, dt.compute, "zeros", name="v_cache", requires_grad=False)
+        self.use_cache(self.k_cache, self.v_cache, 1)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
-        # A decode step on CPU in float32 reads the cache in place with the kernel (no Gather copy of the
-        # positions in use: 4.3 ms -> 1.3 ms per 7B layer at 640 positions); elsewhere MindSpore's ops below.
         native = native_float32(dt.compute, dt.softmax)
-        self.decode_attention = make_decode_attention() if native else None
-        # Likewise a prompt's attention: one kernel call from the token-major q/k/v and the int32 mask, in place
-        # of transposes, per-block score, bias and softmax tensors (7B layer, 600 tokens, op by op: ~0.1 s).
+        # On CPU in float32 a row step's attention is one kernel call reading the pool through the block
+        # tables (no Gather copy of the positions in use); elsewhere MindSpore's ops (paged_fallback).
+        self.paged_attention = make_paged_attention() if native else None
+        # A cache-free prompt's attention (Engine.forward): one kernel call from the token-major q/k/v and the
+        # int32 mask, in place of transposes, per-block score, bias and softmax tensors.
         self.prompt_attention = make_prompt_attention() if native else None
         # and rotary embedding: one call per q / k from untiled tables (LlamaModel.rotary_tables)
         self.rotary = make_rotary() if native else None
-        self.cache_layout = Tensor(np.array([self.n_kv, self.seq_length], np.int32))
 
-    def construct(self, x, rope, bias, blocks, slots, b, l, decode, last_only=False):
-        """x [b * l, D]; rope from rotary_tables; bias/blocks per query block -> (y [b * l, D], keys, values)
-        with this step's keys/values [b, l, n_kv, head_dim]. A decode step (`decode`) first writes them into
-        the cache at `slots` and attends over cache positions 0..T-1 (T = blocks[0][2]); a prompt step attends over its own keys and
-        leaves the cache alone (the caller writes them with `write_cache`). With `last_only` only the last
-        position of each row queries (y [b, D]); rope's q tables, bias and blocks are then that position's."""
+    def use_cache(self, k_cache, v_cache, block_size):
+        """Hold these pool Parameters ([blocks * n_kv * block_size, head_dim]) from now on."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.block_size = block_size
+        self.layout = Tensor(np.array([self.n_kv, block_size], np.int32))
+        # row offset of each KV head inside a block
+        self.head_rows = Tensor((np.arange(self.n_kv) * block_size).astype(np.int32))
+
+    def _qkv(self, x, rope, n):
+        q = ops.reshape(self.q_proj(x), (n, self.num_heads, self.head_dim))
+        k = ops.reshape(self.k_proj(x), (n, self.n_kv, self.head_dim))
+        v = ops.reshape(self.v_proj(x), (n, self.n_kv, self.head_dim))
         cos_q, sin_q, cos_k, sin_k = rope                     # q's tables carry the 1/sqrt(head_dim) scale
-        lq = 1 if last_only else l
-        q = ops.reshape(self.q_proj(last_rows(x, b, l) if last_only else x), (b * lq, self.num_heads, self.head_dim))
-        k = ops.reshape(self.k_proj(x), (b * l, self.n_kv, self.head_dim))
-        v = ops.reshape(self.v_proj(x), (b, l, self.n_kv, self.head_dim))
-        half = self.head_dim // 2
         if self.rotary is not None:
-            q = self.rotary(q, cos_q, sin_q)
-            k = self.rotary(k, cos_k, sin_k)
-        else:
-            q = apply_rotary(q, cos_q, sin_q, half)
-            k = apply_rotary(k, cos_k, sin_k, half)
-        keys = ops.reshape(k, (b, l, self.n_kv, self.head_dim))
-        values = v
-        if not decode and self.prompt_attention is not None:
-            out = self.prompt_attention(q, k, ops.reshape(v, (b * l, self.n_kv, self.head_dim)), bias[0])
-            return self.reduce(self.o_proj(ops.reshape(out, (b * lq, self.num_heads * self.head_dim)))), keys, values
-        q = ops.reshape(q, (b, lq, self.num_heads, self.head_dim))
-        if decode:
-            k_all, v_all = self.write_cache(keys, values, slots, b, l)
-            t = blocks[0][2]
-            if l == 1 and self.decode_attention is not None:
-                out = ops.reshape(self.decode_attention(ops.reshape(q, (b, self.num_heads, self.head_dim)),
-                                                        k_all, v_all, bias[0], self.cache_layout),
-                                  (b, self.num_heads * self.head_dim))
-            else:
-                out = self._attend(q, self._positions(k_all, b, t), self._positions(v_all, b, t), bias, blocks,
-                                   b, l)
-        else:
-            out = self._attend(q, ops.transpose(keys, (0, 2, 1, 3)), ops.transpose(values, (0, 2, 1, 3)), bias,
-                               blocks, b, lq)
-        return self.reduce(self.o_proj(out)), keys, values
+            return self.rotary(q, cos_q, sin_q), self.rotary(k, cos_k, sin_k), v
+        half = self.head_dim // 2
+        return apply_rotary(q, cos_q, sin_q, half), apply_rotary(k, cos_k, sin_k, half), v
 
-    def write_cache(self, keys, values, slots, b, l):
-        """keys/values [b, l, n_kv, head_dim] -> cache positions `slots` [l] of every row; returns the updated
-        caches. Rows (b * n_kv + h) * seq_length + slot, in the (b, l, h) order of keys/values."""
-        base = ops.reshape(ops.arange(0, b * self.n_kv * self.seq_length, self.seq_length, dtype=ms.int32),
-                           (b, 1, self.n_kv))
-        rows = ops.reshape(base + ops.reshape(slots, (1, l, 1)), (b * l * self.n_kv,))
-        k_all = ops.scatter_update(self.k_cache, rows, ops.reshape(keys, (b * self.n_kv * l, self.head_dim)))
-        v_all = ops.scatter_update(self.v_cache, rows, ops.reshape(values, (b * self.n_kv * l, self.head_dim)))
-        return k_all, v_all
+    def construct(self, x, rope, bias, blocks, b, l):
+        """The cache-free path (a whole prompt, Engine.forward): x [b * l, D]; rope from rotary_tables;
+        bias/blocks per query block -> y [b * l, D]."""
+        q, k, v = self._qkv(x, rope, b * l)
+        if self.prompt_attention is not None:
+            out = self.prompt_attention(q, k, v, bias[0])
+            return self.reduce(self.o_proj(ops.reshape(out, (b * l, self.num_heads * self.head_dim))))
+        q = ops.reshape(q, (b, l, self.num_heads, self.head_dim))
+        keys = ops.transpose(ops.reshape(k, (b, l, self.n_kv, self.head_dim)), (0, 2, 1, 3))
+        values = ops.transpose(ops.reshape(v, (b, l, self.n_kv, self.head_dim)), (0, 2, 1, 3))
+        return self.reduce(self.o_proj(self._attend(q, keys, values, bias, blocks, b, l)))
 
-    def _positions(self, cache, b, t):
-        """cache [b * n_kv * seq_length, hd] -> its positions 0..t-1 [b, n_kv, t, hd], read with one Gather of
-        those rows. Not a reshape to 4-D and a Slice: in Graph mode reshaping the Parameter copies the whole
-        cache first (8 layers of 8 MB caches: 21 ms of CPU time against 8 ms for the Gather, T = 640 of 2048)."""
-        base = ops.arange(0, b * self.n_kv * self.seq_length, self.seq_length, dtype=ms.int32)
-        rows = ops.expand_dims(base, 1) + ops.expand_dims(ops.arange(0, t, dtype=ms.int32), 0)
-        part = ops.gather(cache, ops.reshape(rows, (b * self.n_kv * t,)), 0)
-        return ops.reshape(part, (b, self.n_kv, t, self.head_dim))
+    def rows(self, x, rope, step, n):
+        """A row step (Engine.run): x [n, D], the step's tokens of any rows; `step` = (write [n] int32: each
+        token's pool row base (block * n_kv * block_size + offset), tokens [n, 2] int32: (table row, positions
+        attended), tables [R, MB] int32: each table row's blocks, extra: the fallback's (gather rows, bias)).
+        Writes every token's keys/values into the pool first, then each token attends over positions
+        0..L-1 of its own row (its own and the earlier tokens of its chunk included) -> y [n, D]."""
+        write, tokens, tables, extra = step
+        q, k, v = self._qkv(x, rope, n)
+        rows = ops.reshape(ops.expand_dims(write, 1) + ops.expand_dims(self.head_rows, 0), (n * self.n_kv,))
+        # the scatter's results must be read (a ScatterUpdate whose output is unused can be dropped in Graph
+        # mode): the attention reads the pool through them
+        k_all = ops.scatter_update(self.k_cache, rows, ops.reshape(k, (n * self.n_kv, self.head_dim)))
+        v_all = ops.scatter_update(self.v_cache, rows, ops.reshape(v, (n * self.n_kv, self.head_dim)))
+        if self.paged_attention is not None:
+            out = self.paged_attention(q, k_all, v_all, tokens, tables, self.layout)
+        else:
+            out = self._paged_fallback(q, k_all, v_all, extra, n)
+        return self.reduce(self.o_proj(ops.reshape(out, (n, self.num_heads * self.head_dim))))
+
+    def _paged_fallback(self, q, k_all, v_all, extra, n):
+        """MindSpore's ops for a row step: every table row's positions are gathered (gather_rows [n_kv * W],
+        KV head major, W = table rows * positions per row: LlamaModel.row_inputs) and each token scores all W,
+        its bias [n, W] keeping its own row's first L. Reads the whole pool per layer: the slow path, for
+        devices and dtypes without the kernel."""
+        gather_rows, bias = extra
+        w = bias.shape[-1]
+        keys = ops.reshape(ops.gather(k_all, gather_rows, 0), (self.n_kv, w, self.head_dim))
+        values = ops.reshape(ops.gather(v_all, gather_rows, 0), (self.n_kv, w, self.head_dim))
+        heads = ops.transpose(ops.reshape(q, (n, self.n_kv, self.groups, self.head_dim)), (1, 0, 2, 3))
+        heads = ops.reshape(heads, (self.n_kv, n * self.groups, self.head_dim))
+        scores = cast(self.bmm_t(heads, keys), self.compute_dtype, self.softmax_dtype)
+        scores = ops.reshape(scores, (self.n_kv, n, self.groups, w)) + ops.reshape(bias, (1, n, 1, w))
+        probs = ops.reshape(cast(ops.softmax(scores, -1), self.softmax_dtype, self.compute_dtype),
+                            (self.n_kv, n * self.groups, w))
+        out = ops.reshape(self.bmm(probs, values), (self.n_kv, n, self.groups, self.head_dim))
+        return ops.transpose(out, (1, 0, 2, 3))
 
     def _attend(self, q, keys, values, bias, blocks, b, l):
         """q [b, l, H, hd] (scaled); keys/values [b, kv, t, hd]; bias and blocks from attention_bias and
@@ -266,13 +255,15 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm,
                                                 dt.compute)
 
-    def construct(self, x, rope, bias, blocks, slots, b, l, decode, last_only=False):
-        """-> (hidden states, this step's keys, values) (LlamaAttention); with `last_only` the hidden states of
-        the last position of each row only [b, D] (keys/values still cover all positions)."""
-        attn, keys, values = self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, slots, b, l,
-                                            decode, last_only)
-        x = (last_rows(x, b, l) if last_only else x) + attn
-        return x + self.mlp(self.post_attention_layernorm(x, b if last_only else b * l)), keys, values
+    def construct(self, x, rope, bias, blocks, b, l):
+        """The cache-free path: x [b * l, D] -> [b * l, D]."""
+        x = x + self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, b, l)
+        return x + self.mlp(self.post_attention_layernorm(x, b * l))
+
+    def rows(self, x, rope, step, n):
+        """A row step (LlamaAttention.rows): x [n, D] -> [n, D]."""
+        x = x + self.self_attn.rows(self.input_layernorm(x, n), rope, step, n)
+        return x + self.mlp(self.post_attention_layernorm(x, n))
 
 
 class LlamaModel(nn.Cell):
@@ -290,20 +281,19 @@ class LlamaModel(nn.Cell):
         self.scale = tc.head_dim ** -0.5
         half = tc.head_dim // 2
         self.sin_sign = Tensor(np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32))
-        self.seq_length = config.seq_length
         self.embed_tokens = Embedding(*tp.shape(_MODEL + "embed_tokens.weight", config), dt.param, dt.compute, tp)
         self.layers = nn.CellList([LlamaDecoderLayer(config, dt, tp) for _ in range(tc.num_layers)])
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps, dt.param, dt.norm, dt.compute)
         self.inv_freq = Tensor(inv_freq(tc.head_dim, tc.theta), ms.float32)
 
-    def rotary_tables(self, position_ids, b, l, tile=True):
-        """position_ids [b, l] -> (cos_q, sin_q, cos_k, sin_k): cos and sin of transformers' float32 angles,
-        sin with its first half negated (swap_halves), q's tables times 1/sqrt(head_dim) (so neither q nor
-        the scores need a scaling pass), tiled over the heads once per step because a multiply that
-        broadcasts over the heads is several times slower on CPU than one of equal shapes; [b * l, head_dim]
+    def rotary_tables(self, position_ids, n, tile=True):
+        """position_ids (n values) -> (cos_q, sin_q, cos_k, sin_k): cos and sin of transformers' float32
+        angles, sin with its first half negated (swap_halves), q's tables times 1/sqrt(head_dim) (so neither q
+        nor the scores need a scaling pass), tiled over the heads once per step because a multiply that
+        broadcasts over the heads is several times slower on CPU than one of equal shapes; [n, head_dim]
         untiled with tile=False (the rotary kernel applies a token's tables to each of its heads)."""
-        pos = ops.reshape(ops.cast(position_ids, ms.float32), (b * l, 1))
-        freqs = pos * self.inv_freq                                              # b*l, hd/2
+        pos = ops.reshape(ops.cast(position_ids, ms.float32), (n, 1))
+        freqs = pos * self.inv_freq                                              # n, hd/2
         emb = cast(ops.concat((freqs, freqs), -1), ms.float32, self.rotary_dtype)
         cos = cast(ops.cos(emb), self.rotary_dtype, ms.float32)
         sin = cast(ops.sin(emb), self.rotary_dtype, ms.float32) * self.sin_sign
@@ -313,52 +303,58 @@ class LlamaModel(nn.Cell):
             if scale != 1.0:
                 table = table * scale
             if tile:
-                table = ops.tile(ops.reshape(table, (b * l, 1, self.head_dim)), (1, heads, 1))
+                table = ops.tile(ops.reshape(table, (n, 1, self.head_dim)), (1, heads, 1))
             tables = tables + (cast(table, ms.float32, self.compute_dtype),)
         return tables
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only=False, write=False):
-        """inputs_embeds [b * l, D] -> (final-norm hidden states [b * l, D], (keys, values) of every layer
-        flattened: k0, v0, k1, v1, ...). With `last_only` (a prompt whose logits are wanted for its last
-        position only) the hidden states are [b, D]: the last layer then computes queries, attention output
-        and MLP for the last position of each row only; the earlier layers and every layer's keys/values
-        need all positions. With `write` (a prompt) each layer writes its keys/values into the cache at
-        `slots` as soon as it has them and none are returned: run op by op, a layer's keys/values are then
-        freed before the next layer runs."""
-        rope = self.rotary_tables(position_ids, b, l, tile=self.layers[0].self_attn.rotary is None)
-        blocks = query_blocks(l, mask.shape[2])              # T: l for a prompt, the cache bucket for decode
+    def construct(self, inputs_embeds, position_ids, mask, b, l):
+        """The cache-free path (Engine.forward, LlavaModel.construct): inputs_embeds [b * l, D], position_ids
+        [b, l], mask [b, l, l] int32 (1 = attend) -> final-norm hidden states [b * l, D]."""
+        attn = self.layers[0].self_attn
+        rope = self.rotary_tables(position_ids, b * l, tile=attn.rotary is None)
+        blocks = query_blocks(l, l)
         # the prompt kernel (LlamaAttention.prompt_attention) reads the int32 mask itself
-        native_prompt = not decode and self.layers[0].self_attn.prompt_attention is not None
-        bias = (mask,) if native_prompt else attention_bias(mask, self.local_heads, self.softmax_dtype, blocks)
+        bias = (mask,) if attn.prompt_attention is not None else \
+            attention_bias(mask, self.local_heads, self.softmax_dtype, blocks)
         h = inputs_embeds
-        kv = ()
-        last = len(self.layers) - 1
         for i in range(len(self.layers)):
-            if last_only and i == last:
-                one = ((0, 1, l),)
-                last_rope = (last_rows(rope[0], b, l), last_rows(rope[1], b, l), rope[2], rope[3])
-                last_mask = ops.slice(mask, (0, l - 1, 0), (b, 1, l))
-                last_bias = (last_mask,) if native_prompt else \
-                    attention_bias(last_mask, self.local_heads, self.softmax_dtype, one)
-                h, keys, values = self.layers[i](h, last_rope, last_bias, one, slots, b, l, decode, True)
-            else:
-                h, keys, values = self.layers[i](h, rope, bias, blocks, slots, b, l, decode)
-            if write:
-                h = ops.depend(h, self.layers[i].self_attn.write_cache(keys, values, slots, b, l))
-            else:
-                kv = kv + (keys, values)
-        return self.norm(h, b if last_only else b * l), kv
+            h = self.layers[i](h, rope, bias, blocks, b, l)
+        return self.norm(h, b * l)
 
-    def write_cache(self, kv, slots, b, l):
-        """Write a prompt step's keys/values (construct's `kv`) into cache positions `slots` of every layer."""
-        written = ()
+    def rows(self, inputs_embeds, positions, write, tokens, tables, logit_index, n, m):
+        """A row step: inputs_embeds [n, D] of the step's tokens, positions [n] int32 (their rotary positions =
+        their places in their rows), write / tokens / tables as LlamaAttention.rows takes them, logit_index [m]
+        int32: the tokens whose hidden states are returned -> final-norm hidden states [m, D]."""
+        attn = self.layers[0].self_attn
+        rope = self.rotary_tables(positions, n, tile=attn.rotary is None)
+        extra = None if attn.paged_attention is not None else self._fallback_inputs(tokens, tables, n)
+        step = (write, tokens, tables, extra)
+        h = inputs_embeds
         for i in range(len(self.layers)):
-            written = written + self.layers[i].self_attn.write_cache(kv[2 * i], kv[2 * i + 1], slots, b, l)
-        return ops.depend(slots, written)
+            h = self.layers[i].rows(h, rope, step, n)
+        return self.norm(ops.gather(h, logit_index, 0), m)
+
+    def _fallback_inputs(self, tokens, tables, n):
+        """For LlamaAttention._paged_fallback, once per step: the pool rows of every table row's positions
+        [n_kv * R * P] (KV head major; P = blocks per row * block size) and each token's additive bias [n, R * P]
+        (0 on its own row's positions 0..L-1, a large negative value elsewhere)."""
+        attn = self.layers[0].self_attn
+        kv, bs = attn.n_kv, attn.block_size
+        r, mb = tables.shape
+        p = mb * bs
+        g = ops.reshape(ops.arange(0, kv, dtype=ms.int32), (kv, 1, 1, 1))
+        blk = ops.reshape(tables, (1, r, mb, 1))
+        off = ops.reshape(ops.arange(0, bs, dtype=ms.int32), (1, 1, 1, bs))
+        gather_rows = ops.reshape((blk * kv + g) * bs + off, (kv * r * p,))
+        col = ops.arange(0, r * p, dtype=ms.int32)
+        own = ops.equal(ops.expand_dims(col // p, 0), tokens[:, 0:1])
+        seen = ops.less(ops.expand_dims(col % p, 0), tokens[:, 1:2])
+        keep = ops.cast(ops.logical_and(own, seen), self.softmax_dtype)
+        return gather_rows, (1 - keep) * _mask_value(self.softmax_dtype)
 
 
 class LlamaForCausalLM(nn.Cell):
-    """`language_model`: model + lm_head. Returns float32 logits [b, V] (last position) or [b, l, V]."""
+    """`language_model`: model + lm_head. Returns float32 logits [b, l, V] (cache-free) or [m, V] (rows)."""
 
     def __init__(self, config, tp=None):
         super().__init__()
@@ -378,28 +374,24 @@ class LlamaForCausalLM(nn.Cell):
         """input_ids [n] -> token embeddings [n, D] (vocabulary-split under tensor parallelism)."""
         return self.model.embed_tokens(input_ids)
 
-    def write_cache(self, kv, slots, b, l):
-        """A prompt step's keys/values -> KV cache positions `slots` of every layer (LlamaModel.write_cache)."""
-        return self.model.write_cache(kv, slots, b, l)
-
     def cache_parameters(self):
         """[(k_cache, v_cache)] per layer: the Parameters the attention cells read and write."""
         return [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in self.model.layers]
 
-    def use_cache_parameters(self, pairs):
-        """Make the attention cells hold these (k_cache, v_cache) Parameters (one pair per layer)."""
+    def use_cache_parameters(self, pairs, block_size):
+        """Make the attention cells hold these (k_cache, v_cache) pool Parameters (one pair per layer)."""
         for layer, (k, v) in zip(self.model.layers, pairs):
-            layer.self_attn.k_cache = k
-            layer.self_attn.v_cache = v
+            layer.self_attn.use_cache(k, v, block_size)
 
-    def construct(self, inputs_embeds, position_ids, mask, slots, b, l, decode, last_only, write=False):
-        """-> (logits, kv): kv as LlamaModel.construct returns it (unused outputs cost nothing in a graph);
-        `write` as there."""
-        if last_only:
-            # a decode step (l == 1) is the last position already
-            h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode, l > 1, write)
-            logits = cast(self.lm_head(h), self.compute_dtype, ms.float32)
-            return self.gather(logits, b, self.vocab_part), kv
-        h, kv = self.model(inputs_embeds, position_ids, mask, slots, b, l, decode)
-        logits = self.gather(cast(self.lm_head(h), self.compute_dtype, ms.float32), b * l, self.vocab_part)
-        return ops.reshape(logits, (b, l, self.vocab_size)), kv
+    def _logits(self, h, rows):
+        return self.gather(cast(self.lm_head(h), self.compute_dtype, ms.float32), rows, self.vocab_part)
+
+    def construct(self, inputs_embeds, position_ids, mask, b, l):
+        """The cache-free path -> logits [b, l, V]."""
+        h = self.model(inputs_embeds, position_ids, mask, b, l)
+        return ops.reshape(self._logits(h, b * l), (b, l, self.vocab_size))
+
+    def rows(self, inputs_embeds, positions, write, tokens, tables, logit_index, n, m):
+        """A row step (LlamaModel.rows) -> float32 logits [m, V] of the logit_index tokens."""
+        h = self.model.rows(inputs_embeds, positions, write, tokens, tables, logit_index, n, m)
+        return self._logits(h, m)

@@ -50,7 +50,7 @@ class LlavaModel(PreTrainedModel):
         self.vision_tokens = vc.num_patches + 1
         self.vision_dim = vc.hidden_size
         self.drop_cls = vc.vision_feature_select_strategy == "default"
-        self.__dict__["engine_options"] = {k: kwargs.pop(k) for k in ("prefill_bucket", "jit_steps", "eager")
+        self.__dict__["engine_options"] = {k: kwargs.pop(k) for k in ("jit_steps", "eager", "block_size")
                                            if k in kwargs}
         self.__dict__["_engine"] = None
 
@@ -82,9 +82,8 @@ class LlavaModel(PreTrainedModel):
         merge_index [B * L] int32 into concat(token embeddings, image features), position_ids [B, L] int32,
         mask [B, L, L] int32 (causal and padding)."""
         b, l = input_ids.shape
-        slots = ops.arange(0, l, dtype=ms.int32)
         merged = self.embed(input_ids, image_features, merge_index)
-        return self.language_model(merged, position_ids, mask, slots, b, l, False, False)[0]
+        return self.language_model(merged, position_ids, mask, b, l)
 
     def engine(self):
         """The Engine that runs this model (built on first use)."""
@@ -116,6 +115,13 @@ class LlavaModel(PreTrainedModel):
         b, l = input_ids.shape
         emb = self.language_model.embed(ops.reshape(input_ids, (b * l,)))
         return ops.gather(ops.concat((emb, image_features), 0), merge_index, 0)
+
+    def embed_rows(self, input_ids, image_features, image_mask):
+        """A row step's embeddings: input_ids [n] int32 (image positions hold any valid id), image_features
+        [n, D] (the feature of each image position, zeros elsewhere), image_mask [n, 1] compute dtype (1 at
+        image positions) -> [n, D]. Exact in any float dtype: one of the two terms is multiplied by 0."""
+        emb = self.language_model.embed(input_ids)
+        return emb * (1 - image_mask) + image_features * image_mask
 
     def get_image_features(self, pixel_values):
         """pixel_values [N, 3, H, W] -> Tensor [N, num_image_tokens, text_hidden] (after the projector)."""

@@ -447,24 +447,26 @@ class Job:
         self.settings = GenerationSettings.from_config(
             self.model_config, **{k: getattr(self.args, k) for k in GENERATION_FLAGS})
 
-    def load_model(self, batch=None):
+    def load_model(self, batch=None, shrink_kv=False):
         """This rank's weights into the registered model; the engine that runs it. The memory the run needs
-        (`batch` inputs at once; default the yaml's batch_size) is checked first."""
+        (`batch` rows at once; default the yaml's batch_size) is checked first (`self.memory`, the estimate;
+        with shrink_kv a smaller KV pool is accepted when that is what fits, memory_budget.check)."""
         import memory_budget
         self.tp = setup_parallel(self.config, self.model_config)
-        memory_budget.check(self.model_config, batch, self.tp.world, self.config.context.get("device_target"),
-                            self.config.context.get("max_device_memory"))
+        self.memory = memory_budget.check(self.model_config, batch, self.tp.world,
+                                          self.config.context.get("device_target"),
+                                          self.config.context.get("max_device_memory"), shrink_kv=shrink_kv)
         self.model, self.checkpoint = load_model(self.config, self.model_config, self._model_cls, self.tp)
         _touch_device()
         self.engine = self.model.engine()
 
-    def load(self, batch=None):
+    def load(self, batch=None, shrink_kv=False):
         """The whole start of a run mode that needs no inputs first (chat, serve): check, build, load (for up to
         `batch` rows at once), announce."""
         self.check_checkpoint()
         with self.console():
             self.build()
-            self.load_model(batch)
+            self.load_model(batch, shrink_kv)
         self.announce()
         return self
 

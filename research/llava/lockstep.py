@@ -1,13 +1,15 @@
-"""Serving under tensor parallelism: the other ranks follow rank 0's batches step by step.
+"""Serving under tensor parallelism: the other ranks follow rank 0's steps.
 
-Every rank holds a share of the model, so every rank must run the same `Engine.stream` calls with the same
-inputs and end the same rows at the same steps. Rank 0 (which serves HTTP) tells the others, over the job's
-own collective group (all-reduce with zeros from every rank but 0, so the sum is rank 0's data):
+Every rank holds a share of the model, so every rank must hold the same rows and run the same steps with the
+same inputs. Rank 0 (which serves HTTP and plans) tells the others before each step, over the job's own
+collective group (all-reduce with zeros from every rank but 0, so the sum is rank 0's data):
 
-* before each batch: a header (idle / batch / quit, sizes), the ids and masks, the pixels, and every row's
-  generation settings. Settings travel as numbers and rank 0 runs with the values it sent, so that every
-  rank's token selector (and its seeded random generator: rank 0 draws a seed for rows without one) is the same;
-* after each step: which rows end now (stop strings and clients that went away are only known to rank 0).
+* a header: idle / step / quit and the counts that follow;
+* the lanes of the rows that left since the last step (released in the same order on every rank, so the
+  engines' free lanes and blocks stay the same);
+* each joining row: its ids, its pixels and its generation settings as numbers (rank 0 runs with the values
+  it sent, drawing a seed for rows without one, so that every rank's token selector picks the same tokens);
+* the plan: (lane, tokens) per entry.
 
 Rank 0's scheduler sends an idle header about once a second when it has no work, so the others never wait in
 a collective for long, and a quit header when the server stops.
@@ -17,7 +19,7 @@ import numpy as np
 from generation import GenerationSettings
 from llava_errors import LlavaError
 
-IDLE, BATCH, QUIT = 0, 1, 2
+IDLE, STEP, QUIT = 0, 1, 2
 _INT_FIELDS = ("max_new_tokens", "do_sample", "top_k", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty")
 
@@ -50,52 +52,70 @@ class Lockstep:
         return sum(limbs[i] << np.uint64(16 * i) for i in range(4)).astype(dtype)
 
     # ------------------------------------------------------------------ rank 0
-    def send(self, kind, ids=None, mask=None, pixels=None, settings=None):
-        """Rank 0: announce a batch (or idle / quit). Returns the settings as every rank will use them."""
-        rows, width = (0, 0) if ids is None else ids.shape
-        images = 0 if pixels is None else pixels.shape[0]
-        self._share(np.array([kind, rows, width, images], np.int32), (4,), np.int32)
-        if kind != BATCH:
-            return None
-        return self._payload(ids, mask, pixels, settings, rows, width, images)[3]
+    def settings_for(self, s):
+        """Rank 0: the settings a joining row runs with on every rank (a drawn seed when it has none)."""
+        if s.seed is not None:
+            return s
+        return GenerationSettings(**{**s.__dict__, "seed": int(self._rng.integers(0, 2 ** 63 - 1))})
 
-    def stop(self, ended):
-        """Rank 0: which rows end after this step (the same mask on every rank)."""
-        return self._share(np.asarray(ended, np.int32), (len(ended),), np.int32).astype(bool)
+    def send(self, kind):
+        self._share(np.array([kind, 0, 0, 0], np.int32), (4,), np.int32)
+
+    def send_idle(self):
+        self.send(IDLE)
+
+    def send_step(self, released, joined, steps):
+        """Rank 0, before a step: the lanes released since the last one, the joining (request, row)s, the plan."""
+        self._share(np.array([STEP, len(released), len(joined), len(steps)], np.int32), (4,), np.int32)
+        self._lanes(released, len(released))
+        for request, _ in joined:
+            self._row(request.ids, request.pixel_values, request.settings)
+        self._plan([(row.lane, n) for row, n in steps], len(steps))
 
     # ------------------------------------------------------------------ every rank
-    def _payload(self, ids, mask, pixels, settings, rows, width, images):
+    def _lanes(self, lanes, n):
+        return self._share(None if lanes is None else np.asarray(lanes, np.int32), (n,), np.int32).tolist()
+
+    def _plan(self, pairs, n):
+        return self._share(None if pairs is None else np.asarray(pairs, np.int32).reshape(n, 2), (n, 2),
+                           np.int32).tolist()
+
+    def _row(self, ids=None, pixels=None, settings=None):
+        head = None
+        if self.leader:
+            head = np.array([len(ids), 0 if pixels is None else pixels.shape[0]], np.int32)
+        n_ids, images = self._share(head, (2,), np.int32).tolist()
         ints = floats = None
         if self.leader:
-            ints = np.array([[s.max_new_tokens, s.do_sample, s.top_k,
-                              int(self._rng.integers(0, 2 ** 63 - 1)) if s.seed is None else s.seed]
-                             for s in settings], np.int64)
-            floats = np.array([[s.temperature, s.top_p, s.repetition_penalty] for s in settings], np.float32)
-        ids = self._share(ids, (rows, width), np.int32)
-        mask = self._share(mask, (rows, width), np.int32)
+            s = settings
+            ints = np.array([s.max_new_tokens, s.do_sample, s.top_k, s.seed], np.int64)
+            floats = np.array([s.temperature, s.top_p, s.repetition_penalty], np.float32)
+        ids = self._share(None if ids is None else np.asarray(ids), (n_ids,), np.int32).tolist()
         pixels = self._share(pixels, (images,) + self.image_shape, np.float32) if images else None
-        ints = self._share(ints, (rows, len(_INT_FIELDS)), np.int64)
-        floats = self._share(floats, (rows, len(_FLOAT_FIELDS)), np.float32)
-        settings = []
-        for i, f in zip(ints.tolist(), floats.tolist()):
-            values = dict(zip(_INT_FIELDS, i), **dict(zip(_FLOAT_FIELDS, f)))
-            values["do_sample"] = bool(values["do_sample"])
-            settings.append(GenerationSettings(**{**self.defaults.__dict__, **values}))
-        return ids, mask, pixels, settings
+        ints = self._share(ints, (len(_INT_FIELDS),), np.int64).tolist()
+        floats = self._share(floats, (len(_FLOAT_FIELDS),), np.float32).tolist()
+        values = dict(zip(_INT_FIELDS, ints), **dict(zip(_FLOAT_FIELDS, floats)))
+        values["do_sample"] = bool(values["do_sample"])
+        return ids, pixels, GenerationSettings(**{**self.defaults.__dict__, **values})
 
     def follow(self, engine):
-        """Ranks > 0: run rank 0's batches until it says quit."""
+        """Ranks > 0: hold the same rows and run rank 0's steps until it says quit."""
+        rows = {}
         while True:
-            kind, rows, width, images = self._share(None, (4,), np.int32).tolist()
+            kind, n_released, n_joined, n_steps = self._share(None, (4,), np.int32).tolist()
             if kind == QUIT:
                 return
-            if kind != BATCH:
+            if kind != STEP:
                 continue
-            ids, mask, pixels, settings = self._payload(None, None, None, None, rows, width, images)
-            try:
-                for _ in engine.stream(ids, pixels, mask, settings,
-                                       stop=lambda running: self._share(None, (rows,), np.int32).astype(bool)):
-                    pass
-            except LlavaError:
-                pass       # rank 0 meets the same error before any collective of the batch and reports it
-
+            for lane in self._lanes(None, n_released):
+                engine.release(rows.pop(lane))
+            for _ in range(n_joined):
+                ids, pixels, settings = self._row()
+                try:
+                    row = engine.add(ids, pixels, settings)
+                    rows[row.lane] = row
+                except LlavaError:
+                    pass      # rank 0 met the same error before the step and did not plan the row
+            steps = self._plan(None, n_steps)
+            if steps:
+                engine.step([(rows[lane], n) for lane, n in steps])

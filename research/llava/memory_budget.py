@@ -7,9 +7,10 @@ The estimate for one process (one rank under tensor parallelism):
 * weights: every parameter of `weight_map.expected_params` (this rank's share of the split ones) in
   `param_init_type` bytes, except the linear layers that `model_config.weight_dtype` stores in low precision
   (LOWBIT_WEIGHT: int8 with a float32 scale per output row, or float16 / bfloat16);
-* KV cache: num_layers * 2 (keys, values) * batch * (n_kv_heads / world) * seq_length * head_dim *
-  `compute_dtype` bytes, for the yaml's `batch_size` (the model holds it from the start) and, when a run's
-  batch differs, for that batch too (the engine keeps one cache per batch size);
+* KV pool: num_layers * 2 (keys, values) * rows * (n_kv_heads / world) * seq_length * head_dim *
+  `compute_dtype` bytes for rows = the run's batch (the server's max_batch), at least the yaml's `batch_size`:
+  the engine holds one pool for all rows. A server may take a smaller pool when that is what fits
+  (`check(..., shrink_kv=True)`: its rows then share fewer positions, and it says so);
 * activations (an allowance, float32): a prompt step's hidden states, batch * seq_length * (2 * hidden_size +
   2 * intermediate_size / world) values, plus one block of attention scores, batch * num_heads / world *
   min(QUERY_BLOCK, seq_length) * seq_length values, plus the logits, batch * vocab_size values;
@@ -90,11 +91,9 @@ def activation_bytes(config, batch, world=1):
 
 def estimate(config, batch=None, world=1):
     """Estimate for `config` (a LlavaConfig) running `batch` inputs at once (default: the yaml's batch_size)."""
-    kv = kv_cache_bytes(config, config.batch_size, world)
-    if batch is not None and batch != config.batch_size:
-        kv += kv_cache_bytes(config, batch, world)
     largest = max(config.batch_size, batch or 0)
-    return Estimate(weight_bytes(config, world), kv, activation_bytes(config, largest, world))
+    return Estimate(weight_bytes(config, world), kv_cache_bytes(config, largest, world),
+                    activation_bytes(config, largest, world))
 
 
 def _read_int(path):
@@ -128,8 +127,11 @@ def parse_size(text):
     return int(float(m.group(1)) * (GIB if m.group(2).upper() == "G" else 1024 ** 2))
 
 
-def check(config, batch=None, world=1, device_target="CPU", max_device_memory=None, available=None):
-    """LlavaError when the estimate is more than the memory this run can use; returns the Estimate.
+def check(config, batch=None, world=1, device_target="CPU", max_device_memory=None, available=None,
+          shrink_kv=False):
+    """LlavaError when the estimate is more than the memory this run can use; returns the Estimate. With
+    `shrink_kv` a KV pool smaller than `batch` full-length rows, but at least one, is taken when that is what
+    fits: the returned Estimate's kv_cache is then the pool to allocate.
 
     `available`: (bytes, description) instead of asking the machine (tests)."""
     need = estimate(config, batch, world)
@@ -142,6 +144,9 @@ def check(config, batch=None, world=1, device_target="CPU", max_device_memory=No
                 return need           # device memory: MindSpore's to report, nothing known here
             available = (size, f"device memory (context.max_device_memory={max_device_memory})")
     have, where = available
+    one_row = kv_cache_bytes(config, 1, world)
+    if shrink_kv and need.total > have and need.total - need.kv_cache + one_row <= have:
+        need.kv_cache = have - (need.total - need.kv_cache)
     if need.total > have:
         rank = f" per rank ({world} ranks)" if world > 1 else ""
         raise LlavaError(

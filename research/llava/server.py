@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from generation import GenerationSettings
 from image_loading import display_name, load_image
 from llava_errors import LimitError, LlavaError
-from serving import QueueFull, Request as GenerationRequest, pooled_rows
+from serving import PREFILL_CHUNK, QueueFull, Request as GenerationRequest
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")   # the chat page, shipped with the package
 
@@ -196,8 +196,10 @@ class Server:
         @app.get("/health")
         async def health():
             s = self.scheduler
-            return {"status": "ok", "waiting": s.waiting, "batches": s.batches, "largest_batch": s.largest_batch,
-                    "cancelled": s.cancelled}
+            pool = s.engine.pool
+            return {"status": "ok", "waiting": s.waiting, "running": s.running, "steps": s.steps,
+                    "largest_batch": s.largest_batch, "completed": s.completed, "cancelled": s.cancelled,
+                    "kv_blocks_free": pool.free, "kv_blocks": pool.usable}
 
         @app.get("/v1/models")
         async def models():
@@ -328,11 +330,13 @@ def _usage(prompt_tokens, completion_tokens):
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_name="llava", lockstep=None):
-    """Serve the loaded job until interrupted (Ctrl-C / SIGTERM)."""
+def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_name="llava", lockstep=None,
+          prefill_chunk=PREFILL_CHUNK):
+    """Serve the loaded job (its engine's KV pool reserved and warm) until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
     from serving import Scheduler
-    scheduler = Scheduler(job.engine, job.tokenizer, max_batch=max_batch, max_queue=max_queue, lockstep=lockstep)
+    scheduler = Scheduler(job.engine, job.tokenizer, max_batch=max_batch, max_queue=max_queue, lockstep=lockstep,
+                          prefill_chunk=prefill_chunk)
     processor = job.processor
 
     def ready():
@@ -350,17 +354,42 @@ def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_nam
         scheduler.close()
 
 
+def prepare_engine(job, max_batch, prefill_chunk):
+    """The server's KV pool, once: max_batch rows of seq_length positions, or the blocks that fit the memory
+    there is (the estimate before loading, memory_budget.check(shrink_kv=True)); then every step shape the
+    scheduler can plan is compiled, so no request waits for a compile. Says what it took on stderr."""
+    import time as clock
+    engine = job.engine
+    blocks = None
+    one = engine.pool_bytes(1)
+    wanted = 1 + max_batch * engine.max_blocks
+    if job.memory.kv_cache < engine.pool_bytes(wanted):
+        blocks = max(1 + engine.max_blocks, 1 + job.memory.kv_cache // one)
+    engine.reserve(max_batch, blocks)
+    pool = engine.pool
+    rows = pool.usable * pool.block_size / job.model_config.seq_length
+    note = "" if blocks is None else f" (all the memory there is: {rows:.1f} full-length rows, not {max_batch})"
+    print(f"KV pool: {pool.usable} blocks of {pool.block_size} positions = "
+          f"{engine.pool_bytes(pool.blocks) / 2 ** 30:.2f} GiB{note}, up to {max_batch} rows at once",
+          file=sys.stderr, flush=True)
+    start = clock.monotonic()
+    engine.warmup(prefill_chunk + max_batch)
+    print(f"compiled the step shapes in {clock.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+
+
 def run(args, root):
     """`run_mindformer.py --run_mode serve`: load once, then serve."""
     from llava_predict import Job
-    # the memory check counts the KV caches of every batch size the scheduler may run
-    job = Job(args, root).load(batch=pooled_rows(args.max_batch) if args.max_batch >= 1 else None)
-    # A server sees many prompt lengths, and every prompt bucket (per batch size) compiles its own prefill graph:
-    # coarser buckets than predict's compile less often for a few more padded positions per request. Every rank
-    # pads alike (the ranks' collectives must see the same shapes).
-    job.engine.prefill_bucket = max(job.engine.prefill_bucket, 32)
+    chunk = args.prefill_chunk or PREFILL_CHUNK
+    if args.max_batch < 1 or args.max_queue < 1 or chunk < 1:      # before anything loads
+        raise LlavaError(f"serve: --max_batch, --max_queue and --prefill_chunk must be >= 1, got "
+                         f"{args.max_batch}, {args.max_queue}, {chunk}")
+    # one KV pool of max_batch rows; a single process takes a smaller one when that is what fits (every rank
+    # of a tensor-parallel job must hold the same pool, so they do not)
+    job = Job(args, root).load(batch=args.max_batch, shrink_kv=not _tp_requested(args))
+    prepare_engine(job, args.max_batch, chunk)
     lock = None
-    if job.tp.enabled:   # rank 0 serves HTTP; the other ranks run its batches with it
+    if job.tp.enabled:   # rank 0 serves HTTP; the other ranks run its steps with it
         from lockstep import Lockstep
         vc = job.model_config.vision_config
         lock = Lockstep(job.tp, job.settings, (vc.num_channels, vc.image_size, vc.image_size))
@@ -369,5 +398,9 @@ def run(args, root):
             return 0
     name = args.served_model_name or os.path.splitext(os.path.basename(os.path.normpath(job.checkpoint.path)))[0]
     serve(job, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, model_name=name,
-          lockstep=lock)
+          lockstep=lock, prefill_chunk=chunk)
     return 0
+
+
+def _tp_requested(args):
+    return bool(getattr(args, "use_parallel", False))

@@ -1,20 +1,32 @@
-"""Batching many clients' requests onto one engine: the scheduler behind `--run_mode serve`.
+"""Continuous batching of many clients' requests onto one engine: the scheduler behind `--run_mode serve`.
 
 A request is a prompt already turned into ids (`<image>` expanded), its images' pixel values, its generation
-settings and stop strings. Requests wait in a bounded queue; one worker thread owns the engine and runs them
-in batches: it takes the oldest waiting request and every other one that fits beside it (up to `max_batch`
-rows, and the left-padded batch plus the longest answer must fit `seq_length`), runs `Engine.stream` with one
-settings per row, and hands each row's text to its request as it grows. A request that is cancelled (its
-client went away) or hits a stop string stops its row at the next step; the batch ends when every row has.
+settings and stop strings. Requests wait in a bounded queue (FCFS). One worker thread owns the engine and
+loops, one engine step per turn:
+
+1. rows that ended at the last step boundary leave (eos or max_tokens: the engine's stop rule; a stop
+   string; a client gone): their blocks are free at once;
+2. waiting requests join while the engine has a free row and blocks for their prompt + max_tokens
+   (`Engine.fits`; a request that could never fit was refused by `check` before it waited);
+3. the plan (`plan`, the one place for the step budget): one token of every decoding row, then prompt chunks
+   of joining rows in arrival order up to `prefill_chunk` tokens in all, so a long prompt never freezes the
+   other streams for its whole prefill; the chunk and the decode tokens go through one forward pass
+   (the weights are read once for both);
+4. `Engine.step(plan)`; each picked token's text goes to its request.
+
+The scheduler only plans and hands out text: rows, blocks, token selection and the stop rule are the
+engine's. Under tensor parallelism rank 0 plans and the other ranks run the same plan (lockstep.Lockstep).
 
 Events a request receives, in order, through its `emit` callback (called on the worker thread):
   ("delta", text)                          new text of the answer
   ("done", finish_reason, prompt_tokens, completion_tokens)   finish_reason: "stop" or "length"
-  ("error", message)                       the batch failed; the request is over
+  ("error", message)                       its row failed; the request is over
 """
 import itertools
 import queue
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -22,6 +34,11 @@ import numpy as np
 
 from generation import GenerationSettings, TextDeltas
 from llava_errors import LlavaError
+
+# Prompt tokens a step takes at most (beside one token of every decoding row): large enough that a prompt's
+# prefill runs near full speed (a 256-row matmul is compute-bound), small enough that a decoding row waits
+# at most one such chunk between two of its tokens.
+PREFILL_CHUNK = 256
 
 
 class QueueFull(LlavaError):
@@ -36,52 +53,67 @@ class Request:
     emit: Callable
     stop: List[str] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self):
         self.cancelled.set()
 
 
-def batch_rows(n, max_batch):
-    """Rows a batch of n requests runs with: n rounded up to a power of two (at most max_batch). Every new
-    batch size compiles its own prefill and decode graphs (seconds each); filler rows (one token, a one-step
-    answer, never shown) cost less than compiling for 3, 5, 6 and 7 rows as well."""
-    rows = 1
-    while rows < n:
-        rows *= 2
-    return max(n, min(rows, max_batch))
+class _Active:
+    """A request with its row in the engine."""
+
+    def __init__(self, request, row, tokenizer):
+        self.request, self.row = request, row
+        self.text = TextDeltas(tokenizer, request.stop)
+        self.eos = set(request.settings.eos_token_id)
+        self.reason = None
 
 
-def pooled_rows(max_batch):
-    """KV-cache rows a server holds at most: the engine keeps one cache per batch size it has run, and
-    batches run with batch_rows(n) rows for n = 1..max_batch."""
-    return sum({batch_rows(n, max_batch) for n in range(1, max_batch + 1)})
+def plan(active_rows, prefill_chunk):
+    """The step plan [(row, n)]: 1 token for every decoding row (not finished), then prompt chunks of
+    prefilling rows in the given (arrival) order until prefill_chunk prompt tokens are planned."""
+    steps = [(r, 1) for r in active_rows if not r.prefilling and not r.finished]
+    budget = prefill_chunk
+    for r in active_rows:
+        if r.prefilling and budget > 0:
+            n = min(r.pending, budget)
+            steps.append((r, n))
+            budget -= n
+    return steps
 
 
 class Scheduler:
-    def __init__(self, engine, tokenizer, max_batch=8, max_queue=64, lockstep=None):
-        if max_batch < 1 or max_queue < 1:
-            raise LlavaError(f"serve: max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+    def __init__(self, engine, tokenizer, max_batch=8, max_queue=64, lockstep=None, prefill_chunk=PREFILL_CHUNK):
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise LlavaError(f"serve: max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, "
+                             f"{max_queue}, {prefill_chunk}")
+        if engine.pool is None or engine.lanes < max_batch:
+            engine.reserve(max_batch)
         self.engine = engine
         self.tokenizer = tokenizer
         self.seq_length = engine.config.seq_length
-        self.pad_token_id = engine.config.text_config.pad_token_id
         self.max_batch = max_batch
-        self.lockstep = lockstep         # under tensor parallelism: the other ranks follow each batch
+        self.prefill_chunk = prefill_chunk
+        self.lockstep = lockstep         # under tensor parallelism: the other ranks follow each step
         self._queue = queue.Queue(maxsize=max_queue)
-        self._held = None                # a request taken from the queue that did not fit the last batch
+        self._waiting = deque()          # taken from the queue, not yet admitted (FCFS)
+        self._active = []
+        self._released = []              # lanes released since the last step (lockstep)
         self._stopping = False
-        self.batches = 0                 # for /health: batches run, the largest one, rows whose client left
+        self.steps = 0                   # for /health
         self.largest_batch = 0
         self.cancelled = 0
+        self.completed = 0
         self._thread = threading.Thread(target=self._run, name="llava-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ clients
     def check(self, n_ids, settings):
-        """LlavaError unless a prompt of n_ids tokens and its answer fit seq_length on their own."""
+        """LlavaError unless a prompt of n_ids tokens and its answer fit the context and the KV pool."""
         if n_ids + settings.max_new_tokens > self.seq_length:
             raise LlavaError(f"the prompt is {n_ids} tokens; + max_tokens={settings.max_new_tokens} = "
                              f"{n_ids + settings.max_new_tokens} > the model's context of {self.seq_length} tokens")
+        self.engine.check_request(n_ids, settings)
 
     def submit(self, request):
         self.check(len(request.ids), request.settings)
@@ -92,7 +124,11 @@ class Scheduler:
 
     @property
     def waiting(self):
-        return self._queue.qsize() + (self._held is not None)
+        return self._queue.qsize() + len(self._waiting)
+
+    @property
+    def running(self):
+        return len(self._active)
 
     def close(self):
         self._stopping = True
@@ -100,109 +136,108 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ worker
-    def _take(self, block):
-        if self._held is not None:
-            request, self._held = self._held, None
-            return request
+    def _pull(self, block):
+        """Move queued requests to the waiting line; block (up to a second with followers waiting in a
+        collective, so they hear there is no work) when nothing is running or waiting."""
         try:
-            # with followers waiting in a collective, wake up every second to tell them there is no work
-            return self._queue.get(block=block, timeout=1.0 if block and self.lockstep else None)
+            while True:
+                wait = block and not self._waiting and not self._active
+                timeout = 1.0 if wait and self.lockstep else None
+                request = self._queue.get(block=wait, timeout=timeout)
+                if request is None:
+                    return
+                self._waiting.append(request)
+                block = False
         except queue.Empty:
-            return None
+            return
 
-    def _next_batch(self):
-        first = self._take(block=True)
-        if first is None:
-            return []
-        batch = [first]
-        while len(batch) < self.max_batch:
-            request = self._take(block=False)
-            if request is None:
+    def _admit(self):
+        """Waiting requests join, in order, while the engine has room for the next one."""
+        joined = []
+        while self._waiting:
+            request = self._waiting[0]
+            if request.cancelled.is_set():
+                self._waiting.popleft()
+                continue
+            if not self.engine.fits(len(request.ids), request.settings):
                 break
-            width = max(len(r.ids) for r in batch + [request])
-            longest = max(r.settings.max_new_tokens for r in batch + [request])
-            if width + longest > self.seq_length:
-                self._held = request         # first in line for the next batch
-                break
-            batch.append(request)
-        return [r for r in batch if not r.cancelled.is_set()]
+            self._waiting.popleft()
+            try:
+                if self.lockstep is not None:
+                    request.settings = self.lockstep.settings_for(request.settings)
+                row = self.engine.add(request.ids, request.pixel_values, request.settings)
+            except LlavaError as e:
+                request.emit(("error", str(e)))
+                continue
+            self._active.append(_Active(request, row, self.tokenizer))
+            joined.append((request, row))
+        return joined
 
     def _run(self):
-        from lockstep import IDLE, QUIT
+        from lockstep import QUIT
         while not self._stopping:
-            batch = self._next_batch()
-            if not batch:
-                if self.lockstep is not None and not self._stopping:
-                    self.lockstep.send(IDLE)
+            self._pull(block=True)
+            if self._stopping:
+                break
+            if self.lockstep is not None and not self._active and not self._waiting:
+                self.lockstep.send_idle()
                 continue
             try:
-                self._generate(batch)
+                joined = self._admit()
+                steps = plan([a.row for a in self._active], self.prefill_chunk)
+                if self.lockstep is not None:
+                    self.lockstep.send_step(self._released, joined, steps)
+                self._released = []
+                if steps:
+                    self._step(steps)
             except LlavaError as e:
-                for r in batch:
-                    r.emit(("error", str(e)))
+                self._fail(str(e))
             except Exception as e:  # noqa: BLE001  a bug must not kill the worker: report it, keep serving
                 import traceback
                 traceback.print_exc()
-                for r in batch:
-                    r.emit(("error", f"internal error ({type(e).__name__})"))
+                self._fail(f"internal error ({type(e).__name__})")
         if self.lockstep is not None:
             self.lockstep.send(QUIT)
 
-    def _rows(self, n):
-        return batch_rows(n, self.max_batch)
+    def _fail(self, message):
+        for a in self._active:
+            a.request.emit(("error", message))
+            self._leave(a)
+        self._active = []
 
-    def _generate(self, batch):
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        width = max(len(r.ids) for r in batch)
-        rows = self._rows(len(batch))
-        ids = np.full((rows, width), self.pad_token_id, np.int64)
-        mask = np.zeros((rows, width), np.int64)
-        for i, r in enumerate(batch):
-            ids[i, width - len(r.ids):] = r.ids
-            mask[i, width - len(r.ids):] = 1
-        ids[len(batch):, -1] = batch[0].ids[-1]
-        mask[len(batch):, -1] = 1
-        pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
-        pixels = np.concatenate(pixels) if pixels else None
-        filler = GenerationSettings(**{**batch[0].settings.__dict__, "max_new_tokens": 1, "do_sample": False})
-        settings = [r.settings for r in batch] + [filler] * (rows - len(batch))
-        if self.lockstep is not None:
-            from lockstep import BATCH
-            settings = self.lockstep.send(BATCH, ids, mask, pixels, settings)
-        texts = [TextDeltas(self.tokenizer, r.stop) for r in batch]
-        counts = [0] * len(batch)
-        eos = [set(s.eos_token_id) for s in settings]
-        ended = [None] * len(batch)           # finish reason once a row is over
+    def _leave(self, a):
+        self.engine.release(a.row)
+        self._released.append(a.row.lane)
 
-        def stop(running):
-            ended_now = np.zeros(rows, dtype=bool)
-            for row in np.nonzero(running[:len(batch)])[0]:
-                if batch[row].cancelled.is_set():
-                    self.cancelled += 1
-                if batch[row].cancelled.is_set() or texts[row].stopped:
-                    ended[row] = ended[row] or "stop"
-                    ended_now[row] = True
-            return ended_now if self.lockstep is None else self.lockstep.stop(ended_now)
-
-        for tokens, real in self.engine.stream(ids, pixels, mask, settings, stop=stop):
-            for row in np.nonzero(real[:len(batch)])[0]:
-                token = int(tokens[row])
-                counts[row] += 1
-                if token in eos[row]:
-                    ended[row] = "stop"
-                    continue
-                delta = texts[row].add(token)
-                if delta:
-                    batch[row].emit(("delta", delta))
-        for row, r in enumerate(batch):
-            if r.cancelled.is_set():
+    def _step(self, steps):
+        self.steps += 1
+        self.largest_batch = max(self.largest_batch, len(steps))
+        by_row = {id(a.row): a for a in self._active}
+        for row, token in self.engine.step(steps):
+            a = by_row[id(row)]
+            if token in a.eos:
                 continue
-            rest = texts[row].finish()
+            delta = a.text.add(token)
+            if delta:
+                a.request.emit(("delta", delta))
+        still = []
+        for a in self._active:
+            request, row = a.request, a.row
+            if request.cancelled.is_set():
+                self.cancelled += 1
+                self._leave(a)
+                continue
+            if not row.finished and not a.text.stopped:
+                still.append(a)
+                continue
+            rest = a.text.finish()
             if rest:
-                r.emit(("delta", rest))
-            reason = ended[row] or ("stop" if texts[row].stopped else "length")
-            r.emit(("done", reason, len(r.ids), counts[row]))
+                request.emit(("delta", rest))
+            reason = "stop" if a.text.stopped else row.finish_reason
+            self.completed += 1
+            request.emit(("done", reason, len(request.ids), len(row.generated)))
+            self._leave(a)
+        self._active = still
 
 
 _ids = itertools.count()

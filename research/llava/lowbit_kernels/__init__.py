@@ -4,10 +4,10 @@ Graph mode):
 * low-precision weight matmul: y = x @ W.T with W [N, K] stored as int8 (with float32 scales), float16 or
   bfloat16, computed from the stored weights, or by a slow pure-MindSpore fallback that casts W to float32 on
   every call (`make_matmul`);
-* decode attention: one token's attention read straight from the KV-cache Parameter over its first T
-  positions (`make_decode_attention`);
 * prompt attention: a prompt's attention from the token-major q/k/v the projections give and its int32 mask,
   with no transposes, score tensors or bias tensors in between (`make_prompt_attention`);
+* paged attention: the decoder's attention over a paged KV pool, prompt chunks and decode tokens of any rows in
+  one call, read in place through the block tables (`make_paged_attention`);
 * the per-token steps around the matmuls, one pass each: RMSNorm, SwiGLU, rotary embedding (`make_rms_norm`,
   `make_swiglu`, `make_rotary`).
 
@@ -132,10 +132,12 @@ def _first(shape, *rest):
     return shape
 
 
-def make_decode_attention():
-    """(q [B, H, D], k_cache, v_cache [B * kv * S, D], bias [B, H, 1, T], layout [2] int32 = (kv, S))
-    -> [B, H, D]."""
-    return _native_cell("LlavaDecodeAttention", _first)
+def make_paged_attention():
+    """(q [N, H, D] rotated and scaled, k_cache, v_cache [NB * kv * BS, D], tokens [N, 2] int32 = (table row r,
+    positions attended L), tables [R, MB] int32, layout [2] int32 = (kv, BS)) -> [N, H, D]: token i attends
+    positions 0..L-1 of row r (position p in block tables[r, p // BS], cache row (block * kv + g) * BS + p % BS
+    for KV head g); zeros for L = 0."""
+    return _native_cell("LlavaPagedAttention", _first)
 
 
 def make_prompt_attention():
@@ -158,6 +160,6 @@ def make_rotary():
     return _native_cell("LlavaRotary", _first)
 
 
-__all__ = ["make_matmul", "make_decode_attention", "make_prompt_attention", "make_rms_norm", "make_swiglu",
-           "make_rotary", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "WEIGHT_SCALE",
-           "is_scale_param"]
+__all__ = ["make_matmul", "make_paged_attention", "make_prompt_attention", "make_rms_norm", "make_swiglu",
+           "make_rotary", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS",
+           "WEIGHT_SCALE", "is_scale_param"]

@@ -14,9 +14,9 @@
 // LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a path (tests use it; an unsupported choice is an error),
 // LLAVA_KERNEL_THREADS caps the threads.
 //
-// Entry points for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul, and
-// LlavaDecodeAttention (one decode step's attention read straight from the KV-cache Parameter: MindSpore's
-// own ops need a Gather copy of the positions in use first, which cost a 7B decode step ~3 ms per layer).
+// Entry points for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul, LlavaPromptAttention,
+// LlavaPagedAttention (prompt chunks and decode tokens over a paged KV pool, read in place through the block
+// tables) and the per-token steps (LlavaRmsNorm, LlavaSwiGlu, LlavaRotary).
 #ifndef LLAVA_KERNEL_GENERIC_BODY
 #if defined(__x86_64__) || defined(__i386__)
 #define LLAVA_X86 1
@@ -81,16 +81,6 @@ struct Problem {
   float* y;            // [M, N]
 };
 
-struct Attention {
-  int64_t B, H, D;      // batch rows, query heads, head_dim
-  int64_t kv, S, T;     // KV heads, cache positions per (row, KV head), positions attended (T <= S)
-  const float* q;       // [B, H, D], already scaled by 1/sqrt(D)
-  const float* k;       // [B * kv * S, D]: row (b * kv + g) * S + t
-  const float* v;       // same layout
-  const float* bias;    // [B, H, 1, T]: added to the scores (0, or a large negative value to mask)
-  float* out;           // [B, H, D]
-};
-
 struct Prompt {
   int64_t B, Lq, Lk;    // batch rows, queries and keys per row (the queries are the last Lq of the Lk tokens)
   int64_t H, kv, D;     // query heads, KV heads, head_dim
@@ -100,6 +90,29 @@ struct Prompt {
   const int32_t* mask;  // [B, Lq, Lk]: 1 = the query attends to the key
   float* out;           // [B * Lq, H, D]
   const int64_t* last;  // [B * Lq]: 1 + the last key each query attends to, 0 for none (set by the kernel)
+};
+
+// Rows t = 0, 1, ... of one head's keys or values in a cache array: row t starts at float
+// seg[t / len] + (t % len) * stride. A prompt's token-major k / v are one segment, the paged pool a segment per
+// block.
+struct Rows {
+  const int64_t* seg;
+  int64_t len, stride;
+};
+
+struct Run {            // tokens [first, first + n) of table row r, token j attending positions [0, L0 + j)
+  int64_t first, n, r, L0;
+};
+
+struct Paged {
+  int64_t H, D, kv, BS, MB;  // query heads, head_dim, KV heads, positions per block, blocks per table row
+  const float* q;       // [N, H, D], already scaled by 1/sqrt(D)
+  const float* k;       // [NB * kv * BS, D]: position o of KV head g in block b is row (b * kv + g) * BS + o
+  const float* v;       // same layout
+  const int32_t* tables;  // [R, MB]: position p of row r is in block tables[r, p / BS]
+  const Run* runs;      // the tokens with L > 0, in order (a single token is a run of 1)
+  int64_t nruns;
+  float* out;           // [N, H, D]
 };
 
 // Threads: LLAVA_KERNEL_THREADS, else the CPUs this process may run on, and only when the work is large
@@ -215,6 +228,26 @@ void parallel_ranges(int64_t units, int threads, F f) {
   for (int t = 1; t < threads; ++t) pool.emplace_back(part, t);
   part(0);
   for (auto& th : pool) th.join();
+}
+
+// parallel_ranges over units [0, cost.size() - 1) split by cost instead of count: cost is the prefix sum of the
+// units' costs (cost[0] = 0); each thread gets one contiguous range of about equal cost.
+template <class F>
+void parallel_costed(const std::vector<double>& cost, int threads, F f) {
+  const int64_t units = int64_t(cost.size()) - 1;
+  threads = int(std::min<int64_t>(threads, units));
+  if (threads <= 1) {
+    if (units > 0) f(int64_t(0), units);
+    return;
+  }
+  std::vector<int64_t> cut(size_t(threads) + 1, units);
+  cut[0] = 0;
+  for (int t = 1; t < threads; ++t)
+    cut[t] = std::lower_bound(cost.begin(), cost.end(), cost.back() * t / threads) - cost.begin();
+  parallel_ranges(threads, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      if (cut[t] < cut[t + 1]) f(cut[t], cut[t + 1]);
+  });
 }
 
 }  // namespace
@@ -493,41 +526,6 @@ int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, c
   return 0;
 }
 
-// ops.Custom(func_type="aot") entry. Inputs q [B, H, D], k_cache and v_cache [B * kv * S, D], bias
-// [B, H, 1, T] (all float32) and layout [2] int32 = (kv, S); output [B, H, D] float32: per row and head,
-// softmax(q . K[0:T] + bias) . V[0:T] over the first T cache positions of its KV head (head h reads KV head
-// h / (H / kv)). Non-zero (MindSpore raises) on a signature it was not built for.
-int LlavaDecodeAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
-                         void* /*stream*/, void* /*extra*/) {
-  if (nparam != 6) return 1;
-  if (ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 4 || ndims[4] != 1 || ndims[5] != 3) return 2;
-  for (int i : {0, 1, 2, 3, 5})
-    if (!f32(dtypes[i])) return 3;
-  if (std::strcmp(dtypes[4], "int32") != 0 || shapes[4][0] != 2) return 3;
-  Attention a;
-  a.B = shapes[0][0];
-  a.H = shapes[0][1];
-  a.D = shapes[0][2];
-  const int32_t* layout = static_cast<const int32_t*>(params[4]);
-  a.kv = layout[0];
-  a.S = layout[1];
-  a.T = shapes[3][3];
-  if (a.kv <= 0 || a.H % a.kv != 0 || a.T > a.S || shapes[1][1] != a.D || shapes[2][1] != a.D ||
-      shapes[1][0] != a.B * a.kv * a.S || shapes[2][0] != shapes[1][0] || shapes[3][0] != a.B ||
-      shapes[3][1] != a.H || shapes[3][2] != 1 || shapes[5][0] != a.B || shapes[5][1] != a.H ||
-      shapes[5][2] != a.D)
-    return 4;
-  a.q = static_cast<const float*>(params[0]);
-  a.k = static_cast<const float*>(params[1]);
-  a.v = static_cast<const float*>(params[2]);
-  a.bias = static_cast<const float*>(params[3]);
-  a.out = static_cast<float*>(params[5]);
-  const int isa = choose_isa();
-  if (isa < 0) return 5;
-  LLAVA_DISPATCH(isa, decode_attention(a))
-  return 0;
-}
-
 // ops.Custom(func_type="aot") entry. Inputs q [B * Lq, H, D], k and v [B * Lk, kv, D] (float32, token-major
 // as the projections give them) and mask [B, Lq, Lk] int32 (1 = attend); output [B * Lq, H, D] float32:
 // per row, query and head softmax(q . K + mask) . V over that row's keys, head h reading KV head
@@ -558,6 +556,71 @@ int LlavaPromptAttention(int nparam, void** params, int* ndims, int64_t** shapes
   const int isa = choose_isa();
   if (isa < 0) return 5;
   LLAVA_DISPATCH(isa, prompt_attention(a))
+  return 0;
+}
+
+// ops.Custom(func_type="aot") entry: the decoder's attention over the paged KV pool, prompt chunks and decode
+// tokens of any rows in one call. Inputs q [N, H, D] (rotated, scaled by 1/sqrt(D)), k_cache and v_cache
+// [NB * kv * BS, D] (NB blocks of BS positions: position o of KV head g in block b is row (b * kv + g) * BS + o),
+// tokens [N, 2] int32 = (table row r, positions attended L), tables [R, MB] int32 (position p of row r is in
+// block tables[r, p / BS]) and layout [2] int32 = (kv, BS), all float32 but the int32 ones; output [N, H, D]
+// float32: per token and head softmax(q . K[0:L]) . V[0:L] over positions 0..L-1 of its row (head h reads KV
+// head h / (H / kv)), zeros for L = 0 (padding). Consecutive tokens of one row with L rising by 1 (a prompt
+// chunk) take the prompt kernel's blocked path, the others a streaming one (attend_one). Non-zero
+// (MindSpore raises) on a signature it was not built for, r outside tables, L > MB * BS, or a block id of an
+// attended position outside the pool.
+int LlavaPagedAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                        void* /*stream*/, void* /*extra*/) {
+  if (nparam != 7) return 1;
+  if (ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 2 || ndims[3] != 2 || ndims[4] != 2 || ndims[5] != 1 ||
+      ndims[6] != 3)
+    return 2;
+  for (int i : {0, 1, 2, 6})
+    if (!f32(dtypes[i])) return 3;
+  for (int i : {3, 4, 5})
+    if (std::strcmp(dtypes[i], "int32") != 0) return 3;
+  if (shapes[5][0] != 2) return 3;
+  const int32_t* layout = static_cast<const int32_t*>(params[5]);
+  Paged a;
+  const int64_t N = shapes[0][0], R = shapes[4][0];
+  a.H = shapes[0][1];
+  a.D = shapes[0][2];
+  a.kv = layout[0];
+  a.BS = layout[1];
+  a.MB = shapes[4][1];
+  if (a.kv <= 0 || a.BS <= 0 || a.H % a.kv != 0 || shapes[1][1] != a.D || shapes[2][1] != a.D ||
+      shapes[1][0] % (a.kv * a.BS) != 0 || shapes[2][0] != shapes[1][0] || shapes[3][0] != N ||
+      shapes[3][1] != 2 || shapes[6][0] != N || shapes[6][1] != a.H || shapes[6][2] != a.D)
+    return 4;
+  const int64_t NB = shapes[1][0] / (a.kv * a.BS);
+  a.q = static_cast<const float*>(params[0]);
+  a.k = static_cast<const float*>(params[1]);
+  a.v = static_cast<const float*>(params[2]);
+  a.tables = static_cast<const int32_t*>(params[4]);
+  a.out = static_cast<float*>(params[6]);
+  const int isa = choose_isa();
+  if (isa < 0) return 5;
+  const int32_t* tok = static_cast<const int32_t*>(params[3]);
+  std::vector<Run> runs;
+  for (int64_t i = 0; i < N;) {
+    const int64_t r = tok[2 * i], L = tok[2 * i + 1];
+    if (r < 0 || r >= R || L < 0 || L > a.MB * a.BS) return 6;
+    if (L == 0) {
+      std::memset(a.out + i * a.H * a.D, 0, sizeof(float) * a.H * a.D);
+      ++i;
+      continue;
+    }
+    int64_t n = 1;
+    while (i + n < N && tok[2 * (i + n)] == r && tok[2 * (i + n) + 1] == L + n && L + n <= a.MB * a.BS) ++n;
+    const int32_t* blocks = a.tables + r * a.MB;
+    for (int64_t s = 0; s < (L + n - 1 + a.BS - 1) / a.BS; ++s)
+      if (blocks[s] < 0 || blocks[s] >= NB) return 7;   // would read outside the pool
+    runs.push_back(Run{i, n, r, L});
+    i += n;
+  }
+  a.runs = runs.data();
+  a.nruns = int64_t(runs.size());
+  LLAVA_DISPATCH(isa, paged_attention(a))
   return 0;
 }
 
@@ -814,40 +877,56 @@ void matmul(const Problem& p) {
   parallel_ranges((p.N + NR - 1) / NR, threads, [&](int64_t a, int64_t b) { gemm_blocks<WK>(p, a, b); });
 }
 
-// One decode step's attention for (row, head) pairs [i0, i1): scores over the first T positions of the
-// head's KV rows, softmax in float32 (max subtracted, as torch does), weighted sum of the value rows.
-void attention_pairs(const Attention& a, int64_t i0, int64_t i1) {
-  std::vector<float> scores(size_t(a.T));
-  const int64_t D = a.D, groups = a.H / a.kv;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i / a.H, h = i % a.H;
-    const float* q = a.q + i * D;
-    const float* bias = a.bias + i * a.T;
-    const int64_t base = (b * a.kv + h / groups) * a.S;
-    float top = -3.4e38f;
-    for (int64_t t = 0; t < a.T; ++t) {
-      const float* kr = a.k + (base + t) * D;
+// Asks for the cache lines of a row of D floats.
+inline void prefetch_row(const float* p, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d, 0, 3);
+  __builtin_prefetch(p + D - 1, 0, 3);   // the row's last line when it does not start on one
+}
+
+// The attention kernels' shared pieces. Keys and values are read in place through Rows (one segment for a
+// prompt's token-major k / v, a segment per block for the paged pool), so the prompt and paged entries run the
+// same loops.
+
+// softmax(q . K[0:T]) . V[0:T] for one query and head, keys and values streamed from the cache (no
+// transpose: each key serves one query); softmax in float32, max subtracted (as torch does). scores: T floats.
+// Rows of a paged cache are scattered in short segments at which the hardware prefetchers start over (a 7B
+// decode step read its blocks ~1.3x slower than one contiguous cache): row j of a segment prefetches row j of
+// the next one.
+void attend_one(const float* q, const float* k, const float* v, const Rows& src, int64_t T, int64_t D,
+                float* scores, float* o) {
+  float top = -3.4e38f;
+  for (int64_t t0 = 0; t0 < T; t0 += src.len) {
+    const int64_t t1 = std::min(T, t0 + src.len);
+    const float* kr = k + src.seg[t0 / src.len];
+    const bool more = t1 < T;
+    const int64_t ahead = more ? src.seg[t1 / src.len] - src.seg[t0 / src.len] : 0;  // floats to the next
+    for (int64_t t = t0; t < t1; ++t, kr += src.stride) {
+      if (more) prefetch_row(kr + ahead, D);
       typename V::reg acc = V::zero();
       int64_t d = 0;
       for (; d + W <= D; d += W) acc = V::fma(V::load(q + d), V::load(kr + d), acc);
       float s = V::sum(acc);
       for (; d < D; ++d) s += q[d] * kr[d];
-      s += bias[t];
       scores[t] = s;
       top = std::max(top, s);
     }
-    float total = 0.0f;
-    for (int64_t t = 0; t < a.T; ++t) {
-      scores[t] = std::exp(scores[t] - top);
-      total += scores[t];
-    }
-    const float inv = 1.0f / total;
-    float* o = a.out + i * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-    for (int64_t t = 0; t < a.T; ++t) {
+  }
+  float total = 0.0f;
+  for (int64_t t = 0; t < T; ++t) {
+    scores[t] = std::exp(scores[t] - top);
+    total += scores[t];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+  for (int64_t t0 = 0; t0 < T; t0 += src.len) {
+    const int64_t t1 = std::min(T, t0 + src.len);
+    const float* vr = v + src.seg[t0 / src.len];
+    const bool more = t1 < T;
+    const int64_t ahead = more ? src.seg[t1 / src.len] - src.seg[t0 / src.len] : 0;
+    for (int64_t t = t0; t < t1; ++t, vr += src.stride) {
+      if (more) prefetch_row(vr + ahead, D);
       const float pt = scores[t] * inv;
-      if (pt == 0.0f) continue;                 // masked positions (and underflow) add nothing
-      const float* vr = a.v + (base + t) * D;
+      if (pt == 0.0f) continue;                 // positions whose weight underflows add nothing
       const typename V::reg pv = V::bcast(pt);
       int64_t d = 0;
       for (; d + W <= D; d += W) V::store(o + d, V::fma(pv, V::load(vr + d), V::load(o + d)));
@@ -856,134 +935,164 @@ void attention_pairs(const Attention& a, int64_t i0, int64_t i1) {
   }
 }
 
-void decode_attention(const Attention& a) {
-  const int64_t pairs = a.B * a.H;
-  const int threads = thread_count(2.0 * double(pairs) * double(a.T) * double(a.D));
-  parallel_ranges(pairs, threads, [&](int64_t b, int64_t e) { attention_pairs(a, b, e); });
-}
-
-// A prompt's attention for (row, head) pairs [i0, i1) (pair = b * H + h), in blocks of PR queries held in
-// registers like the GEMM's micro-kernel: the keys of the pair's KV head are transposed once into kt [D][Lp]
-// (shared by the heads of a group, which are consecutive pairs); scores for PR queries x 2 W keys at a time
-// (one broadcast per query and two kt loads per d, no horizontal sums); softmax in float32 over the attended
-// keys (max subtracted, as torch does); then PR x 2 W output columns accumulated in registers over the keys.
-// Keys past the last one any query of the block attends to are skipped (a causal mask leaves about half).
-// A query attending to nothing averages all Lk values, as a softmax over equal masked scores does in
-// transformers.
+// The blocked paths (many queries per KV head) work in blocks of PR queries held in registers like the
+// GEMM's micro-kernel, against the head's keys transposed once into kt [D][Lp] (shared by the heads of a
+// group); keys past the last one any query of the block attends to are skipped (a causal mask leaves about
+// half).
 constexpr int PR = V::MR >= 12 ? 8 : 4;
 
+// kt[d][t] = key row t's element d for t < n, zeros up to Lp.
+void gather_keys(const float* k, const Rows& src, int64_t n, int64_t D, int64_t Lp, float* kt) {
+  for (int64_t t0 = 0; t0 < n; t0 += src.len) {
+    const int64_t t1 = std::min(n, t0 + src.len);
+    const float* kr = k + src.seg[t0 / src.len];
+    for (int64_t t = t0; t < t1; ++t, kr += src.stride)
+      for (int64_t d = 0; d < D; ++d) kt[d * Lp + t] = kr[d];
+  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t t = n; t < Lp; ++t) kt[d * Lp + t] = 0.0f;
+}
+
+// scores[r * Lp + j] = q_r . key j for PR queries and keys [0, hp) (hp a multiple of 2 W): PR queries x 2 W
+// keys at a time (one broadcast per query and two kt loads per d, no horizontal sums).
+void score_block(const float* kt, int64_t Lp, int64_t D, const float* const* qr, int64_t hp, float* scores) {
+  for (int64_t j = 0; j < hp; j += 2 * W) {
+    typename V::reg c0[PR], c1[PR];
+    for (int r = 0; r < PR; ++r) { c0[r] = V::zero(); c1[r] = V::zero(); }
+    const float* kd = kt + j;
+    for (int64_t d = 0; d < D; ++d, kd += Lp) {
+      const typename V::reg k0 = V::load(kd), k1 = V::load(kd + W);
+      for (int r = 0; r < PR; ++r) {
+        const typename V::reg qv = V::bcast(qr[r][d]);
+        c0[r] = V::fma(qv, k0, c0[r]);
+        c1[r] = V::fma(qv, k1, c1[r]);
+      }
+    }
+    for (int r = 0; r < PR; ++r) {
+      V::store(scores + r * Lp + j, c0[r]);
+      V::store(scores + r * Lp + j + W, c1[r]);
+    }
+  }
+}
+
+// One query's softmax in place over sr[0, hw): keys j < lim with m[j] != 0 (every j < lim when m is null)
+// get exp(s - max) in float32 (max subtracted, as torch does), the rest 0; returns 1 / the sum. A query
+// attending to nothing gets equal weights over [0, lim), as a softmax over equal masked scores does in
+// transformers. Inlined: as a function of its own, GCC 12 warns (falsely, -Wuninitialized) on the AVX-512
+// horizontal reductions' header code.
+inline __attribute__((always_inline)) float softmax_row(float* sr, const int32_t* m, int64_t lim, int64_t hw) {
+  const typename V::reg low = V::bcast(-3.4e38f);
+  typename V::reg tops = low;
+  int64_t j = 0;
+  for (; j + W <= lim; j += W) {
+    typename V::reg v = V::load(sr + j);
+    if (m) {
+      v = V::keep(m + j, v, low);
+      V::store(sr + j, v);
+    }
+    tops = V::max(tops, v);
+  }
+  for (; j < hw; ++j) sr[j] = j < lim && (!m || m[j]) ? sr[j] : -3.4e38f;
+  float top = V::hmax(tops);
+  for (j = lim / W * W; j < lim; ++j) top = std::max(top, sr[j]);
+  if (top == -3.4e38f) {                      // nothing to attend to: equal weights
+    for (j = 0; j < lim; ++j) sr[j] = 0.0f;
+    top = 0.0f;
+  }
+  const typename V::reg tv = V::bcast(top);
+  typename V::reg tot = V::zero();
+  for (j = 0; j < hw; j += W) {
+    const typename V::reg e = V::exp(V::load(sr + j) - tv);
+    V::store(sr + j, e);
+    tot = tot + e;
+  }
+  return 1.0f / V::sum(tot);
+}
+
+// out[r][d] = inv[r] * sum_{j < hi} p[r][j] V[j][d] (p = scores, rows Lp apart) for PR queries, of which the
+// first `rows` are stored: 2 W columns at a time in registers, then single vectors, then scalars.
+void weighted_values(const float* v, const Rows& src, const float* scores, int64_t Lp, const float* inv, int rows,
+                     int64_t hi, int64_t D, float* const* out) {
+  int64_t d0 = 0;
+  for (; d0 + 2 * W <= D; d0 += 2 * W) {
+    typename V::reg o0[PR], o1[PR];
+    for (int r = 0; r < PR; ++r) { o0[r] = V::zero(); o1[r] = V::zero(); }
+    for (int64_t j0 = 0; j0 < hi; j0 += src.len) {
+      const int64_t j1 = std::min(hi, j0 + src.len);
+      const float* vr = v + src.seg[j0 / src.len] + d0;
+      for (int64_t j = j0; j < j1; ++j, vr += src.stride) {
+        const typename V::reg v0 = V::load(vr), v1 = V::load(vr + W);
+        for (int r = 0; r < PR; ++r) {
+          const typename V::reg pv = V::bcast(scores[r * Lp + j]);
+          o0[r] = V::fma(pv, v0, o0[r]);
+          o1[r] = V::fma(pv, v1, o1[r]);
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      V::store(out[r] + d0, V::mul(o0[r], V::bcast(inv[r])));
+      V::store(out[r] + d0 + W, V::mul(o1[r], V::bcast(inv[r])));
+    }
+  }
+  for (; d0 + W <= D; d0 += W) {
+    typename V::reg o0[PR];
+    for (int r = 0; r < PR; ++r) o0[r] = V::zero();
+    for (int64_t j0 = 0; j0 < hi; j0 += src.len) {
+      const int64_t j1 = std::min(hi, j0 + src.len);
+      const float* vr = v + src.seg[j0 / src.len] + d0;
+      for (int64_t j = j0; j < j1; ++j, vr += src.stride) {
+        const typename V::reg v0 = V::load(vr);
+        for (int r = 0; r < PR; ++r) o0[r] = V::fma(V::bcast(scores[r * Lp + j]), v0, o0[r]);
+      }
+    }
+    for (int r = 0; r < rows; ++r) V::store(out[r] + d0, V::mul(o0[r], V::bcast(inv[r])));
+  }
+  for (; d0 < D; ++d0) {
+    for (int r = 0; r < rows; ++r) {
+      float acc = 0.0f;
+      for (int64_t j0 = 0; j0 < hi; j0 += src.len) {
+        const int64_t j1 = std::min(hi, j0 + src.len);
+        const float* vr = v + src.seg[j0 / src.len] + d0;
+        for (int64_t j = j0; j < j1; ++j, vr += src.stride) acc += scores[r * Lp + j] * *vr;
+      }
+      out[r][d0] = acc * inv[r];
+    }
+  }
+}
+
+// A prompt's attention for (row, head) pairs [i0, i1) (pair = b * H + h; the heads of a group are consecutive
+// pairs and share kt), blocked as above.
 void prompt_pairs(const Prompt& a, int64_t i0, int64_t i1) {
   const int64_t D = a.D, Lk = a.Lk, Lq = a.Lq, groups = a.H / a.kv;
   const int64_t Lp = (Lk + 2 * W - 1) / (2 * W) * (2 * W);
-  std::vector<float> kt(size_t(D * Lp), 0.0f), scores(size_t(PR * Lp));
-  int64_t packed = -1;
+  std::vector<float> kt(size_t(D * Lp)), scores(size_t(PR * Lp));
+  int64_t packed = -1, base = 0;
+  const Rows src{&base, std::max<int64_t>(Lk, 1), a.kv * D};   // token-major: one segment, kv * D apart
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t b = i / a.H, h = i % a.H, g = h / groups;
     if (b * a.kv + g != packed) {
       packed = b * a.kv + g;
-      for (int64_t t = 0; t < Lk; ++t) {
-        const float* kr = a.k + ((b * Lk + t) * a.kv + g) * D;
-        for (int64_t d = 0; d < D; ++d) kt[d * Lp + t] = kr[d];
-      }
+      base = (b * Lk * a.kv + g) * D;
+      gather_keys(a.k, src, Lk, D, Lp, kt.data());
     }
     for (int64_t q0 = 0; q0 < Lq; q0 += PR) {
       const int rows = int(std::min<int64_t>(PR, Lq - q0));
       const float* qr[PR];
+      float* out[PR];
       const int32_t* mr[PR];
       int64_t hi = 0;
       for (int r = 0; r < PR; ++r) {
-        const int64_t qi = q0 + std::min(r, rows - 1);    // rows past Lq repeat the last: computed, not stored
-        qr[r] = a.q + ((b * Lq + qi) * a.H + h) * D;
-        mr[r] = a.mask + (b * Lq + qi) * Lk;
-        const int64_t last = a.last[b * Lq + qi];
-        hi = std::max(hi, last == 0 ? Lk : last);
+        const int64_t qi = b * Lq + q0 + std::min(r, rows - 1);  // rows past Lq repeat the last: not stored
+        qr[r] = a.q + (qi * a.H + h) * D;
+        out[r] = a.out + (qi * a.H + h) * D;
+        mr[r] = a.mask + qi * Lk;
+        hi = std::max(hi, a.last[qi] == 0 ? Lk : a.last[qi]);
       }
       const int64_t hw = (hi + W - 1) / W * W, hp = (hi + 2 * W - 1) / (2 * W) * (2 * W);
-      for (int64_t j = 0; j < hp; j += 2 * W) {
-        typename V::reg c0[PR], c1[PR];
-        for (int r = 0; r < PR; ++r) { c0[r] = V::zero(); c1[r] = V::zero(); }
-        const float* kd = kt.data() + j;
-        for (int64_t d = 0; d < D; ++d, kd += Lp) {
-          const typename V::reg k0 = V::load(kd), k1 = V::load(kd + W);
-          for (int r = 0; r < PR; ++r) {
-            const typename V::reg qv = V::bcast(qr[r][d]);
-            c0[r] = V::fma(qv, k0, c0[r]);
-            c1[r] = V::fma(qv, k1, c1[r]);
-          }
-        }
-        for (int r = 0; r < PR; ++r) {
-          V::store(scores.data() + r * Lp + j, c0[r]);
-          V::store(scores.data() + r * Lp + j + W, c1[r]);
-        }
-      }
+      score_block(kt.data(), Lp, D, qr, hp, scores.data());
       float inv[PR];
-      for (int r = 0; r < PR; ++r) {
-        float* sr = scores.data() + r * Lp;
-        const int32_t* m = mr[r];
-        const typename V::reg low = V::bcast(-3.4e38f);
-        typename V::reg tops = low;
-        int64_t j = 0;
-        for (; j + W <= hi; j += W) {
-          const typename V::reg v = V::keep(m + j, V::load(sr + j), low);
-          V::store(sr + j, v);
-          tops = V::max(tops, v);
-        }
-        for (; j < hw; ++j) sr[j] = j < hi && m[j] ? sr[j] : -3.4e38f;
-        float top = V::hmax(tops);
-        for (j = hi / W * W; j < hi; ++j) top = std::max(top, sr[j]);
-        if (top == -3.4e38f) {                  // nothing to attend to: equal weights (hi == Lk here)
-          for (j = 0; j < hi; ++j) sr[j] = 0.0f;
-          top = 0.0f;
-        }
-        const typename V::reg tv = V::bcast(top);
-        typename V::reg tot = V::zero();
-        for (int64_t j = 0; j < hw; j += W) {
-          const typename V::reg e = V::exp(V::load(sr + j) - tv);
-          V::store(sr + j, e);
-          tot = tot + e;
-        }
-        inv[r] = 1.0f / V::sum(tot);
-      }
-      // out[r, d] = inv[r] * sum_j p[r, j] V[j, d]: 2 W columns at a time, then single vectors, then scalars
-      const float* vb = a.v + (b * Lk * a.kv + g) * D;
-      const int64_t vstride = a.kv * D;
-      float* out[PR];
-      for (int r = 0; r < PR; ++r) out[r] = a.out + ((b * Lq + q0 + std::min(r, rows - 1)) * a.H + h) * D;
-      int64_t d0 = 0;
-      for (; d0 + 2 * W <= D; d0 += 2 * W) {
-        typename V::reg o0[PR], o1[PR];
-        for (int r = 0; r < PR; ++r) { o0[r] = V::zero(); o1[r] = V::zero(); }
-        const float* vr = vb + d0;
-        for (int64_t j = 0; j < hi; ++j, vr += vstride) {
-          const typename V::reg v0 = V::load(vr), v1 = V::load(vr + W);
-          for (int r = 0; r < PR; ++r) {
-            const typename V::reg pv = V::bcast(scores[r * Lp + j]);
-            o0[r] = V::fma(pv, v0, o0[r]);
-            o1[r] = V::fma(pv, v1, o1[r]);
-          }
-        }
-        for (int r = 0; r < rows; ++r) {
-          V::store(out[r] + d0, V::mul(o0[r], V::bcast(inv[r])));
-          V::store(out[r] + d0 + W, V::mul(o1[r], V::bcast(inv[r])));
-        }
-      }
-      for (; d0 + W <= D; d0 += W) {
-        typename V::reg o0[PR];
-        for (int r = 0; r < PR; ++r) o0[r] = V::zero();
-        const float* vr = vb + d0;
-        for (int64_t j = 0; j < hi; ++j, vr += vstride) {
-          const typename V::reg v0 = V::load(vr);
-          for (int r = 0; r < PR; ++r) o0[r] = V::fma(V::bcast(scores[r * Lp + j]), v0, o0[r]);
-        }
-        for (int r = 0; r < rows; ++r) V::store(out[r] + d0, V::mul(o0[r], V::bcast(inv[r])));
-      }
-      for (; d0 < D; ++d0) {
-        for (int r = 0; r < rows; ++r) {
-          float acc = 0.0f;
-          for (int64_t j = 0; j < hi; ++j) acc += scores[r * Lp + j] * vb[j * vstride + d0];
-          out[r][d0] = acc * inv[r];
-        }
-      }
+      for (int r = 0; r < PR; ++r) inv[r] = softmax_row(scores.data() + r * Lp, mr[r], hi, hw);
+      weighted_values(a.v, src, scores.data(), Lp, inv, rows, hi, D, out);
     }
   }
 }
@@ -1000,6 +1109,73 @@ void prompt_attention(Prompt a) {
   const int64_t pairs = a.B * a.H;
   const int threads = thread_count(2.0 * double(pairs) * double(a.Lq) * double(a.Lk) * double(a.D));
   parallel_ranges(pairs, threads, [&](int64_t b, int64_t e) { prompt_pairs(a, b, e); });
+}
+
+// Paged attention for (run, head) units [u0, u1) (unit = run * H + h): a single token streams its row's
+// blocks (attend_one); a run (a prompt chunk: query j attends keys [0, L0 + j)) gathers keys [0, L0 + n - 1)
+// from its blocks into kt once per KV head and takes the blocked path, each query's softmax cut at its own
+// L and the block's keys at its last query's.
+void paged_units(const Paged& a, int64_t u0, int64_t u1) {
+  const int64_t D = a.D, H = a.H, groups = a.H / a.kv;
+  std::vector<float> kt, scores;
+  std::vector<int64_t> seg;
+  int64_t cur = -1;                                       // run * kv + g whose blocks are in seg (and kt)
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t ri = u / H, h = u % H, g = h / groups;
+    const Run& run = a.runs[ri];
+    const int64_t Lmax = run.L0 + run.n - 1, Lp = (Lmax + 2 * W - 1) / (2 * W) * (2 * W);
+    if (ri * a.kv + g != cur) {
+      cur = ri * a.kv + g;
+      const int32_t* blocks = a.tables + run.r * a.MB;
+      seg.resize(size_t((Lmax + a.BS - 1) / a.BS));
+      for (size_t s = 0; s < seg.size(); ++s) seg[s] = (int64_t(blocks[s]) * a.kv + g) * a.BS * D;
+      if (run.n > 1) {
+        kt.resize(size_t(D * Lp));
+        gather_keys(a.k, Rows{seg.data(), a.BS, D}, Lmax, D, Lp, kt.data());
+      }
+    }
+    const Rows src{seg.data(), a.BS, D};                   // a block's rows are contiguous
+    const size_t need = size_t(run.n > 1 ? PR * Lp : Lmax);
+    if (scores.size() < need) scores.resize(need);
+    if (run.n == 1) {
+      const int64_t o = (run.first * H + h) * D;
+      attend_one(a.q + o, a.k, a.v, src, Lmax, D, scores.data(), a.out + o);
+      continue;
+    }
+    for (int64_t q0 = 0; q0 < run.n; q0 += PR) {
+      const int rows = int(std::min<int64_t>(PR, run.n - q0));
+      const float* qr[PR];
+      float* out[PR];
+      int64_t lim[PR];
+      for (int r = 0; r < PR; ++r) {
+        const int64_t j = q0 + std::min(r, rows - 1);     // rows past the run repeat the last: not stored
+        qr[r] = a.q + ((run.first + j) * H + h) * D;
+        out[r] = a.out + ((run.first + j) * H + h) * D;
+        lim[r] = run.L0 + j;
+      }
+      const int64_t hi = lim[PR - 1];
+      const int64_t hw = (hi + W - 1) / W * W, hp = (hi + 2 * W - 1) / (2 * W) * (2 * W);
+      score_block(kt.data(), Lp, D, qr, hp, scores.data());
+      float inv[PR];
+      for (int r = 0; r < PR; ++r) inv[r] = softmax_row(scores.data() + r * Lp, nullptr, lim[r], hw);
+      weighted_values(a.v, src, scores.data(), Lp, inv, rows, hi, D, out);
+    }
+  }
+}
+
+void paged_attention(const Paged& a) {
+  // a unit's cost ~ the positions its queries attend (+ a little per unit): a prompt chunk's unit can cost
+  // hundreds of decode ones, so equal unit counts per thread would leave threads idle
+  std::vector<double> cost(size_t(a.nruns * a.H) + 1, 0.0);
+  double work = 0.0;
+  for (int64_t ri = 0; ri < a.nruns; ++ri) {
+    const Run& run = a.runs[ri];
+    const double c = double(run.n) * (double(run.L0) + 0.5 * double(run.n - 1));
+    work += c;
+    for (int64_t h = 0; h < a.H; ++h) cost[ri * a.H + h + 1] = cost[ri * a.H + h] + c + 16.0;
+  }
+  const int threads = thread_count(2.0 * double(a.H) * work * double(a.D));
+  parallel_costed(cost, threads, [&](int64_t b, int64_t e) { paged_units(a, b, e); });
 }
 
 // The small per-token steps around the matmuls, one pass each instead of MindSpore's 2-6 ops (which cost a
