@@ -141,15 +141,16 @@ class LlamaAttention(nn.Cell):
         # row offset of each KV head inside a block
         self.head_rows = Tensor((np.arange(self.n_kv) * block_size).astype(np.int32))
 
-    def _qkv(self, x, rope, n):
-        q = ops.reshape(self.q_proj(x), (n, self.num_heads, self.head_dim))
-        k = ops.reshape(self.k_proj(x), (n, self.n_kv, self.head_dim))
-        v = ops.reshape(self.v_proj(x), (n, self.n_kv, self.head_dim))
-        cos_q, sin_q, cos_k, sin_k = rope                     # q's tables carry the 1/sqrt(head_dim) scale
+    def _rotate(self, x, cos, sin):
         if self.rotary is not None:
-            return self.rotary(q, cos_q, sin_q), self.rotary(k, cos_k, sin_k), v
-        half = self.head_dim // 2
-        return apply_rotary(q, cos_q, sin_q, half), apply_rotary(k, cos_k, sin_k, half), v
+            return self.rotary(x, cos, sin)
+        return apply_rotary(x, cos, sin, self.head_dim // 2)
+
+    def _qkv(self, x, rope, n):
+        cos_q, sin_q, cos_k, sin_k = rope                     # q's tables carry the 1/sqrt(head_dim) scale
+        q = self._rotate(ops.reshape(self.q_proj(x), (n, self.num_heads, self.head_dim)), cos_q, sin_q)
+        k = self._rotate(ops.reshape(self.k_proj(x), (n, self.n_kv, self.head_dim)), cos_k, sin_k)
+        return q, k, ops.reshape(self.v_proj(x), (n, self.n_kv, self.head_dim))
 
     def construct(self, x, rope, bias, blocks, b, l):
         """The cache-free path (a whole prompt, Engine.forward): x [b * l, D]; rope from rotary_tables;
@@ -163,14 +164,25 @@ class LlamaAttention(nn.Cell):
         values = ops.transpose(ops.reshape(v, (b, l, self.n_kv, self.head_dim)), (0, 2, 1, 3))
         return self.reduce(self.o_proj(self._attend(q, keys, values, bias, blocks, b, l)))
 
-    def rows(self, x, rope, step, n):
+    def rows(self, x, rope, step, n, keep=None, m=None):
         """A row step (Engine.run): x [n, D], the step's tokens of any rows; `step` = (write [n] int32: each
         token's pool row base (block * n_kv * block_size + offset), tokens [n, 2] int32: (table row, positions
         attended), tables [R, MB] int32: each table row's blocks, extra: the fallback's (gather rows, bias)).
         Writes every token's keys/values into the pool first, then each token attends over positions
-        0..L-1 of its own row (its own and the earlier tokens of its chunk included) -> y [n, D]."""
+        0..L-1 of its own row (its own and the earlier tokens of its chunk included) -> y [n, D]. With `keep`
+        ([m] int32) only those tokens query (the last layer: only the tokens whose logits are wanted) ->
+        y [m, D]; every token's keys/values are still written."""
         write, tokens, tables, extra = step
-        q, k, v = self._qkv(x, rope, n)
+        cos_q, sin_q, cos_k, sin_k = rope                     # q's tables carry the 1/sqrt(head_dim) scale
+        xq, nq = x, n
+        if keep is not None:
+            xq, nq = ops.gather(x, keep, 0), m
+            cos_q, sin_q, tokens = ops.gather(cos_q, keep, 0), ops.gather(sin_q, keep, 0), ops.gather(tokens, keep, 0)
+            if extra is not None:
+                extra = (extra[0], ops.gather(extra[1], keep, 0))
+        q = self._rotate(ops.reshape(self.q_proj(xq), (nq, self.num_heads, self.head_dim)), cos_q, sin_q)
+        k = self._rotate(ops.reshape(self.k_proj(x), (n, self.n_kv, self.head_dim)), cos_k, sin_k)
+        v = ops.reshape(self.v_proj(x), (n, self.n_kv, self.head_dim))
         rows = ops.reshape(ops.expand_dims(write, 1) + ops.expand_dims(self.head_rows, 0), (n * self.n_kv,))
         # the scatter's results must be read (a ScatterUpdate whose output is unused can be dropped in Graph
         # mode): the attention reads the pool through them
@@ -179,8 +191,8 @@ class LlamaAttention(nn.Cell):
         if self.paged_attention is not None:
             out = self.paged_attention(q, k_all, v_all, tokens, tables, self.layout)
         else:
-            out = self._paged_fallback(q, k_all, v_all, extra, n)
-        return self.reduce(self.o_proj(ops.reshape(out, (n, self.num_heads * self.head_dim))))
+            out = self._paged_fallback(q, k_all, v_all, extra, nq)
+        return self.reduce(self.o_proj(ops.reshape(out, (nq, self.num_heads * self.head_dim))))
 
     def _paged_fallback(self, q, k_all, v_all, extra, n):
         """MindSpore's ops for a row step: every table row's positions are gathered (gather_rows [n_kv * W],
@@ -260,9 +272,12 @@ class LlamaDecoderLayer(nn.Cell):
         x = x + self.self_attn(self.input_layernorm(x, b * l), rope, bias, blocks, b, l)
         return x + self.mlp(self.post_attention_layernorm(x, b * l))
 
-    def rows(self, x, rope, step, n):
-        """A row step (LlamaAttention.rows): x [n, D] -> [n, D]."""
-        x = x + self.self_attn.rows(self.input_layernorm(x, n), rope, step, n)
+    def rows(self, x, rope, step, n, keep=None, m=None):
+        """A row step (LlamaAttention.rows): x [n, D] -> [n, D], or [m, D] for the `keep` tokens only."""
+        attn = self.self_attn.rows(self.input_layernorm(x, n), rope, step, n, keep, m)
+        if keep is not None:
+            x, n = ops.gather(x, keep, 0), m
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x, n))
 
 
@@ -330,9 +345,13 @@ class LlamaModel(nn.Cell):
         extra = None if attn.paged_attention is not None else self._fallback_inputs(tokens, tables, n)
         step = (write, tokens, tables, extra)
         h = inputs_embeds
-        for i in range(len(self.layers)):
+        last = len(self.layers) - 1
+        for i in range(last):
             h = self.layers[i].rows(h, rope, step, n)
-        return self.norm(ops.gather(h, logit_index, 0), m)
+        # the last layer: queries, attention output and MLP for the logit tokens only (a prompt chunk's other
+        # tokens need only their keys/values: ~1/layers of a prefill's matmuls saved)
+        h = self.layers[last].rows(h, rope, step, n, logit_index, m)
+        return self.norm(h, m)
 
     def _fallback_inputs(self, tokens, tables, n):
         """For LlamaAttention._paged_fallback, once per step: the pool rows of every table row's positions
