@@ -98,7 +98,7 @@ def _sse(url, body):
 
 
 class OurServer:
-    def __init__(self, root, yaml_path, ckpt, work, max_batch=8):
+    def __init__(self, root, yaml_path, ckpt, work, max_batch=8, extra=()):
         import httpx
         from helpers import free_port
         self.port = free_port()
@@ -107,7 +107,7 @@ class OurServer:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "run_mindformer.py", "--config", yaml_path, "--run_mode",
                                       "serve", "--load_checkpoint", ckpt, "--output_dir", os.path.join(work, "serve"),
-                                      "--port", str(self.port), "--max_batch", str(max_batch)],
+                                      "--port", str(self.port), "--max_batch", str(max_batch), *extra],
                                      cwd=root, env=dict(env(), PYTHONPATH=root), stdout=subprocess.DEVNULL,
                                      stderr=self.log)
         while True:

@@ -461,3 +461,18 @@ def test_7b_yamls_describe_llava_hf_s_model(name, real_7b_keys):
         assert data["context"]["device_target"] == "CPU" and config.weight_dtype == "int8"
         assert weights["language_model.model.layers.0.mlp.down_proj.weight"].dtype == ms.int8
         assert weights["language_model.model.embed_tokens.weight"].dtype == ms.float32
+
+
+def test_the_7b_cpu_yaml_serves_with_the_default_max_batch_on_a_24_gib_machine():
+    """One KV pool for --max_batch 8 (the default): 8 rows x seq_length 1024 x 32 layers x (keys, values) x 4096
+    float32 = 8 GiB; with the int8 weights the run fits what a 24 GiB machine has free (the old cache per batch
+    size, 1 + 2 + 4 + 8 rows, asked ~26 GiB)."""
+    import file_checks
+    import memory_budget
+    data = file_checks.load_yaml(os.path.join(ROOT, "research", "llava", "llava1_5_7B", "predict_llava1_5_7b_cpu.yaml"))
+    config = LlavaConfig(**data["model"]["model_config"])
+    est = memory_budget.estimate(config, batch=8)
+    assert config.seq_length == 1024
+    assert est.kv_cache == 8 * 1024 * 32 * 2 * 4096 * 4 == 8 * 2 ** 30
+    assert est.total < 20 * 2 ** 30
+    memory_budget.check(config, batch=8, available=(22 * 2 ** 30, "a 24 GiB machine (test)"))

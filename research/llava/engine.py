@@ -258,6 +258,7 @@ class Engine:
         self.rows = []                   # rows in flight
         self._free_lanes = []
         self._steps = {}
+        self._compiled = set()           # token buckets the rows cell has compiled for (compile())
         self._single = []                # the rows of the prefill/decode single-step API
 
     def step_cell(self, kind):
@@ -309,6 +310,7 @@ class Engine:
         self.lanes = lanes
         self._free_lanes = list(range(lanes - 1, -1, -1))
         self._steps = {k: v for k, v in self._steps.items() if k[0] == "vision"}
+        self._compiled = set()
         self._single = []
 
     def _ensure_pool(self, lanes):
@@ -461,14 +463,20 @@ class Engine:
         return sorted({token_bucket(n) for n in range(1, max_tokens + 1)})
 
     def warmup(self, max_tokens):
-        """Compile the rows cell for every bucket of up to max_tokens tokens (padding tokens only: they write
-        to the scratch block and attend nothing), so that no request waits for a compile."""
+        """Compile the rows cell for every bucket of up to max_tokens tokens, so that no request waits for a
+        compile (a server, before it says ready)."""
+        self.compile(self.bucket_sizes(max_tokens))
+
+    def compile(self, buckets):
+        """Compile the rows cell for these token buckets (each once per pool): a step of padding tokens only,
+        which write to the scratch block and attend nothing. Graph mode only; op-by-op steps need none."""
         self._ensure_pool(1)
         if ms.get_context("mode") != ms.GRAPH_MODE:
             return
-        for nb in self.bucket_sizes(max_tokens):
+        for nb in sorted(set(buckets) - self._compiled):
             if not self.eager_for("prefill", nb):
                 self.step_cell("rows")(*self.step_inputs([], bucket=nb)[0]).asnumpy()
+            self._compiled.add(nb)
 
     def eager_for(self, kind, tokens):
         """Whether a `vision` or `prefill` (a row step of many tokens) over `tokens` positions (images x
@@ -596,6 +604,9 @@ class Engine:
             yield from self._stream_uncached(ids, pixel_values, attention_mask, per_row, stop)
             return
         batch = self._batch_rows(ids, pixel_values, attention_mask, per_row)
+        # the decode step's graph compiles now, not after the first token: a one-shot run (predict) then
+        # decodes its whole answer at the warm engine's speed
+        self.compile([token_bucket(len(batch))])
         pad = np.int64(self.config.text_config.pad_token_id)
         try:
             running = list(batch)

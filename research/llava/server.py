@@ -359,12 +359,11 @@ def prepare_engine(job, max_batch, prefill_chunk):
     there is (the estimate before loading, memory_budget.check(shrink_kv=True)); then every step shape the
     scheduler can plan is compiled, so no request waits for a compile. Says what it took on stderr."""
     import time as clock
+    import memory_budget
     engine = job.engine
     blocks = None
-    one = engine.pool_bytes(1)
-    wanted = 1 + max_batch * engine.max_blocks
-    if job.memory.kv_cache < engine.pool_bytes(wanted):
-        blocks = max(1 + engine.max_blocks, 1 + job.memory.kv_cache // one)
+    if job.memory.kv_cache < memory_budget.kv_cache_bytes(job.model_config, max_batch, job.tp.world):
+        blocks = 1 + max(engine.max_blocks, job.memory.kv_cache // engine.pool_bytes(1))
     engine.reserve(max_batch, blocks)
     pool = engine.pool
     rows = pool.usable * pool.block_size / job.model_config.seq_length
