@@ -175,6 +175,35 @@ def test_eight_concurrent_clients_are_batched_and_all_correct(server, hf):
     assert health["steps"] - before < 8 * 16 and health["largest_batch"] > 1, "requests were answered one at a time"
 
 
+def test_a_request_joins_a_running_answer_and_both_equal_hf(server, hf):
+    """Continuous batching: a short question sent while another client's long answer streams is answered before
+    that answer ends (it joins the running batch at the next step), and both answers equal HF generate."""
+    long_messages = [{"role": "user", "content": [image_part(data_url(CAT)), text_part("Tell me everything.")]}]
+    short_messages = [{"role": "user", "content": "Quick: hello?"}]
+    long_ids, long_ref = hf.answer(long_messages, [CAT], 120)
+    _, short_ref = hf.answer(short_messages, [], 6)
+    assert len(long_ids) == 120                                   # really a long answer (no early eos)
+    times, box, started = {}, {}, threading.Event()
+
+    def long_client():
+        text = []
+        for chunk in server.client.chat.completions.create(model="tiny", messages=long_messages, max_tokens=120,
+                                                           stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+                started.set()
+        times["long_end"], box["long"] = time.monotonic(), "".join(text)
+
+    t = threading.Thread(target=long_client)
+    t.start()
+    assert started.wait(60)
+    short = ask(server, short_messages, max_tokens=6).choices[0].message.content
+    times["short_end"] = time.monotonic()
+    t.join(timeout=300)
+    assert short == short_ref and box["long"] == long_ref
+    assert times["short_end"] < times["long_end"], "the short request waited for the running answer"
+
+
 def test_a_client_that_disconnects_mid_stream_frees_the_server(server, hf):
     messages = [{"role": "user", "content": "Write a long story about a dragon."}]
     cancelled = httpx.get(server.base + "/health").json()["cancelled"]

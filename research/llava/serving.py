@@ -95,8 +95,13 @@ class Scheduler:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.lockstep = lockstep         # under tensor parallelism: the other ranks follow each step
-        self._queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._queue = queue.Queue()
         self._waiting = deque()          # taken from the queue, not yet admitted (FCFS)
+        # Requests submitted and not yet admitted, wherever they are (queue or waiting line): the one
+        # count the queue bound applies to, so moving a request between the two does not free a place.
+        self._pending = 0
+        self._pending_lock = threading.Lock()
         self._active = []
         self._released = []              # lanes released since the last step (lockstep)
         self._stopping = False
@@ -117,14 +122,19 @@ class Scheduler:
 
     def submit(self, request):
         self.check(len(request.ids), request.settings)
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise QueueFull(f"the server is busy: {self._queue.maxsize} requests are waiting; retry later") from None
+        with self._pending_lock:
+            if self._pending >= self.max_queue:
+                raise QueueFull(f"the server is busy: {self.max_queue} requests are waiting; retry later")
+            self._pending += 1
+        self._queue.put(request)
+
+    def _left_waiting(self):
+        with self._pending_lock:
+            self._pending -= 1
 
     @property
     def waiting(self):
-        return self._queue.qsize() + len(self._waiting)
+        return self._pending
 
     @property
     def running(self):
@@ -158,10 +168,12 @@ class Scheduler:
             request = self._waiting[0]
             if request.cancelled.is_set():
                 self._waiting.popleft()
+                self._left_waiting()
                 continue
             if not self.engine.fits(len(request.ids), request.settings):
                 break
             self._waiting.popleft()
+            self._left_waiting()
             try:
                 if self.lockstep is not None:
                     request.settings = self.lockstep.settings_for(request.settings)
