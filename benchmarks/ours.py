@@ -50,6 +50,8 @@ class OursSide:
         self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.n = args.new_tokens
         self.engine = self.model.engine()
+        # every request here is measured cold: the same prompt again must not come from the caches
+        self.engine.configure_caches(prefix=False, image_bytes=0)
         # exactly n tokens: no eos id can stop a row
         self.settings = GenerationSettings.from_config(self.config, max_new_tokens=self.n, eos_token_id=[-1])
         self.threads = args.threads

@@ -165,7 +165,7 @@ def test_prompt_in_chunks_gives_hf_logits_at_every_position(preset, mode, pairs)
     ids, _ = hf_alone(pair, 1, 1)
     with torch.no_grad():
         ref = pair.hf.model(input_ids=torch.tensor([ids]), pixel_values=pair.pixels[1:2]).logits[0].numpy()
-    row = eng.add(ids, pair.pixels.numpy()[1:2], settings(4))
+    row = eng.add(ids, pair.pixels.numpy()[1:2], settings(4), prefix=0)    # every position computed
     try:
         parts = []
         for n in (5, 17, 1, len(ids) - 23):               # chunks that cut through the image's positions

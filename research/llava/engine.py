@@ -38,11 +38,14 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from generation import GenerationSettings, TokenSelector, check_fits
-from kv_pool import BLOCK_SIZE, KVPool, blocks_for
+from image_cache import ImageCache, image_key
+from kv_pool import BLOCK_SIZE, KVPool, block_keys, blocks_for
 from llama_text import cache_shape
 from llava_errors import LlavaError
 
 _LIST_LIMIT = 10
+# The image cache's default budget: ~27 images' features for the 7B (576 x 4096 float32 = 9 MiB each).
+IMAGE_CACHE_BYTES = 256 * 2 ** 20
 
 
 def _short_list(names):
@@ -214,6 +217,9 @@ class Row:
     settings: GenerationSettings
     selector: TokenSelector
     blocks: list
+    images: list = None                # per prompt position: (image key, offset in the image) or None (text)
+    keys: list = None                  # prefix-cache keys of the row's first len(keys) blocks (computed, full)
+    cached: int = 0                    # prompt positions taken from the prefix cache, not computed
     length: int = 0
     finished: bool = False
     finish_reason: Optional[str] = None          # "stop" (eos) or "length" (max_new_tokens)
@@ -245,7 +251,8 @@ class Engine:
     """Runs a LlavaModel: rows of one KV pool and steps over them (`add`, `step`, `release`), `stream` /
     `generate` for left-padded batches, `image_features` / `prefill` / `decode` / `forward` for single steps."""
 
-    def __init__(self, model, jit_steps=False, eager=None, block_size=BLOCK_SIZE):
+    def __init__(self, model, jit_steps=False, eager=None, block_size=BLOCK_SIZE, prefix_cache=True,
+                 image_cache_bytes=IMAGE_CACHE_BYTES):
         self.model = model
         self.config = model.config
         # Compile the steps with mindspore.jit when running in PyNative mode (GRAPH_MODE compiles anyway).
@@ -253,6 +260,10 @@ class Engine:
         # Run the vision tower and large steps op by op in a Graph-mode context: None = when eager_for says.
         self.eager = eager
         self.block_size = int(block_size)
+        # Rows take the blocks of a prompt prefix an earlier row computed (kv_pool: keyed blocks stay in the
+        # pool until their room is needed); the image cache keeps vision features by pixel content.
+        self.prefix_cache = bool(prefix_cache)
+        self.image_cache = ImageCache(image_cache_bytes)
         self.pool = None                 # kv_pool.KVPool, from reserve()
         self.lanes = 0
         self.rows = []                   # rows in flight
@@ -306,7 +317,7 @@ class Engine:
         pairs = [tuple(Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=p.name, requires_grad=False)
                        for p in pair) for pair in lm.cache_parameters()]
         lm.use_cache_parameters(pairs, self.block_size)
-        self.pool = KVPool(blocks, self.block_size)
+        self.pool = KVPool(blocks, self.block_size, cache=self.prefix_cache)
         self.lanes = lanes
         self._free_lanes = list(range(lanes - 1, -1, -1))
         self._steps = {k: v for k, v in self._steps.items() if k[0] == "vision"}
@@ -332,32 +343,122 @@ class Engine:
                              f"{need * self.block_size} KV positions, more than the pool's "
                              f"{self.pool.usable * self.block_size}")
 
-    def add(self, ids, pixel_values=None, settings=None, features=None):
+    def add(self, ids, pixel_values=None, settings=None, features=None, image_keys=None, prefix=None):
         """A new row for a prompt whose `<image>` tokens are expanded (ids: a list of ints) and its images'
-        pixel values [n, 3, S, S] (or their `features` from image_features): its vision features are computed
-        now, its blocks (prompt + max_new_tokens) reserved. LlavaError for a bad prompt, one that does not
-        fit, or no free lane/blocks (`fits` says beforehand)."""
+        pixel values [n, 3, S, S] (or their `features` and `image_keys`): its vision features are computed now
+        (or taken from the image cache), the longest prefix of it that an earlier row computed is taken from
+        the pool (`prefix`: exactly that many cached blocks, as rank 0 decided; LlavaError if they are not
+        there), the rest of its blocks (prompt + max_new_tokens) reserved. LlavaError for a bad prompt, one
+        that does not fit, or no free lane/blocks (`fits` says beforehand)."""
         settings = settings or GenerationSettings.from_config(self.config)
         self._ensure_pool(1)
         ids = [int(i) for i in ids]
+        per_image = self.config.num_image_tokens
         n_images = 0 if pixel_values is None and features is None else \
-            (np.shape(pixel_values)[0] if features is None else np.shape(features)[0] // self.config.num_image_tokens)
+            (np.shape(pixel_values)[0] if features is None else np.shape(features)[0] // per_image)
         p = prepare_prompt(self.config, np.array([ids]), None, n_images)      # the checks: ids, image count
         self.check_request(len(ids), settings)
         if not self.fits(len(ids), settings):
             raise LlavaError("no free row in the KV pool")
         if features is None and pixel_values is not None:
-            features = self.image_features(pixel_values).asnumpy()
+            features, image_keys = self.cached_image_features(pixel_values)
         image = np.asarray(ids) == self.config.image_token_index
         image_rows = np.full(len(ids), -1, np.int32)
         image_rows[image] = np.arange(int(image.sum()), dtype=np.int32)
+        images = [None if r < 0 else (image_keys[r // per_image], r % per_image) for r in image_rows.tolist()] \
+            if image_keys is not None else None
         row = Row(lane=self._free_lanes.pop(), ids=[int(i) for i in p.input_ids[0]], prompt_ids=ids,
                   prompt_length=len(ids),
                   image_rows=image_rows, features=None if features is None else np.asarray(features, np.float32),
-                  settings=settings, selector=TokenSelector(settings),
-                  blocks=self.pool.allocate(self.pool.needed(len(ids) + settings.max_new_tokens)))
+                  settings=settings, selector=TokenSelector(settings), blocks=[], images=images, keys=[])
+        need = self.pool.needed(len(ids) + settings.max_new_tokens)
+        row.blocks = self._take_prefix(row, prefix)
+        row.blocks += self.pool.allocate(need - len(row.blocks))
         self.rows.append(row)
         return row
+
+    def _prompt_keys(self, row):
+        """The keys of the prompt's full blocks that may come from the cache: all but the one holding the last
+        prompt token (its logits choose the first token, so it is always computed). None when the row's images
+        have no keys (features given without them): such a row neither takes nor leaves cached blocks."""
+        if not self.pool.cache or (row.images is None and row.features is not None):
+            return None
+        usable = (row.prompt_length - 1) // self.block_size * self.block_size
+        return block_keys(row.prompt_ids[:usable], row.images or [], self.block_size)
+
+    def _take_prefix(self, row, prefix=None):
+        """The cached blocks of the row's longest known prompt prefix, taken (row.length / cached / keys
+        follow); `prefix`: exactly that many."""
+        keys = self._prompt_keys(row)
+        if not keys or prefix == 0:
+            if prefix:
+                raise LlavaError(f"the plan takes {prefix} cached blocks for a row whose prompt has no cached prefix")
+            return []
+        hit = self.pool.lookup(keys)
+        if prefix is not None:
+            if len(hit) < prefix:
+                raise LlavaError(f"the plan takes {prefix} cached blocks; this rank's pool holds {len(hit)}")
+            hit = hit[:prefix]
+        self.pool.take(hit)
+        row.keys = keys[:len(hit)]
+        row.length = row.cached = len(hit) * self.block_size
+        return hit
+
+    def reuse(self, row):
+        """A row not yet run takes the cached prefix it has now (an earlier row of its batch has just computed
+        it): its first blocks are swapped for the cached ones."""
+        if row.length:
+            return
+        hit = self._take_prefix(row)
+        if hit:
+            self.pool.release(row.blocks[:len(hit)])
+            row.blocks = hit + row.blocks[len(hit):]
+
+    def _register(self, row):
+        """Key the row's blocks that are now full and computed (prompt and generated positions alike: a
+        follow-up turn resends the answer), so that later rows can take them."""
+        full = row.length // self.block_size
+        if not self.pool.cache or len(row.keys) >= full or (row.images is None and row.features is not None):
+            return
+        tokens = (row.prompt_ids + row.generated)[:full * self.block_size]
+        new = block_keys(tokens, row.images or [], self.block_size, start=len(row.keys),
+                         parent=row.keys[-1] if row.keys else b"")
+        for b, key in zip(row.blocks[len(row.keys):full], new):
+            self.pool.register(b, key)
+        row.keys += new
+
+    def cached_image_features(self, pixel_values):
+        """pixel_values [N, 3, S, S] -> (features [N * num_image_tokens, text_hidden] numpy, N image keys):
+        images the image cache holds skip the vision tower; the others run through it in one call."""
+        pix = _numpy(check_pixels(self.config, pixel_values))
+        keys = [image_key(p) for p in pix]
+        known = {}
+        for k in keys:              # an image twice in one call runs once (a miss, then a hit)
+            if k not in known:
+                known[k] = self.image_cache.get(k)
+            else:
+                self.image_cache.hits += 1
+        todo = [k for k, f in known.items() if f is None]
+        if todo:
+            per_image = self.config.num_image_tokens
+            first = [keys.index(k) for k in todo]
+            computed = self.image_features(pix[first]).asnumpy().astype(np.float32)
+            for j, k in enumerate(todo):
+                known[k] = computed[j * per_image:(j + 1) * per_image]
+                self.image_cache.put(k, known[k])
+        return np.concatenate([known[k] for k in keys]), keys
+
+    def configure_caches(self, prefix=True, image_bytes=IMAGE_CACHE_BYTES):
+        """Turn the prefix cache on or off (off: no row takes or leaves cached blocks from now on) and give
+        the image cache a new budget (0 = off; its entries are dropped)."""
+        self.prefix_cache = bool(prefix)
+        if self.pool is not None:
+            self.pool.cache = self.prefix_cache
+        self.image_cache = ImageCache(image_bytes)
+
+    def cache_stats(self):
+        """The prefix cache's and the image cache's counters (for /health)."""
+        return {**(self.pool.stats() if self.pool is not None else {}), **self.image_cache.stats()}
 
     def release(self, row):
         """The row leaves: its blocks and its lane are free for the next step."""
@@ -438,6 +539,7 @@ class Engine:
             logits = self.step_cell("rows")(*tensors).asnumpy()
         for row, k in plan:
             row.length += k
+            self._register(row)
         return [logits[w] for w in wants]
 
     def step(self, plan):
@@ -518,9 +620,10 @@ class Engine:
         return self.step_cell("forward")(Tensor(p.input_ids), feats, Tensor(p.merge_index), Tensor(p.position_ids),
                                          Tensor(p.attention)).asnumpy()
 
-    def _batch_rows(self, input_ids, pixel_values, attention_mask, settings):
+    def _batch_rows(self, input_ids, pixel_values, attention_mask, settings, reuse=True):
         """A left-padded batch -> new rows (one per batch row, its images in prompt order), after checking
-        the whole batch (ids, mask, image count, budget) before any row is added."""
+        the whole batch (ids, mask, image count, budget) before any row is added; `reuse`: rows take cached
+        prefixes."""
         ids = _numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -529,7 +632,7 @@ class Engine:
         check_budget(self.config, ids, p.mask, max(s.max_new_tokens for s in settings))
         if len(settings) != ids.shape[0]:
             raise LlavaError(f"{len(settings)} generation settings for a batch of {ids.shape[0]}")
-        feats = None if pixel_values is None else self.image_features(pixel_values).asnumpy()
+        feats, keys = (None, None) if pixel_values is None else self.cached_image_features(pixel_values)
         per_image = self.config.num_image_tokens
         for row in self._single:         # the single-step API's rows end with the next batch
             self.release(row)
@@ -543,8 +646,9 @@ class Engine:
             real = [int(t) for t, m in zip(ids[b], p.mask[b]) if m]
             count = sum(t == self.config.image_token_index for t in real) // per_image
             f = None if not count else feats[used * per_image:(used + count) * per_image]
+            rows.append(self.add(real, None, settings[b], features=f, image_keys=keys and keys[used:used + count],
+                                 prefix=None if reuse else 0))
             used += count
-            rows.append(self.add(real, None, settings[b], features=f))
         return rows
 
     def prefill(self, input_ids, pixel_values=None, attention_mask=None, return_all_logits=False, reserve=0):
@@ -556,7 +660,8 @@ class Engine:
         base = GenerationSettings.from_config(self.config)
         settings = GenerationSettings(**{**base.__dict__, "max_new_tokens": max(1, int(reserve)),
                                          "do_sample": False})
-        self._single = self._batch_rows(ids, pixel_values, attention_mask, [settings] * ids.shape[0])
+        # every position is computed here (its logits may be asked for): no cached prefix is taken
+        self._single = self._batch_rows(ids, pixel_values, attention_mask, [settings] * ids.shape[0], reuse=False)
         for row in self._single:         # decode() may go on up to seq_length, as far as the pool allows
             row.blocks += self.pool.allocate(min(self.max_blocks - len(row.blocks), self.pool.free))
         out = self.run([(r, r.pending) for r in self._single], all_logits=return_all_logits)
@@ -608,10 +713,16 @@ class Engine:
         # decodes its whole answer at the warm engine's speed
         self.compile([token_bucket(len(batch))])
         pad = np.int64(self.config.text_config.pad_token_id)
+        first, later = self._stages(batch)
         try:
             running = list(batch)
             while running:
-                picked = dict((id(r), t) for r, t in self.step([(r, r.pending) for r in running]))
+                picked = dict((id(r), t) for r, t in self.step([(r, r.pending) for r in running if r not in later]))
+                if later:                # their shared prefix is in the pool now: they compute only the rest
+                    for r in later:
+                        self.reuse(r)
+                    picked.update((id(r), t) for r, t in self.step([(r, r.pending) for r in later]))
+                    later = []
                 real = np.array([id(r) in picked for r in batch])
                 tokens = np.array([picked.get(id(r), pad) for r in batch], np.int64)
                 yield tokens, real
@@ -625,6 +736,18 @@ class Engine:
         finally:
             for r in batch:
                 self.release(r)
+
+    def _stages(self, rows):
+        """Rows of a batch that start together, split so that prompts can share blocks: a row whose first
+        block is also an earlier row's (one image, several questions) runs its prompt just after that row has
+        computed it, and takes it from the cache. -> (first, later)."""
+        seen, first, later = set(), [], []
+        for r in rows:
+            keys = None if r.cached else self._prompt_keys(r)
+            (later if keys and keys[0] in seen else first).append(r)
+            if keys:
+                seen.add(keys[0])
+        return first, later
 
     def _stream_uncached(self, ids, pixel_values, attention_mask, per_row, stop):
         """use_past=False: every step recomputes the whole left-padded sequence (Engine.forward)."""

@@ -50,8 +50,8 @@ class LlavaModel(PreTrainedModel):
         self.vision_tokens = vc.num_patches + 1
         self.vision_dim = vc.hidden_size
         self.drop_cls = vc.vision_feature_select_strategy == "default"
-        self.__dict__["engine_options"] = {k: kwargs.pop(k) for k in ("jit_steps", "eager", "block_size")
-                                           if k in kwargs}
+        options = ("jit_steps", "eager", "block_size", "prefix_cache", "image_cache_bytes")
+        self.__dict__["engine_options"] = {k: kwargs.pop(k) for k in options if k in kwargs}
         self.__dict__["_engine"] = None
 
     # ------------------------------------------------------------------ MindFormers integration
