@@ -73,6 +73,12 @@ def build_parser():
                    help="prompt tokens a step takes at most beside the running answers (default 256)")
     s.add_argument("--max_queue", type=int, default=64,
                    help="requests waiting at most; more are answered 429 (default 64)")
+    c = p.add_argument_group("caches (chat and serve)")
+    c.add_argument("--prefix_cache_gb", type=float, default=1.0,
+                   help="KV memory for cached conversation prefixes beyond the rows' (GiB, default 1; 0 = off: "
+                        "nothing is reused)")
+    c.add_argument("--image_cache_mb", type=float, default=256,
+                   help="memory for cached image features (MiB, default 256; 0 = off)")
     s.add_argument("--served_model_name", default=None, help="model id in the API (default: the checkpoint's name)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p

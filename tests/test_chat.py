@@ -1,5 +1,6 @@
 """[K] `run_mindformer.py --run_mode chat`: a terminal conversation, checked against Hugging Face turn by turn."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def test_two_turns_with_an_image_equal_hf(setup):
     chat.send(f"/image {CAT}")
     chat.send("What is shown?")
     chat.send("And what colour is it?")
+    chat.send("/stats")
     chat.send("/reset")
     chat.send("Hello")
     chat.send("/exit")
@@ -80,6 +82,14 @@ def test_two_turns_with_an_image_equal_hf(setup):
     _, a3 = hf.answer([{"role": "user", "content": "Hello"}], [], 12)
     assert chat.answers() == [a1, a2, a3], chat.stdout()
     assert "image 1 attached" in chat.stderr() and "new conversation" in chat.stderr()
+    # [P] the second turn took the first turn's prompt (every whole 16-token block of it) from the prefix
+    # cache, and its image's features from the image cache
+    stats = re.search(r"prefix cache: (\d+) hits, (\d+) tokens reused.*image cache: (\d+) hits, (\d+) misses",
+                      chat.stderr())
+    assert stats, chat.stderr()
+    hits, reused, image_hits, image_misses = map(int, stats.groups())
+    prompt = hf.inputs(first, [CAT])["input_ids"].shape[1]
+    assert hits == 1 and reused >= prompt // 16 * 16 and (image_hits, image_misses) == (1, 1)
 
 
 def test_bad_command_and_bad_image_keep_the_chat_going(setup):

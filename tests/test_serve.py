@@ -129,6 +129,32 @@ def test_multi_turn_with_an_image_in_the_second_turn(server, hf, images):
     assert ask(server, messages, max_tokens=16).choices[0].message.content == expected
 
 
+def test_a_follow_up_turn_reuses_the_first_turns_kv_and_equals_hf(server, hf):
+    """[P] A client resends the whole conversation; the server finds the first turn's prompt and answer in its
+    prefix cache (usage.prompt_tokens_details.cached_tokens, as OpenAI reports it) and its image in the image
+    cache, and the answers still equal HF generate on the full conversation."""
+    astronaut = os.path.join(IMAGES, "astronaut.jpg")       # no other test asks about it first
+    health = lambda: httpx.get(server.base + "/health").json()
+    before = health()
+    first = [{"role": "user", "content": [image_part(data_url(astronaut)), text_part("Who is this?")]}]
+    _, answer = hf.answer(first, [astronaut], 12)
+    reply = ask(server, first, max_tokens=12)
+    assert reply.choices[0].message.content == answer
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    prompt = reply.usage.prompt_tokens
+    follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Why?"}]
+    _, expected = hf.answer(follow, [astronaut], 12)
+    text, _, chunks = streamed(server, follow, max_tokens=12, stream_options={"include_usage": True})
+    assert text == expected
+    cached = chunks[-1].usage.prompt_tokens_details.cached_tokens
+    # at least every whole 16-token block of the first turn's prompt, never the block of the last token
+    assert prompt // 16 * 16 <= cached <= (chunks[-1].usage.prompt_tokens - 1) // 16 * 16
+    after = health()
+    assert after["prefix_hits"] >= before["prefix_hits"] + 1
+    assert after["image_cache_hits"] >= before["image_cache_hits"] + 1     # CLIP ran for the first turn only
+    assert after["image_cache_misses"] == before["image_cache_misses"] + 1
+
+
 def test_two_images_system_prompt_and_history(server, hf):
     messages = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": [image_part(data_url(CAT)), image_part(data_url(COFFEE)),

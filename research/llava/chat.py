@@ -3,9 +3,11 @@
 Type a message and press Enter; the answer streams. Commands:
   /image PATH_OR_URL   attach an image to your next message (several times for several images)
   /reset               start a new conversation
+  /stats               what the caches saved so far (prefix cache: earlier turns' keys/values; image cache)
   /exit                quit (or Ctrl-D)
 Ctrl-C stops the answer being written (what was written so far stays in the conversation); at the prompt it
-only clears the line. Every turn is rendered with llava-hf's chat template, earlier answers included.
+only clears the line. Every turn is rendered with llava-hf's chat template, earlier answers included; the
+engine finds the earlier turns' keys/values in its prefix cache and computes only the new turn.
 """
 import sys
 
@@ -14,7 +16,7 @@ from image_loading import display_name
 from llava_errors import LlavaError
 from llava_predict import restore_ctrl_c
 
-HELP = "commands: /image PATH_OR_URL, /reset, /exit (Ctrl-C stops an answer)"
+HELP = "commands: /image PATH_OR_URL, /reset, /stats, /exit (Ctrl-C stops an answer)"
 
 
 class Conversation:
@@ -95,6 +97,12 @@ class Chat:
             if command == "/reset":
                 self.conversation.reset()
                 self.say("[new conversation]")
+            elif command == "/stats":
+                s = self.job.engine.cache_stats()
+                self.say(f"[prefix cache: {s.get('prefix_hits', 0)} hits, {s.get('prefix_cached_tokens', 0)} "
+                         f"tokens reused, {s.get('prefix_cached_blocks', 0)} blocks kept, "
+                         f"{s.get('prefix_evictions', 0)} evicted; image cache: {s['image_cache_hits']} hits, "
+                         f"{s['image_cache_misses']} misses]")
             elif command == "/image" and rest.strip():
                 self.attach(rest.strip())
             else:

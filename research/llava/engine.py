@@ -220,6 +220,7 @@ class Row:
     images: list = None                # per prompt position: (image key, offset in the image) or None (text)
     keys: list = None                  # prefix-cache keys of the row's first len(keys) blocks (computed, full)
     cached: int = 0                    # prompt positions taken from the prefix cache, not computed
+    cached_blocks: int = 0             # the blocks they are in
     length: int = 0
     finished: bool = False
     finish_reason: Optional[str] = None          # "stop" (eos) or "length" (max_new_tokens)
@@ -264,6 +265,7 @@ class Engine:
         # pool until their room is needed); the image cache keeps vision features by pixel content.
         self.prefix_cache = bool(prefix_cache)
         self.image_cache = ImageCache(image_cache_bytes)
+        self.cache_blocks = 0            # blocks a default pool holds beyond its rows' (configure_caches)
         self.pool = None                 # kv_pool.KVPool, from reserve()
         self.lanes = 0
         self.rows = []                   # rows in flight
@@ -308,7 +310,7 @@ class Engine:
         if self.rows:
             raise LlavaError("the KV pool cannot be resized while rows are in flight")
         lanes = int(lanes)
-        blocks = int(blocks) if blocks is not None else 1 + lanes * self.max_blocks
+        blocks = int(blocks) if blocks is not None else 1 + lanes * self.max_blocks + self.cache_blocks
         if lanes < 1 or blocks < 2:
             raise LlavaError(f"a KV pool needs at least one row and two blocks, got {lanes} and {blocks}")
         lm = self.model.language_model
@@ -402,6 +404,7 @@ class Engine:
         self.pool.take(hit)
         row.keys = keys[:len(hit)]
         row.length = row.cached = len(hit) * self.block_size
+        row.cached_blocks = len(hit)
         return hit
 
     def reuse(self, row):
@@ -448,10 +451,12 @@ class Engine:
                 self.image_cache.put(k, known[k])
         return np.concatenate([known[k] for k in keys]), keys
 
-    def configure_caches(self, prefix=True, image_bytes=IMAGE_CACHE_BYTES):
-        """Turn the prefix cache on or off (off: no row takes or leaves cached blocks from now on) and give
-        the image cache a new budget (0 = off; its entries are dropped)."""
+    def configure_caches(self, prefix=True, image_bytes=IMAGE_CACHE_BYTES, cache_bytes=0):
+        """Turn the prefix cache on or off (off: no row takes or leaves cached blocks from now on), give the
+        image cache a new budget (0 = off; its entries are dropped), and make a pool reserved from now on
+        `cache_bytes` larger than its rows need, for cached prefixes (idle rows' blocks hold them too)."""
         self.prefix_cache = bool(prefix)
+        self.cache_blocks = int(cache_bytes) // self.pool_bytes(1) if prefix else 0
         if self.pool is not None:
             self.pool.cache = self.prefix_cache
         self.image_cache = ImageCache(image_bytes)

@@ -447,26 +447,37 @@ class Job:
         self.settings = GenerationSettings.from_config(
             self.model_config, **{k: getattr(self.args, k) for k in GENERATION_FLAGS})
 
-    def load_model(self, batch=None, shrink_kv=False):
+    def load_model(self, batch=None, shrink_kv=False, caches=False):
         """This rank's weights into the registered model; the engine that runs it. The memory the run needs
         (`batch` rows at once; default the yaml's batch_size) is checked first (`self.memory`, the estimate;
-        with shrink_kv a smaller KV pool is accepted when that is what fits, memory_budget.check)."""
+        with shrink_kv a smaller KV pool is accepted when that is what fits, memory_budget.check). With
+        `caches` (chat, serve) the pool has --prefix_cache_gb more for cached prefixes and the image cache
+        --image_cache_mb; a one-shot run (predict) keeps only what its own batch shares."""
         import memory_budget
+        args = self.args
+        prefix_gb = getattr(args, "prefix_cache_gb", 0.0) if caches else 0.0
+        image_mb = getattr(args, "image_cache_mb", 256) if caches else 256
+        if prefix_gb < 0 or image_mb < 0:
+            raise LlavaError(f"--prefix_cache_gb and --image_cache_mb must be >= 0, got {prefix_gb}, {image_mb}")
         self.tp = setup_parallel(self.config, self.model_config)
+        cache_bytes = int(prefix_gb * 2 ** 30) // self.tp.world
         self.memory = memory_budget.check(self.model_config, batch, self.tp.world,
                                           self.config.context.get("device_target"),
-                                          self.config.context.get("max_device_memory"), shrink_kv=shrink_kv)
+                                          self.config.context.get("max_device_memory"), shrink_kv=shrink_kv,
+                                          cache_bytes=cache_bytes, extra_bytes=int(image_mb * 2 ** 20))
         self.model, self.checkpoint = load_model(self.config, self.model_config, self._model_cls, self.tp)
         _touch_device()
         self.engine = self.model.engine()
+        self.engine.configure_caches(prefix=not caches or prefix_gb > 0, image_bytes=int(image_mb * 2 ** 20),
+                                     cache_bytes=cache_bytes)
 
-    def load(self, batch=None, shrink_kv=False):
+    def load(self, batch=None, shrink_kv=False, caches=True):
         """The whole start of a run mode that needs no inputs first (chat, serve): check, build, load (for up to
         `batch` rows at once), announce."""
         self.check_checkpoint()
         with self.console():
             self.build()
-            self.load_model(batch, shrink_kv)
+            self.load_model(batch, shrink_kv, caches)
         self.announce()
         return self
 

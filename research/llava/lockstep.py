@@ -7,8 +7,10 @@ collective group (all-reduce with zeros from every rank but 0, so the sum is ran
 * a header: idle / step / quit and the counts that follow;
 * the lanes of the rows that left since the last step (released in the same order on every rank, so the
   engines' free lanes and blocks stay the same);
-* each joining row: its ids, its pixels and its generation settings as numbers (rank 0 runs with the values
-  it sent, drawing a seed for rows without one, so that every rank's token selector picks the same tokens);
+* each joining row: its ids, its pixels, its generation settings as numbers (rank 0 runs with the values
+  it sent, drawing a seed for rows without one, so that every rank's token selector picks the same tokens)
+  and how many of its blocks come from the prefix cache (rank 0 decides; each rank holds its share of every
+  cached block, and takes the same ones);
 * the plan: (lane, tokens) per entry.
 
 Rank 0's scheduler sends an idle header about once a second when it has no work, so the others never wait in
@@ -68,8 +70,8 @@ class Lockstep:
         """Rank 0, before a step: the lanes released since the last one, the joining (request, row)s, the plan."""
         self._share(np.array([STEP, len(released), len(joined), len(steps)], np.int32), (4,), np.int32)
         self._lanes(released, len(released))
-        for request, _ in joined:
-            self._row(request.ids, request.pixel_values, request.settings)
+        for request, row in joined:
+            self._row(request.ids, request.pixel_values, request.settings, row.cached_blocks)
         self._plan([(row.lane, n) for row, n in steps], len(steps))
 
     # ------------------------------------------------------------------ every rank
@@ -80,11 +82,11 @@ class Lockstep:
         return self._share(None if pairs is None else np.asarray(pairs, np.int32).reshape(n, 2), (n, 2),
                            np.int32).tolist()
 
-    def _row(self, ids=None, pixels=None, settings=None):
+    def _row(self, ids=None, pixels=None, settings=None, prefix=0):
         head = None
         if self.leader:
-            head = np.array([len(ids), 0 if pixels is None else pixels.shape[0]], np.int32)
-        n_ids, images = self._share(head, (2,), np.int32).tolist()
+            head = np.array([len(ids), 0 if pixels is None else pixels.shape[0], prefix], np.int32)
+        n_ids, images, prefix = self._share(head, (3,), np.int32).tolist()
         ints = floats = None
         if self.leader:
             s = settings
@@ -96,7 +98,7 @@ class Lockstep:
         floats = self._share(floats, (len(_FLOAT_FIELDS),), np.float32).tolist()
         values = dict(zip(_INT_FIELDS, ints), **dict(zip(_FLOAT_FIELDS, floats)))
         values["do_sample"] = bool(values["do_sample"])
-        return ids, pixels, GenerationSettings(**{**self.defaults.__dict__, **values})
+        return ids, pixels, GenerationSettings(**{**self.defaults.__dict__, **values}), prefix
 
     def follow(self, engine):
         """Ranks > 0: hold the same rows and run rank 0's steps until it says quit."""
@@ -110,9 +112,9 @@ class Lockstep:
             for lane in self._lanes(None, n_released):
                 engine.release(rows.pop(lane))
             for _ in range(n_joined):
-                ids, pixels, settings = self._row()
+                ids, pixels, settings, prefix = self._row()
                 try:
-                    row = engine.add(ids, pixels, settings)
+                    row = engine.add(ids, pixels, settings, prefix=prefix)
                     rows[row.lane] = row
                 except LlavaError:
                     pass      # rank 0 met the same error before the step and did not plan the row

@@ -89,10 +89,11 @@ def activation_bytes(config, batch, world=1):
     return (hidden + scores + logits) * FLOAT32
 
 
-def estimate(config, batch=None, world=1):
-    """Estimate for `config` (a LlavaConfig) running `batch` inputs at once (default: the yaml's batch_size)."""
+def estimate(config, batch=None, world=1, cache_bytes=0):
+    """Estimate for `config` (a LlavaConfig) running `batch` inputs at once (default: the yaml's batch_size);
+    `cache_bytes`: the KV pool's room for cached prefixes beyond the rows' (on this rank)."""
     largest = max(config.batch_size, batch or 0)
-    return Estimate(weight_bytes(config, world), kv_cache_bytes(config, largest, world),
+    return Estimate(weight_bytes(config, world), kv_cache_bytes(config, largest, world) + int(cache_bytes),
                     activation_bytes(config, largest, world))
 
 
@@ -128,13 +129,14 @@ def parse_size(text):
 
 
 def check(config, batch=None, world=1, device_target="CPU", max_device_memory=None, available=None,
-          shrink_kv=False):
+          shrink_kv=False, cache_bytes=0, extra_bytes=0):
     """LlavaError when the estimate is more than the memory this run can use; returns the Estimate. With
     `shrink_kv` a KV pool smaller than `batch` full-length rows, but at least one, is taken when that is what
     fits: the returned Estimate's kv_cache is then the pool to allocate.
 
     `available`: (bytes, description) instead of asking the machine (tests)."""
-    need = estimate(config, batch, world)
+    need = estimate(config, batch, world, cache_bytes)
+    need.runtime += int(extra_bytes)          # host-side caches (the image cache's budget)
     if available is None:
         if str(device_target).upper() == "CPU":
             available = host_available()

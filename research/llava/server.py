@@ -196,10 +196,9 @@ class Server:
         @app.get("/health")
         async def health():
             s = self.scheduler
-            pool = s.engine.pool
             return {"status": "ok", "waiting": s.waiting, "running": s.running, "steps": s.steps,
                     "largest_batch": s.largest_batch, "completed": s.completed, "cancelled": s.cancelled,
-                    "kv_blocks_free": pool.free, "kv_blocks": pool.usable}
+                    **s.engine.cache_stats()}
 
         @app.get("/v1/models")
         async def models():
@@ -287,14 +286,14 @@ class Server:
                 elif event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
                 else:
-                    _, reason, prompt_tokens, completion_tokens = event
+                    _, reason, prompt_tokens, completion_tokens, cached = event
                     break
         finally:
             job.cancel()       # a client that went away frees its row; a finished one is not affected
         return {"id": reply_id, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                              "logprobs": None, "finish_reason": reason}],
-                "usage": _usage(prompt_tokens, completion_tokens)}
+                "usage": _usage(prompt_tokens, completion_tokens, cached)}
 
     async def _sse(self, job, events, reply_id, created, include_usage):
         def chunk(delta, reason=None, usage=None):
@@ -315,19 +314,21 @@ class Server:
                     yield f"data: {json.dumps(error_body(event[1], 'server_error'))}\n\n"
                     break
                 else:
-                    _, reason, prompt_tokens, completion_tokens = event
+                    _, reason, prompt_tokens, completion_tokens, cached = event
                     yield chunk({}, reason)
                     if include_usage:
-                        yield chunk(None, usage=_usage(prompt_tokens, completion_tokens))
+                        yield chunk(None, usage=_usage(prompt_tokens, completion_tokens, cached))
                     break
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()       # runs when the client disconnects mid-stream, too
 
 
-def _usage(prompt_tokens, completion_tokens):
+def _usage(prompt_tokens, completion_tokens, cached_tokens):
+    """OpenAI's usage object; cached_tokens: prompt tokens taken from the prefix cache, not computed."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_name="llava", lockstep=None,
@@ -362,15 +363,24 @@ def prepare_engine(job, max_batch, prefill_chunk):
     import memory_budget
     engine = job.engine
     blocks = None
-    if job.memory.kv_cache < memory_budget.kv_cache_bytes(job.model_config, max_batch, job.tp.world):
+    wanted = memory_budget.kv_cache_bytes(job.model_config, max_batch, job.tp.world) + \
+        engine.cache_blocks * engine.pool_bytes(1)
+    if job.memory.kv_cache < wanted:
         blocks = 1 + max(engine.max_blocks, job.memory.kv_cache // engine.pool_bytes(1))
     engine.reserve(max_batch, blocks)
     pool = engine.pool
     rows = pool.usable * pool.block_size / job.model_config.seq_length
-    note = "" if blocks is None else f" (all the memory there is: {rows:.1f} full-length rows, not {max_batch})"
+    if blocks is not None:
+        note = f" (all the memory there is: {rows:.1f} full-length rows, not {max_batch}"
+        note += ", no room kept for cached prefixes beyond idle rows')" if engine.cache_blocks else ")"
+    elif engine.cache_blocks:
+        note = f" ({engine.cache_blocks} blocks of them for cached prefixes)"
+    else:
+        note = ""
     print(f"KV pool: {pool.usable} blocks of {pool.block_size} positions = "
-          f"{engine.pool_bytes(pool.blocks) / 2 ** 30:.2f} GiB{note}, up to {max_batch} rows at once",
-          file=sys.stderr, flush=True)
+          f"{engine.pool_bytes(pool.blocks) / 2 ** 30:.2f} GiB{note}, up to {max_batch} rows at once; "
+          f"prefix cache {'on' if pool.cache else 'off'}, image cache "
+          f"{engine.image_cache.budget / 2 ** 20:.0f} MiB", file=sys.stderr, flush=True)
     start = clock.monotonic()
     engine.warmup(prefill_chunk + max_batch)
     print(f"compiled the step shapes in {clock.monotonic() - start:.1f} s", file=sys.stderr, flush=True)

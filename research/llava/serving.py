@@ -19,7 +19,8 @@ engine's. Under tensor parallelism rank 0 plans and the other ranks run the same
 
 Events a request receives, in order, through its `emit` callback (called on the worker thread):
   ("delta", text)                          new text of the answer
-  ("done", finish_reason, prompt_tokens, completion_tokens)   finish_reason: "stop" or "length"
+  ("done", finish_reason, prompt_tokens, completion_tokens, cached_tokens)   finish_reason: "stop" or "length"
+                                           cached_tokens: prompt tokens taken from the prefix cache
   ("error", message)                       its row failed; the request is over
 """
 import itertools
@@ -247,7 +248,7 @@ class Scheduler:
                 request.emit(("delta", rest))
             reason = "stop" if a.text.stopped else row.finish_reason
             self.completed += 1
-            request.emit(("done", reason, len(request.ids), len(row.generated)))
+            request.emit(("done", reason, len(request.ids), len(row.generated), row.cached))
             self._leave(a)
         self._active = still
 
