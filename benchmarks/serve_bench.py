@@ -14,11 +14,17 @@ Every side uses the same converted random-weight checkpoint (the tests' HF-layou
   (b) one client: the image question's TTFT and decode tokens/s (tokens - 1 over first to last chunk);
   (c) a mixed load: 8 clients, answers of 8..256 tokens, arriving 0.25 s apart: p50/p95 TTFT, tokens/s;
   (d) a ~700-token text prompt: one client's TTFT and decode tokens/s, and 4 clients' total tokens/s;
+  (e) remembered turns (16-token answers, 2 conversations, medians): the TTFT of a first turn (the image and a
+      question not asked before), of its follow-up (the same messages + the streamed answer + a new question)
+      and of a fresh conversation's new question about the same image, their ratios to the first turn (goals
+      <= 0.2 and <= 0.4) and to a first turn on an image not sent before (rocket.jpg, "cold"), and the
+      `usage.prompt_tokens_details.cached_tokens` each final chunk reports (None when absent); the same
+      first / follow-up pair on the (d) prompt, beside llama-server's;
 * baseline (--baseline REV, default the commit before continuous batching): (a) and (c) on that revision's
   server (a git worktree), in the same run;
 * llama-server (built by `python -m benchmarks.llamacpp --build`): (d) on the decoder's f32 GGUF, `-np 4`,
   continuous batching (its default), the same text prompt through its /completion endpoint (cache_prompt off,
-  ignore_eos), `-t 2`.
+  ignore_eos), `-t 2`; then (e)'s text pair with cache_prompt on (cached tokens: its timings' cache_n).
 Answers of random weights can end at an eos early: tokens are what the servers report. Results:
 benchmarks/serve_<preset>.{json,md}.
 """
@@ -41,11 +47,17 @@ for path in (os.path.join(ROOT, "research", "llava"), os.path.join(ROOT, "tests"
         sys.path.insert(0, path)
 
 IMAGE = os.path.join(ROOT, "tests", "fixtures", "images", "chelsea.jpg")
+COLD_IMAGE = os.path.join(ROOT, "tests", "fixtures", "images", "rocket.jpg")     # (e): sent by nothing else
 QUESTION = "Describe the image in English:"
 SHORT = "Hi, what is two plus two?"
 STORY = ("The old lighthouse keeper climbed the stairs each evening to light the lamp, and the ships that "
          "passed in the night saw its beam across the dark water. ")
 MIXED = (8, 256, 16, 128, 32, 192, 64, 96)
+# (e): per conversation, its first question and the fresh conversation's question about the same image (none
+# asked before: QUESTION was, by every earlier section); then every follow-up asks FOLLOW_UP
+TURNS = (("What is in the picture? Answer briefly:", "Which animal could this be?"),
+         ("Which colours does the image show?", "Where could this photo have been taken?"))
+FOLLOW_UP = "Why do you think so?"
 SEQ_LENGTH = {"tiny": 512, "mid": 1024}
 BASELINE = "f3079df"          # the scheduler that formed a batch only when the previous one had finished
 THREADS = 2
@@ -71,10 +83,12 @@ def env():
 
 # ---------------------------------------------------------------------------------------------- clients
 class Stream:
-    """One streamed request's times: first chunk with text, last chunk, tokens."""
+    """One streamed request's times: first chunk with text, last chunk, tokens; its text and the prompt tokens
+    the server says it took from its cache (None when it does not say)."""
 
-    def __init__(self, first, last, tokens, prompt_tokens=None):
+    def __init__(self, first, last, tokens, prompt_tokens=None, text="", cached=None):
         self.first, self.last, self.tokens, self.prompt_tokens = first, last, tokens, prompt_tokens
+        self.text, self.cached = text, cached
 
     @property
     def decode_tok_s(self):
@@ -95,6 +109,11 @@ def _sse(url, body):
             yield now, json.loads(line[6:])
             last = now
             first = first if first is not None else now
+
+
+def data_url(path):
+    with open(path, "rb") as f:
+        return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
 
 
 class OurServer:
@@ -118,23 +137,34 @@ class OurServer:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.start_s = time.perf_counter() - t0
-        with open(IMAGE, "rb") as f:
-            self.image = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
+        self.image = data_url(IMAGE)
 
-    def stream(self, text, max_tokens, image=True):
-        content = [{"type": "text", "text": text}]
-        if image:
-            content.insert(0, {"type": "image_url", "image_url": {"url": self.image}})
+    def stream(self, text, max_tokens, image=True, history=()):
+        """`image`: True (IMAGE), False or an image's path; `history`: the conversation's earlier (user text,
+        assistant text) turns, the image with its first user turn."""
+        turns = [*history, (text, None)]
+        messages = []
+        for i, (user, answer) in enumerate(turns):
+            content = [{"type": "text", "text": user}]
+            if image and not i:
+                url = self.image if image is True else data_url(image)
+                content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+            messages.append({"role": "user", "content": content})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
         body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": content}]}
-        first, last, tokens, prompt = None, None, 0, None
+                "messages": messages}
+        first, last, tokens, prompt, cached, text = None, None, 0, None, None, []
         for now, chunk in _sse(self.base + "/v1/chat/completions", body):
             if chunk.get("usage"):
-                tokens, prompt = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
+                usage = chunk["usage"]
+                tokens, prompt = usage["completion_tokens"], usage["prompt_tokens"]
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
             elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 first = first if first is not None else now
                 last = now
-        return Stream(first if first is not None else last, last, tokens, prompt)
+                text.append(chunk["choices"][0]["delta"]["content"])
+        return Stream(first if first is not None else last, last, tokens, prompt, "".join(text), cached)
 
     def close(self):
         self.proc.terminate()
@@ -162,20 +192,26 @@ class LlamaServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        self.cache_prompt = False       # (e) turns it on
 
-    def stream(self, text, max_tokens, image=False):
-        body = {"prompt": f"USER: {text} ASSISTANT:", "n_predict": max_tokens, "stream": True,
-                "cache_prompt": False, "ignore_eos": True}
-        first, last, tokens, prompt = None, None, 0, None
+    def stream(self, text, max_tokens, image=False, history=()):
+        """`history`: earlier (prompt text, answer text) turns: the earlier prompt, its answer as streamed."""
+        earlier = "".join(f"USER: {user} ASSISTANT:{answer} " for user, answer in history)
+        body = {"prompt": f"{earlier}USER: {text} ASSISTANT:", "n_predict": max_tokens, "stream": True,
+                "cache_prompt": self.cache_prompt, "ignore_eos": True}
+        first, last, tokens, prompt, cached, text = None, None, 0, None, None, []
         for now, chunk in _sse(self.base + "/completion", body):
             if chunk.get("stop"):
                 timings = chunk.get("timings", {})
                 tokens = timings.get("predicted_n", chunk.get("tokens_predicted", tokens))
-                prompt = timings.get("prompt_n")
+                prompt, cached = timings.get("prompt_n"), timings.get("cache_n")
             else:
                 first = first if first is not None else now
                 last = now
-        return Stream(first, last, tokens, prompt)
+            text.append(chunk.get("content") or "")
+        if prompt is not None and cached is not None:
+            prompt += cached            # prompt_n counts the computed tokens only
+        return Stream(first, last, tokens, prompt, "".join(text), cached)
 
     def close(self):
         self.proc.terminate()
@@ -232,6 +268,49 @@ def text_prompt(server, text, new_tokens):
             "decode_tok_s": statistics.median(r.decode_tok_s for r in one),
             "clients4_tokens_per_s": sum(r.tokens for r in four) / wall,
             "clients4_tokens": sum(r.tokens for r in four)}
+
+
+def _turns(names, rows):
+    """(e): per name (a column of rows of Streams) its median TTFT, cached and prompt tokens; after the first
+    name, the median ratio of its TTFT to the first name's."""
+    out = {}
+    for name, col in zip(names, zip(*rows)):
+        out[name] = {"ttft_s": statistics.median(s.first for s in col), "cached_tokens": [s.cached for s in col],
+                     "prompt_tokens": [s.prompt_tokens for s in col]}
+        if name != names[0]:
+            out[name]["ratio"] = statistics.median(s.first / r[0].first for s, r in zip(col, rows))
+    return out
+
+
+def text_turns(server, story, max_tokens=16, runs=2):
+    """(e), text: the (d) prompt (a new head each run: a first turn is one), then the same + its answer + a
+    new question."""
+    rows = []
+    for i in range(runs):
+        text = f"Tale {i + 1}. {story}"
+        first = server.stream(text, max_tokens, False)
+        rows.append((first, server.stream(FOLLOW_UP, max_tokens, False, history=[(text, first.text)])))
+    return _turns(("first", "follow_up"), rows)
+
+
+def remembered_turns(server, story, max_tokens=16):
+    """(e): a first turn on an image not sent before; per TURNS conversation its first turn, its follow-up and
+    a fresh conversation's new question about the same image; text_turns."""
+    r = {}
+    if os.path.exists(COLD_IMAGE):
+        cold = server.stream(QUESTION, max_tokens, COLD_IMAGE)
+        r["cold_first"] = {"ttft_s": cold.first, "cached_tokens": cold.cached, "prompt_tokens": cold.prompt_tokens}
+    rows = []
+    for question, other in TURNS:
+        first = server.stream(question, max_tokens)
+        follow = server.stream(FOLLOW_UP, max_tokens, history=[(question, first.text)])
+        rows.append((first, follow, server.stream(other, max_tokens)))
+    r.update(_turns(("first", "follow_up", "same_image"), rows))
+    if "cold_first" in r:
+        for name in ("first", "follow_up", "same_image"):
+            r[name]["vs_cold"] = r[name]["ttft_s"] / r["cold_first"]["ttft_s"]
+    r["text"] = text_turns(server, story, max_tokens)
+    return r
 
 
 # ---------------------------------------------------------------------------------------------- sides
@@ -293,6 +372,7 @@ def our_served(root, yaml_path, ckpt, work, story, new_tokens, full=True):
                                "decode_tok_s": statistics.median(s.decode_tok_s for s in one),
                                "tokens": one[0].tokens, "prompt_tokens": one[0].prompt_tokens}
             r["text"] = text_prompt(server, story, 128)
+            r["turns"] = remembered_turns(server, story)
         return r
     finally:
         server.close()
@@ -318,6 +398,8 @@ def llama_served(hf_dir, story, work):
     try:
         server.stream(story, 8)
         r = text_prompt(server, story, 128)
+        server.cache_prompt = True
+        r["turns"] = text_turns(server, story)
         r["version"] = llamacpp.version()
         return r
     finally:
@@ -327,6 +409,36 @@ def llama_served(hf_dir, story, work):
 # ---------------------------------------------------------------------------------------------- report
 def _f(x, d=2):
     return f"{x:.{d}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def render_turns(e, lc):
+    """(e)'s two tables (markdown lines); none without (e)."""
+    if not e:
+        return []
+    cold = e.get("cold_first") or {}
+    lines = ["", "| (e) remembered turns, 16-token answers, median of 2 conversations | TTFT (s) | / first turn | "
+             "/ cold first turn | goal | cached tokens |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    if cold:
+        lines.append(f"| image not sent before (rocket.jpg), first turn (cold) | {_f(cold['ttft_s'])} | | 1.00 | | "
+                     f"{cold['cached_tokens']} |")
+    for key, name, goal in (("first", "image sent before, a new question: first turn", ""),
+                            ("follow_up", "its follow-up: the same + its answer + a new question", "<= 0.2"),
+                            ("same_image", "a fresh conversation's new question about the same image", "<= 0.4")):
+        x = e[key]
+        lines.append(f"| {name} | {_f(x['ttft_s'])} | {_f(x.get('ratio', 1.0))} | {_f(x.get('vs_cold', '–'))} | "
+                     f"{goal} | {', '.join(map(str, x['cached_tokens']))} |")
+    t = e["text"]
+    lines += ["", f"| (e) text prompt of {t['first']['prompt_tokens'][0]} tokens, then its follow-up | ours | "
+              "llama-server f32 (cache_prompt) | ours / llama |", "| --- | ---: | ---: | ---: |"]
+    for key, name in (("first", "first turn: TTFT (s)"), ("follow_up", "follow-up: TTFT (s)")):
+        theirs = lc.get(key, {}).get("ttft_s", "–")
+        ratio = _f(t[key]["ttft_s"] / theirs) if isinstance(theirs, (int, float)) and theirs else ""
+        lines.append(f"| {name} | {_f(t[key]['ttft_s'])} | {_f(theirs)} | {ratio} |")
+    lines.append(f"| follow-up / first turn | {_f(t['follow_up']['ratio'])} | "
+                 f"{_f(lc.get('follow_up', {}).get('ratio', '–'))} | |")
+    lines.append(f"| follow-up: cached tokens | {', '.join(map(str, t['follow_up']['cached_tokens']))} | "
+                 f"{', '.join(map(str, lc.get('follow_up', {}).get('cached_tokens', ['–'])))} | |")
+    return lines
 
 
 def render(r):
@@ -358,6 +470,7 @@ def render(r):
         theirs = lc.get(key, "–")
         ratio = _f(t[key] / theirs) if isinstance(theirs, (int, float)) and theirs else ""
         lines.append(f"| {name} | {_f(t[key], d)} | {_f(theirs, d)} | {ratio} |")
+    lines += render_turns(s.get("turns"), lc.get("turns") or {})
     if lc.get("error"):
         lines.append(f"\nllama-server: {lc['error']}")
     lines.append(f"\nOur server was ready {s['start_s']:.1f} s after its start (load, compile every step shape).")
