@@ -381,3 +381,17 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.err.close()
+
+
+def our_model(hf_config, hf_dir, seq_length):
+    """Our LlavaModel for an HF-layout folder (its config.json as a dict), its safetensors loaded strictly."""
+    import glob
+    from safetensors.numpy import load_file
+    from llava_config import LlavaConfig
+    from llava_model import LlavaModel, load_weights
+    model = LlavaModel(LlavaConfig.from_hf_config(hf_config, seq_length=seq_length))
+    weights = {}
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        weights.update(load_file(path))
+    load_weights(model, weights)
+    return model

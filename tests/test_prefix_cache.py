@@ -4,14 +4,12 @@ greedy tokens still equal HF `generate` on the full prompt. A cache hit never cr
 image position is the image's content, not its placeholder token. Expected cached lengths are counted by hand
 from the block size (16) and the prompts' lengths.
 """
-import glob
 import os
 
 import numpy as np
 import pytest
 
-from llava_config import LlavaConfig
-from llava_model import LlavaModel, load_weights
+from helpers import our_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -30,13 +28,8 @@ def settings(n):
 
 class Side:
     def __init__(self, hf_dir, image_paths):
-        from safetensors.numpy import load_file
         self.hf = HFOracle(hf_dir)
-        self.model = LlavaModel(LlavaConfig.from_hf_config(self.hf.config, seq_length=SEQ_LENGTH))
-        weights = {}
-        for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-            weights.update(load_file(path))
-        load_weights(self.model, weights)
+        self.model = our_model(self.hf.config, hf_dir, SEQ_LENGTH)
         self.pix = {name: self.hf.pixels(image_paths[name]) for name in ("chelsea", "rocket")}
 
     def text(self, text):

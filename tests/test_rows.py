@@ -3,15 +3,13 @@ the KV pool has its own positions; prompts run whole or in chunks; rows join a r
 leave at any step, and every row's greedy tokens equal HF `generate` on its own prompt; a large prompt runs
 op by op in a Graph-mode context (Engine.eager) beside compiled steps; every step shape is compiled once.
 """
-import glob
 import os
 
 import numpy as np
 import pytest
 
 
-from llava_config import LlavaConfig
-from llava_model import LlavaModel, load_weights
+from helpers import our_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -36,13 +34,8 @@ class Pair:
     """HF oracle and our model on one fixture, plus a left-padded two-row batch WIDTH tokens wide."""
 
     def __init__(self, hf_dir, image_dir):
-        from safetensors.numpy import load_file
         self.hf = HFOracle(hf_dir)
-        self.model = LlavaModel(LlavaConfig.from_hf_config(self.hf.config, seq_length=SEQ_LENGTH))
-        weights = {}
-        for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-            weights.update(load_file(path))
-        load_weights(self.model, weights)
+        self.model = our_model(self.hf.config, hf_dir, SEQ_LENGTH)
         rows = [self.hf.ids(prompt) for _, prompt in PROMPTS]
         assert max(map(len, rows)) < WIDTH, "the prompts must leave room for left padding"
         pad = make_tiny_llava.PAD_TOKEN_ID
