@@ -226,6 +226,11 @@ class Row:
     finish_reason: Optional[str] = None          # "stop" (eos) or "length" (max_new_tokens)
 
     @property
+    def keyable(self):
+        """Whether the row's blocks can have prefix-cache keys: its images (if any) have content keys."""
+        return self.images is not None or self.features is None
+
+    @property
     def pending(self):
         return len(self.ids) - self.length
 
@@ -383,7 +388,7 @@ class Engine:
         """The keys of the prompt's full blocks that may come from the cache: all but the one holding the last
         prompt token (its logits choose the first token, so it is always computed). None when the row's images
         have no keys (features given without them): such a row neither takes nor leaves cached blocks."""
-        if not self.pool.cache or (row.images is None and row.features is not None):
+        if not self.pool.cache or not row.keyable:
             return None
         usable = (row.prompt_length - 1) // self.block_size * self.block_size
         return block_keys(row.prompt_ids[:usable], row.images or [], self.block_size)
@@ -421,7 +426,7 @@ class Engine:
         """Key the row's blocks that are now full and computed (prompt and generated positions alike: a
         follow-up turn resends the answer), so that later rows can take them."""
         full = row.length // self.block_size
-        if not self.pool.cache or len(row.keys) >= full or (row.images is None and row.features is not None):
+        if not self.pool.cache or not row.keyable or len(row.keys) >= full:
             return
         tokens = (row.prompt_ids + row.generated)[:full * self.block_size]
         new = block_keys(tokens, row.images or [], self.block_size, start=len(row.keys),
