@@ -46,6 +46,7 @@ class OursSide:
         self.load_s = time.perf_counter() - t0
         tokenizer = LlavaTokenizer(vocab_file=TOKENIZER_MODEL)
         processor = LlavaProcessor(self.config, tokenizer)
+        self.processor = processor
         inputs = processor.process([(IMAGE, PROMPT)])
         self.ids, self.mask, self.pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.n = args.new_tokens
@@ -80,6 +81,47 @@ class OursSide:
         out = self.engine.generate(self.ids, self.pixels, self.mask, settings=self.settings, streamer=Stamp())
         t1 = time.perf_counter()
         return request_figures(t0, c0, t1, stamps, out[0])
+
+    def turns(self, follow_up="Why do you think so?"):
+        """A chat's two turns with the caches on, as `--run_mode chat` runs them: the first turn (image +
+        PROMPT, rendered by the chat template) and its follow-up (the first turn, its answer and a new
+        question); each turn's figures and the prompt tokens the follow-up took from the prefix cache."""
+        from engine import IMAGE_CACHE_BYTES
+        engine = self.engine
+        engine.configure_caches(prefix=True, image_bytes=IMAGE_CACHE_BYTES)
+        try:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+            first = self._turn(messages)
+            answer = self.processor.tokenizer.decode(first["tokens"], skip_special_tokens=True)
+            messages += [{"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                         {"role": "user", "content": [{"type": "text", "text": follow_up}]}]
+            before = engine.cache_stats()["prefix_cached_tokens"]
+            second = self._turn(messages)
+            second["cached_tokens"] = engine.cache_stats()["prefix_cached_tokens"] - before
+            return {"first": first, "follow_up": second, "kv_bytes_per_token": self.kv_bytes_per_token()}
+        finally:
+            engine.configure_caches(prefix=False, image_bytes=0)
+
+    def _turn(self, messages):
+        ids = self.np.array([self.processor.encode_chat(messages)], self.np.int64)
+        stamps = []
+
+        class Stamp:
+            def put(self, tokens):
+                stamps.append((time.perf_counter(), time.process_time()))
+
+            def end(self):
+                pass
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = self.engine.generate(ids, self.pixels, None, settings=self.settings, streamer=Stamp())
+        figures = request_figures(t0, c0, time.perf_counter(), stamps, out[0])
+        figures["prompt_tokens"] = int(ids.shape[1])
+        return figures
+
+    def kv_bytes_per_token(self):
+        """Bytes of KV one cached token holds (every layer's keys and values in the pool's dtype)."""
+        return self.engine.pool_bytes(1) // self.engine.block_size
 
     def vision(self, repeats):
         """Seconds of the vision tower (CLIP + projector) alone, best of `repeats`."""

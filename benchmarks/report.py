@@ -154,6 +154,15 @@ def render_7b(r):
         ]
         if t is None:
             lines += [f"llama.cpp {kind}: {why}.", ""]
+        turns = o.get("turns")
+        if turns:
+            f, u = turns["first"], turns["follow_up"]
+            per = turns["kv_bytes_per_token"]
+            lines += [f"Chat turns with the caches on ({dtype}): first turn ({f['prompt_tokens']} tokens) first "
+                      f"token after {f['ttft_s']:.1f} s; its follow-up ({u['prompt_tokens']} tokens, "
+                      f"{u['cached_tokens']} from the prefix cache) after {u['ttft_s']:.2f} s "
+                      f"({_ratio(u['ttft_s'], f['ttft_s'])} of the first). KV per cached token: "
+                      f"{per / 2 ** 20:.2f} MiB, a 600-token conversation {600 * per / 2 ** 30:.2f} GiB.", ""]
     lines.append(_llamacpp_line(lc) if lc else "llama.cpp: not run.")
     if hf:
         same = all(hf["tokens"] == o["tokens"] for o in r["ours"].values())

@@ -112,8 +112,27 @@ def _sse(url, body):
 
 
 def data_url(path):
+    kind = "png" if path.endswith(".png") else "jpeg"
     with open(path, "rb") as f:
-        return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
+        return f"data:image/{kind};base64," + base64.b64encode(f.read()).decode()
+
+
+class FreshImages:
+    """IMAGE with one corner pixel changed per call, as a PNG in `work`: a photo no request sent before, so
+    its CLIP features and its prompt's KV blocks are computed, not taken from our caches (the figures that
+    compare with the engine, the baseline and llama-server are all cold)."""
+
+    def __init__(self, work):
+        self.work, self.n = work, 0
+
+    def __call__(self):
+        from PIL import Image
+        self.n += 1
+        image = Image.open(IMAGE).convert("RGB")
+        image.putpixel((0, 0), (self.n % 256, self.n // 256 % 256, 7))
+        path = os.path.join(self.work, f"fresh-{self.n}.png")
+        image.save(path)
+        return path
 
 
 class OurServer:
@@ -237,11 +256,12 @@ def together(server, asks, delays=None):
     return results, time.perf_counter() - t0
 
 
-def short_while_long(server, long_tokens=256):
+def short_while_long(server, fresh, long_tokens=256):
     """(a): the short question's TTFT alone (median of 3) and while a long image answer streams."""
     alone = statistics.median(server.stream(SHORT, 4, False).first for _ in range(3))
     box = {}
-    long = threading.Thread(target=lambda: box.update(long=server.stream(QUESTION, long_tokens)))
+    image = fresh()
+    long = threading.Thread(target=lambda: box.update(long=server.stream(QUESTION, long_tokens, image)))
     long.start()
     time.sleep(3.0)                     # the long answer is decoding by now
     busy = server.stream(SHORT, 4, False)
@@ -250,9 +270,9 @@ def short_while_long(server, long_tokens=256):
             "ratio": busy.first / alone}
 
 
-def mixed(server):
-    """(c): 8 clients, answers of 8..256 tokens, arriving 0.25 s apart."""
-    asks = [(QUESTION, n) for n in MIXED]
+def mixed(server, fresh):
+    """(c): 8 clients, answers of 8..256 tokens, arriving 0.25 s apart, each about a photo not sent before."""
+    asks = [(QUESTION, n, fresh()) for n in MIXED]
     results, wall = together(server, asks, delays=[0.25 * i for i in range(len(asks))])
     ttft = [r.first for r in results]
     tokens = sum(r.tokens for r in results)
@@ -261,9 +281,11 @@ def mixed(server):
 
 
 def text_prompt(server, text, new_tokens):
-    """(d): one client's TTFT / decode tokens/s (median of 3) and 4 clients' total tokens/s."""
-    one = [server.stream(text, new_tokens, False) for _ in range(3)]
-    four, wall = together(server, [(text, new_tokens, False)] * 4)
+    """(d): one client's TTFT / decode tokens/s (median of 3) and 4 clients' total tokens/s; every prompt
+    starts with its own head, so no prefix cache helps (llama-server runs with cache_prompt off)."""
+    heads = iter(range(1, 100))
+    one = [server.stream(f"Story {next(heads)}. {text}", new_tokens, False) for _ in range(3)]
+    four, wall = together(server, [(f"Story {next(heads)}. {text}", new_tokens, False) for _ in range(4)])
     return {"prompt_tokens": one[0].prompt_tokens, "ttft_s": statistics.median(r.first for r in one),
             "decode_tok_s": statistics.median(r.decode_tok_s for r in one),
             "clients4_tokens_per_s": sum(r.tokens for r in four) / wall,
@@ -364,13 +386,15 @@ def our_served(root, yaml_path, ckpt, work, story, new_tokens, full=True):
             together(server, [(QUESTION, 8)] * n)
             together(server, [(story, 8, False)] * n)
         server.stream(SHORT, 4, False)
-        r["short_while_long"] = short_while_long(server)
-        r["mixed"] = mixed(server)
+        fresh = FreshImages(work)
+        r["short_while_long"] = short_while_long(server, fresh)
+        r["mixed"] = mixed(server, fresh)
         if full:
-            one = [server.stream(QUESTION, new_tokens) for _ in range(3)]
+            one = [server.stream(QUESTION, new_tokens, fresh()) for _ in range(3)]
             r["one_client"] = {"ttft_s": statistics.median(s.first for s in one),
                                "decode_tok_s": statistics.median(s.decode_tok_s for s in one),
-                               "tokens": one[0].tokens, "prompt_tokens": one[0].prompt_tokens}
+                               "tokens": one[0].tokens, "prompt_tokens": one[0].prompt_tokens,
+                               "cached_tokens": [s.cached for s in one]}
             r["text"] = text_prompt(server, story, 128)
             r["turns"] = remembered_turns(server, story)
         return r

@@ -98,6 +98,7 @@ def run_7b_child(args):
     from .ours import OursSide
     side = OursSide(args)
     _two_requests(proto, side)
+    proto.send({"event": "turns", **side.turns()})
     proto.send({"event": "done", "vision_s": side.vision(2), "peak_rss_mb": system.peak_rss_mb()})
     return 0
 
@@ -153,6 +154,9 @@ def bench_7b(args):
     def show(ev):
         if ev.get("event") == "loaded":
             say(f"loaded in {ev['load_s']:.0f} s, RSS {ev['loaded_rss_mb']:.0f} MB")
+        elif ev.get("event") == "turns":
+            say(f"chat turns: first {ev['first']['ttft_s']:.1f} s, follow-up {ev['follow_up']['ttft_s']:.1f} s "
+                f"({ev['follow_up']['cached_tokens']} of {ev['follow_up']['prompt_tokens']} prompt tokens cached)")
         elif ev.get("event") in ("first", "second"):
             say(f"{ev['event']} request: first token after {ev['ttft_s']:.1f} s, decode "
                 f"{ev['decode_tok_s']:.2f} tokens/s, RSS {ev['rss_mb']:.0f} MB")
@@ -168,6 +172,7 @@ def bench_7b(args):
         s = result["steps"][f"ours, {dtype} weights"]
         result["ours"][dtype] = {**got["loaded"], "first_request": got["first"], **got["second"],
                                  "vision_s": got["done"]["vision_s"], "peak_rss_mb": s["peak_rss_mb"],
+                                 "turns": {k: v for k, v in got["turns"].items() if k != "event"},
                                  "background_cores": s["background_cores"]}
     hf_dtype = args.hf_dtype or "bfloat16"
     if hf_dtype != "none":
