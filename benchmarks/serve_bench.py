@@ -118,9 +118,10 @@ def data_url(path):
 
 
 class FreshImages:
-    """IMAGE with one corner pixel changed per call, as a PNG in `work`: a photo no request sent before, so
-    its CLIP features and its prompt's KV blocks are computed, not taken from our caches (the figures that
-    compare with the engine, the baseline and llama-server are all cold)."""
+    """IMAGE with its centre pixels changed per call, as a PNG in `work`: a photo no request sent before (the
+    centre survives the processor's crop), so its CLIP features and its prompt's KV blocks are computed, not
+    taken from our caches (the figures that compare with the engine, the baseline and llama-server are all
+    cold; the answers report cached_tokens to show it)."""
 
     def __init__(self, work):
         self.work, self.n = work, 0
@@ -129,7 +130,8 @@ class FreshImages:
         from PIL import Image
         self.n += 1
         image = Image.open(IMAGE).convert("RGB")
-        image.putpixel((0, 0), (self.n % 256, self.n // 256 % 256, 7))
+        w, h = image.size
+        image.paste((self.n % 256, self.n // 256 % 256, 7), (w // 2 - 4, h // 2 - 4, w // 2 + 4, h // 2 + 4))
         path = os.path.join(self.work, f"fresh-{self.n}.png")
         image.save(path)
         return path

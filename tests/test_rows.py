@@ -191,6 +191,34 @@ def test_warmup_compiles_every_step_shape_once(graph_mode, pairs):
     assert len(cell.compile_cache) == compiled
 
 
+def test_steps_padded_to_a_larger_bucket_equal_hf(graph_mode, pairs):
+    """Engine.bucket_map (filled by warmup's timing) lets a step run padded to a larger compiled bucket: the
+    filler tokens change nothing (rows joining mid-answer, chunked prompts, decode), and warmup maps a
+    bucket only to a larger one it compiled."""
+    from serving import plan
+    pair = pairs["tiny"]
+    eng = pair.model.engine()
+    eng.reserve(3)
+    eng.warmup(16 + 3)
+    assert all(eng.bucket_map[b] > b and eng.bucket_map[b] in eng.bucket_sizes(19) for b in eng.bucket_map)
+    eng.bucket_map = {b: 32 for b in (1, 2, 4, 8, 16)}             # every step padded to 32 tokens
+    (a_ids, a_ref), (b_ids, b_ref) = hf_alone(pair, 0, 12), hf_alone(pair, 1, 8)
+    pixels = pair.pixels.numpy()
+    a = eng.add(a_ids, pixels[0:1], settings(12), prefix=0)
+    out = {}
+    try:
+        while len(a.generated) < 2:
+            for row, token in eng.step(plan(eng.rows, 16)):
+                out.setdefault(id(row), []).append(token)
+        b = eng.add(b_ids, pixels[1:2], settings(8), prefix=0)
+        while not (a.finished and b.finished):
+            for row, token in eng.step(plan(eng.rows, 16)):
+                out.setdefault(id(row), []).append(token)
+        assert out[id(a)] == a_ref and out[id(b)] == b_ref
+    finally:
+        eng.release_all()
+
+
 def test_a_request_that_cannot_fit_the_pool_is_refused_before_it_waits(pairs):
     from llava_errors import LlavaError
     eng = pairs["tiny"].model.engine()

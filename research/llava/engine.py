@@ -14,7 +14,8 @@ through `Engine`:
   blocks and attends over its row's positions so far (llama_text.LlamaModel.rows). Shapes depend only on the
   number of tokens (rounded up to a bucket, `token_bucket`) and of logits: the attended lengths, positions and
   block tables are data, so Graph mode compiles one graph per bucket, never per length, and `warmup` compiles
-  them all before a server says ready.
+  them all before a server says ready (and times the small ones: a bucket runs padded to a larger one that
+  measured clearly faster, `Engine.bucket`).
 * compiled cells (one graph per input shape in GRAPH_MODE, or `mindspore.jit` in PyNative with `jit_steps`):
     vision   pixel_values [N, 3, H, W] -> image features [N * num_image_tokens, text_hidden]
     rows     a step's tokens -> logits of the tokens that end their row's known ids
@@ -30,6 +31,7 @@ a row of the pool) yields each step's tokens per row; `generate(..., streamer=)`
 dependent op on a small machine; GRAPH_MODE is the fast path.
 """
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,6 +120,9 @@ _STEPS = {
 # a vision or prefill step from a Graph-mode context whose estimated activations exceed this runs op by op
 # (Engine.eager_for); smaller ones (tiny, mid) stay compiled.
 EAGER_BYTES = 512 * 2 ** 20
+# Buckets up to which warmup(measure=True) times the steps: the slow row counts of MindSpore's CPU MatMul are
+# small ones; above, a step is compute-bound and grows with its tokens (and timing the 7B's costs seconds).
+MEASURED_BUCKETS = 64
 
 
 @contextlib.contextmanager
@@ -277,6 +282,11 @@ class Engine:
         self._free_lanes = []
         self._steps = {}
         self._compiled = set()           # token buckets the rows cell has compiled for (compile())
+        # bucket -> the compiled bucket at least as large whose step measured fastest (warmup(measure=True)):
+        # MindSpore's CPU MatMul is much slower at some row counts than at larger ones (on an AMD EPYC with
+        # AVX-512, mid model: 16 and 32 rows 0.15 s a step, 48 and 64 rows 0.10 s), so a step of 9-32 tokens
+        # (a follow-up turn's new tokens) runs faster padded to 64. Empty: token_bucket's rule.
+        self.bucket_map = {}
         self._single = []                # the rows of the prefill/decode single-step API
 
     def step_cell(self, kind):
@@ -329,6 +339,7 @@ class Engine:
         self._free_lanes = list(range(lanes - 1, -1, -1))
         self._steps = {k: v for k, v in self._steps.items() if k[0] == "vision"}
         self._compiled = set()
+        self.bucket_map = {}
         self._single = []
 
     def _ensure_pool(self, lanes):
@@ -487,7 +498,7 @@ class Engine:
         """Host-side inputs of the rows cell for plan [(row, n)] -> (tensors, wants: per plan entry the
         indices of its logits in the output, the token bucket); `bucket` instead of token_bucket's."""
         tc = self.config.text_config
-        nb = bucket or token_bucket(sum(k for _, k in plan))
+        nb = bucket or self.bucket(sum(k for _, k in plan))
         bs, kv = self.block_size, self.model.language_model.model.layers[0].self_attn.n_kv
         ids = np.zeros(nb, np.int32)
         positions = np.zeros(nb, np.int32)
@@ -570,14 +581,43 @@ class Engine:
             picked.append((row, token))
         return picked
 
+    def bucket(self, n):
+        """Tokens a step of n tokens runs with: token_bucket(n), or a larger compiled bucket that measured
+        faster (warmup)."""
+        b = token_bucket(n)
+        return self.bucket_map.get(b, b)
+
     def bucket_sizes(self, max_tokens):
         """Every token bucket a step of up to max_tokens tokens can run with."""
         return sorted({token_bucket(n) for n in range(1, max_tokens + 1)})
 
-    def warmup(self, max_tokens):
+    def warmup(self, max_tokens, measure=True):
         """Compile the rows cell for every bucket of up to max_tokens tokens, so that no request waits for a
-        compile (a server, before it says ready)."""
-        self.compile(self.bucket_sizes(max_tokens))
+        compile (a server, before it says ready); with `measure`, time each compiled bucket's step (best of
+        two padding-only steps) and let every bucket run as the fastest compiled one at least as large.
+        One process only: tensor-parallel ranks keep token_bucket's rule, so that every rank's collectives
+        see the same shapes without rank 0 having to send its choice."""
+        buckets = self.bucket_sizes(max_tokens)
+        self.compile(buckets)
+        if not measure or self.model.tp.world > 1 or ms.get_context("mode") != ms.GRAPH_MODE:
+            return
+        cost = {}
+        for nb in buckets:
+            if nb > MEASURED_BUCKETS or self.eager_for("prefill", nb):
+                continue
+            tensors = self.step_inputs([], bucket=nb)[0]
+            times = []
+            while len(times) < 2 and sum(times) < 0.5:     # best of two, one when a step is slow (the 7B)
+                t0 = time.perf_counter()
+                self.step_cell("rows")(*tensors).asnumpy()
+                times.append(time.perf_counter() - t0)
+            cost[nb] = min(times)
+        self.bucket_map = {}
+        for nb in cost:
+            best = min((c for c in cost if c >= nb), key=lambda c: (cost[c], c))
+            # a larger bucket only when it is clearly faster (10%): timing noise must not pad every step
+            if best != nb and cost[best] < 0.9 * cost[nb]:
+                self.bucket_map[nb] = best
 
     def compile(self, buckets):
         """Compile the rows cell for these token buckets (each once per pool): a step of padding tokens only,
@@ -721,7 +761,7 @@ class Engine:
         batch = self._batch_rows(ids, pixel_values, attention_mask, per_row)
         # the decode step's graph compiles now, not after the first token: a one-shot run (predict) then
         # decodes its whole answer at the warm engine's speed
-        self.compile([token_bucket(len(batch))])
+        self.compile([self.bucket(len(batch))])
         pad = np.int64(self.config.text_config.pad_token_id)
         first, later = self._stages(batch)
         try:
