@@ -247,6 +247,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+        self.seen.append(self.path)
         try:
             self._serve(self.path.split("?")[0])
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -295,17 +296,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._head(302, "text/plain", 0, {"Location": "/loop.jpg"})
         elif path == "/to_file.jpg":
             self._head(302, "text/plain", 0, {"Location": "file:///etc/passwd"})
+        elif path == "/redirect":                 # /redirect?to=URL: a redirect to any address
+            from urllib.parse import parse_qs, urlsplit
+            self._head(302, "text/plain", 0, {"Location": parse_qs(urlsplit(self.path).query)["to"][0]})
         else:
             self._head(404, "text/plain", 0)
 
 
 class ImageServer:
     """http://127.0.0.1:PORT/... in a daemon thread serving `image_path` at /cat.jpg and /photo, misbehaving URLs
-    around it (bounded by SLOW_LIMIT); close() stops it."""
+    around it (bounded by SLOW_LIMIT); `seen`: every path it was asked for; close() stops it."""
 
     def __init__(self, image_path):
+        self.seen = []
         with open(image_path, "rb") as f:
-            handler = type("Handler", (_Handler,), {"image_bytes": f.read()})
+            handler = type("Handler", (_Handler,), {"image_bytes": f.read(), "seen": self.seen})
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
@@ -343,9 +348,11 @@ def serve_files(folder, hf_dir):
 
 class ServerProcess:
     """`run_mindformer.py --run_mode serve` on a free port, waited for until /health answers; `client` is the
-    official openai client on it. close() stops it with SIGINT."""
+    official openai client on it. close() stops it with SIGINT. `private_media`: image URLs may reach private
+    and loopback addresses (the tests' image servers are on 127.0.0.1), as --allow_private_media says."""
 
-    def __init__(self, yaml_path, ckpt, out_dir, *extra):
+    def __init__(self, yaml_path, ckpt, out_dir, *extra, private_media=True):
+        extra = (*extra, "--allow_private_media") if private_media else extra
         import httpx
         import openai
         self.port = free_port()

@@ -583,7 +583,7 @@ SERVED = [
     ("wide_20000x1", lambda s: _user(image_part(_data("png", zeros_png(20000, 1))), text_part("?")), 413,
      ["20000x1", "processor.max_pixels"], ()),
     ("url_404_masked", lambda s: _user(image_part(secret_url(s["cat"].url("/missing.jpg"))), text_part("?")),
-     400, ["HTTP 404", "http://***@127.0.0.1:"], SECRETS),
+     400, ["could not be fetched", "http://***@127.0.0.1:"], SECRETS),
 ]
 
 

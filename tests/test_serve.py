@@ -294,7 +294,7 @@ BAD_REQUESTS = [
      "messages[0].content[0].image_url.url", "not a URL"),
     ("image_file_url", {"messages": _user(image_part("file:///etc/passwd"), text_part("?"))}, 400,
      "messages[0].content[0].image_url.url", "unsupported scheme"),
-    ("image_404", "url:/missing.jpg", 400, "messages[0].content[0].image_url.url", "HTTP 404"),
+    ("image_404", "url:/missing.jpg", 400, "messages[0].content[0].image_url.url", "could not be fetched"),
     ("image_html", "url:/page.jpg", 400, "messages[0].content[0].image_url.url", "not an image"),
     ("image_bad_base64", {"messages": _user(image_part("data:image/png;base64,@@"), text_part("?"))}, 400,
      "messages[0].content[0].image_url.url", "base64"),

@@ -1,8 +1,9 @@
 """Image loading with limits, for LlavaProcessor and for run_mindformer.py's early input check.
 
 `load_image(source)`: a local path, an http(s) URL (a wall-clock deadline for the whole download, headers included,
-and a byte cap) or a `data:image/...;base64,` URL (no other scheme; `allow_paths=False` refuses local paths, for
-images that come from a network client), decoded by Pillow with its decompression-bomb guard plus an explicit pixel cap,
+and a byte cap; the addresses it may connect to are `policy`'s, media_policy.MediaPolicy, every address for the
+command line's own inputs) or a `data:image/...;base64,` URL (no other scheme; `allow_paths=False` refuses local
+paths, for images that come from a network client), decoded by Pillow with its decompression-bomb guard plus an explicit pixel cap,
 fully loaded so truncation is caught. Only the photo formats in ALLOWED_FORMATS are decoded, recognised by their
 content, never by the file name: Pillow's other plugins include EPS, which runs Ghostscript on the file. Every
 failure is a `LlavaError` naming the input; a URL is named with its user-info and query masked (`mask_url`). EXIF
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from llava_errors import LimitError, LlavaError
+from media_policy import TRUSTED, FetchError, MediaPolicy
 
 DEFAULT_TIMEOUT = 10.0                 # seconds, whole download
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024   # encoded size of one image (file or download)
@@ -79,9 +81,10 @@ def _scheme(text: str) -> Optional[str]:
 
 
 def load_image(source, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS, allow_paths: bool = True) -> Image.Image:
+               max_pixels: int = DEFAULT_MAX_PIXELS, allow_paths: bool = True,
+               policy: MediaPolicy = TRUSTED) -> Image.Image:
     """A fully decoded PIL image from a local path, an http(s) or data: URL, or a PIL image; LlavaError
-    otherwise."""
+    otherwise (FetchError when an http(s) URL could not be fetched or its address is refused by `policy`)."""
     if isinstance(source, Image.Image):
         _check_pixels(source, _name("<PIL image>"), max_pixels)
         return source
@@ -96,7 +99,10 @@ def load_image(source, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAUL
     scheme = _scheme(text)
     name = display_name(text)
     if scheme in ("http", "https"):
-        data = _read_url(text, name, timeout, max_bytes)
+        if not policy.urls:
+            raise LlavaError(f"image {name}: http(s) image URLs are turned off on this server "
+                             f"(--allow_media_urls False): send the image as a data:image/...;base64, URL")
+        data = _read_url(text, name, timeout, max_bytes, policy)
         what = "response"
     elif scheme == "data":
         data = _read_data_url(text, name, max_bytes)
@@ -159,7 +165,7 @@ def _read_data_url(url: str, name: str, max_bytes: int) -> bytes:
     return data
 
 
-def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
+def _read_url(url: str, name: str, timeout: float, max_bytes: int, policy: MediaPolicy = TRUSTED) -> bytes:
     """GET within `timeout` seconds of wall-clock time for the whole download (connection, headers, body), with a
     byte cap and no compressed transfer.
 
@@ -171,7 +177,7 @@ def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
 
     def work():
         try:
-            box["data"] = _fetch(url, name, timeout, max_bytes, watch)
+            box["data"] = _fetch(url, name, timeout, max_bytes, watch, policy)
         except BaseException as e:  # noqa: B036 (handed to the caller)
             box["error"] = e
 
@@ -181,7 +187,7 @@ def _read_url(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
     if worker.is_alive():
         watch.expire()
         worker.join(1.0)
-        raise LlavaError(f"image {name}: download timed out after {timeout:g} s (processor.timeout, the limit for "
+        raise FetchError(f"image {name}: download timed out after {timeout:g} s (processor.timeout, the limit for "
                          f"the whole download)")
     if "error" in box:
         raise box["error"]
@@ -218,9 +224,11 @@ class _SocketWatch:
             pass
 
 
-def _watched_adapter(watch: _SocketWatch):
+def _watched_adapter(watch: _SocketWatch, policy: MediaPolicy = TRUSTED):
     """A requests adapter whose connections report their socket to `watch` once connected (directly or through
-    an HTTP proxy; a SOCKS proxy's are not watched, the caller's deadline still holds)."""
+    an HTTP proxy; a SOCKS proxy's are not watched, the caller's deadline still holds). Under a restricting
+    `policy` every connection (each redirect hop opens its own) is made by `policy.connect` to the address
+    it checked, from the host name urllib3 itself parsed (no second URL parser to disagree with)."""
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -230,6 +238,17 @@ def _watched_adapter(watch: _SocketWatch):
             def connect(self):
                 super().connect()
                 watch.add(self.sock)
+
+            if policy.restricted:
+                def _new_conn(self):
+                    try:
+                        return policy.connect(self._dns_host, self.port, self.timeout, self.source_address,
+                                              self.socket_options)
+                    except socket.timeout:
+                        raise FetchError(f"connection to {self.host}:{self.port} timed out") from None
+                    except OSError as e:
+                        raise FetchError(f"cannot connect to {self.host}:{self.port} "
+                                         f"({e.strerror or type(e).__name__})") from None
         return Connection
 
     pools = {"http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": watched(HTTPConnection)}),
@@ -249,21 +268,29 @@ def _watched_adapter(watch: _SocketWatch):
     return Adapter()
 
 
-def _fetch(url: str, name: str, timeout: float, max_bytes: int, watch: _SocketWatch) -> bytes:
+def _fetch(url: str, name: str, timeout: float, max_bytes: int, watch: _SocketWatch,
+           policy: MediaPolicy = TRUSTED) -> bytes:
     import requests  # imported here: only URL inputs need them
     import urllib3
 
     try:
         with requests.Session() as session:
-            session.max_redirects = 5
-            adapter = _watched_adapter(watch)
+            # a restricting policy judges the address itself: an environment proxy would resolve the name
+            # where the check cannot see it, and .netrc credentials are not for hosts a client picks
+            session.trust_env = not policy.restricted
+            # with redirects off requests still builds the next hop's request (never sent), and counts it
+            session.max_redirects = max(policy.redirects, 1)
+            adapter = _watched_adapter(watch, policy)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
-            with session.get(url, stream=True, timeout=(timeout, timeout), allow_redirects=True,
+            with session.get(url, stream=True, timeout=(timeout, timeout), allow_redirects=policy.redirects > 0,
                              headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity",
                                       "Accept": "image/*"}) as resp:
+                if resp.is_redirect:     # redirects off (policy.redirects == 0)
+                    raise FetchError(f"image {name}: HTTP {resp.status_code} redirect, not followed "
+                                     f"(--media_redirects 0)")
                 if not 200 <= resp.status_code < 300:
-                    raise LlavaError(f"image {name}: HTTP {resp.status_code} {resp.reason or ''}".rstrip())
+                    raise FetchError(f"image {name}: HTTP {resp.status_code} {resp.reason or ''}".rstrip())
                 length = resp.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > max_bytes:
                     raise LimitError(f"image {name}: response is {int(length)} bytes, more than the limit of "
@@ -281,14 +308,18 @@ def _fetch(url: str, name: str, timeout: float, max_bytes: int, watch: _SocketWa
                     if len(buf) > max_bytes:
                         raise LimitError(f"image {name}: response is more than the limit of {max_bytes} bytes")
                 return bytes(buf)
+    except FetchError as e:
+        if str(e).startswith("image "):
+            raise
+        raise FetchError(f"image {name}: {e}") from None     # the policy's refusal, from inside a connect
     except LlavaError:
         raise
     except (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout):
-        raise LlavaError(f"image {name}: download timed out after {timeout:g} s") from None
+        raise FetchError(f"image {name}: download timed out after {timeout:g} s") from None
     except requests.exceptions.TooManyRedirects:
-        raise LlavaError(f"image {name}: too many redirects") from None
+        raise FetchError(f"image {name}: too many redirects") from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-        raise LlavaError(f"image {name}: download failed ({type(e).__name__})") from None
+        raise FetchError(f"image {name}: download failed ({type(e).__name__})") from None
 
 
 def _check_pixels(img: Image.Image, name: str, max_pixels: int):

@@ -5,51 +5,103 @@
                                 or max_completion_tokens, temperature, top_p, seed, stop, stream, n=1; extra
                                 fields top_k and repetition_penalty
     GET  /v1/models             the one model served
-    GET  /health                liveness and queue length
+    GET  /health                liveness and queue length (never needs a key)
+    GET  /metrics               Prometheus text format (serve_metrics.py)
     GET  /                      the chat page (research/llava/web/, its files under /static/)
     GET  /limits                the image and body byte limits, for the page to check before sending
 
 Conversations are rendered with llava-hf's chat template (LlavaProcessor.encode_chat). Requests are batched by
 serving.Scheduler. Errors are OpenAI's error object with the right status: 400 for a bad request (the message
-names the field), 413 for a body or an image over its limit, 429 when the queue is full, 500 for a failure
-while generating; never a traceback.
+names the field; an unknown or unsupported parameter too, as OpenAI does), 401 without a valid key, 403 for a
+foreign Origin, 413 for a body or an image over its limit, 415 for a body that is not application/json, 429
+when the queue is full, 500 for a failure while generating; never a traceback.
 
-Images are fetched in a worker thread per request, never on the event loop or the model's thread, so one slow
-download stalls nobody else. Only URLs are read (http(s) and data:): a client cannot make the server open
-its local files. Fetching an http(s) URL makes the server a client of that address: serve on a trusted
-network, or put a proxy in front that allows data: URLs only.
+What a network client can make the server do (docs/serving.md has the threat model), decided in one place each:
+* `Gate` (ASGI, before any route): the Host header (`--allowed_hosts`, against DNS rebinding), the Origin of a
+  browser's POST (`--allowed_origins`, CORS off without it), the API key (`--api_key`, `--api_key_file`).
+* `_body`: only `application/json` bodies (a web page can send text/plain or a form to any address without a
+  CORS preflight), at most max_body_bytes, nesting depth and lone surrogates refused.
+* `ChatRequest`: every field known, or a 400 naming it.
+* image URLs: fetched under `ServeOptions.policy` (media_policy.py: public addresses only by default), in a
+  worker thread per request, never on the event loop or the model's thread. Every refused or failed fetch
+  gets the same answer (the reason goes to the log), so the server cannot be used to scan ports. Only URLs are
+  read (http(s) and data:): a client cannot make the server open its local files.
 """
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import json
 import os
+import re
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
+from typing import Tuple
 
 import numpy as np
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from generation import GenerationSettings
 from image_loading import display_name, load_image
 from llava_errors import LimitError, LlavaError
+from media_policy import MAX_REDIRECTS, FetchError, MediaPolicy
+from serve_metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from serving import PREFILL_CHUNK, QueueFull, Request as GenerationRequest
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")   # the chat page, shipped with the package
+MAX_JSON_DEPTH = 64      # a chat body nests ~6 levels; far deeper is an attack on the parser, not a request
+_SURROGATE = re.compile("[\ud800-\udfff]")     # JSON's "\ud800" escapes decode to lone surrogates
+# what a browser may load without a key: the page asks for the key itself; /health is for load balancers
+OPEN_PATHS = ("/health", "/", "/favicon.ico")
+LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+FETCH_FAILED = ("could not be fetched (the server's media policy refused its address, or the download failed; "
+                "the server's log has the reason)")
 
 
 class ApiError(Exception):
-    def __init__(self, status, message, param=None, kind="invalid_request_error"):
+    def __init__(self, status, message, param=None, kind="invalid_request_error", code=None, headers=None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.code, self.headers = code, headers
 
 
 def error_body(message, kind="invalid_request_error", param=None, code=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def parse_json(data: bytes):
+    """The body as JSON; 400 for what is not JSON, nests deeper than MAX_JSON_DEPTH or holds a lone UTF-16
+    surrogate (valid JSON, not valid Unicode: the tokenizer could not encode it)."""
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise ApiError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
+    stack = [(body, 1)]
+    while stack:        # iterative: a deep body must not recurse here either
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise ApiError(400, "the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                    "escape): not valid Unicode text")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep")
+        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        for key, item in items:
+            if key is not None:
+                stack.append((key, depth))
+            stack.append((item, depth + 1))
+    return body
 
 
 def _number(body, key, kind, low=None, high=None, low_open=False):
@@ -70,18 +122,69 @@ def _number(body, key, kind, low=None, high=None, low_open=False):
     return kind(value)
 
 
+def _zero(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+# The chat-completions fields this server implements (null means the default, as OpenAI treats it)
+FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+          "stream", "stream_options", "n", "top_k", "repetition_penalty"}
+# OpenAI fields it does not implement, accepted at their neutral value only (clients send them as defaults);
+# any other value is a 400 naming the field, never a silently ignored request
+NEUTRAL = {"frequency_penalty": _zero, "presence_penalty": _zero,
+           "logprobs": lambda v: v is False, "top_logprobs": _zero,
+           "response_format": lambda v: v == {"type": "text"},
+           "tools": lambda v: v == [], "tool_choice": lambda v: v == "none", "functions": lambda v: v == [],
+           "function_call": lambda v: v == "none", "parallel_tool_calls": lambda v: isinstance(v, bool),
+           "logit_bias": lambda v: v == {}, "user": lambda v: isinstance(v, str), "store": lambda v: v is False,
+           "metadata": lambda v: v == {}, "service_tier": lambda v: v in ("auto", "default"),
+           "modalities": lambda v: v == ["text"]}
+
+
+def check_fields(body, model_name):
+    """400 naming the first field this server does not know, or knows but does not implement; an unknown model."""
+    for key, value in body.items():
+        if key in FIELDS or (key in NEUTRAL and value is None):
+            continue
+        if key in NEUTRAL:
+            if NEUTRAL[key](value):
+                continue
+            raise ApiError(400, f"'{key}' is not supported by this server (got {_short(value)})", key,
+                           code="unsupported_parameter")
+        name = key if len(key) <= 60 else key[:55] + "..."
+        raise ApiError(400, f"unknown parameter '{name}'", name, code="unknown_parameter")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(400, f"the model {_short(model)} does not exist here: this server serves '{model_name}' "
+                            f"(GET /v1/models)", "model", code="model_not_found")
+
+
+def _short(value, limit=80):
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = repr(text) if isinstance(value, str) else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class ChatRequest:
     """A validated /v1/chat/completions body: the conversation (image URLs pulled out, in prompt order), the
     generation settings and the stop strings."""
 
-    def __init__(self, body, defaults: GenerationSettings):
+    def __init__(self, body, defaults: GenerationSettings, model_name=None):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        self.stream = body.get("stream", False)
+        if model_name is not None:
+            check_fields(body, model_name)
+        self.stream = body.get("stream")
+        if self.stream is None:                 # null: the default, false
+            self.stream = False
         if not isinstance(self.stream, bool):
             raise ApiError(400, f"'stream' must be true or false, got {self.stream!r}", "stream")
-        options = body.get("stream_options") or {}
-        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        options = body.get("stream_options")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), (bool, type(None))):
+            raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+        self.include_usage = options.get("include_usage") is True
         n = _number(body, "n", int, 1, 1)
         if n not in (None, 1):
             raise ApiError(400, "'n' must be 1", "n")
@@ -154,11 +257,144 @@ class ChatRequest:
         return out, urls
 
 
+@dataclass
+class ServeOptions:
+    """What the server lets a network client do: the run_mindformer.py serve flags, checked before anything
+    loads (`from_args`)."""
+    policy: MediaPolicy = field(default_factory=MediaPolicy)   # image URLs: public addresses only
+    api_keys: Tuple[str, ...] = ()        # none: no key needed
+    allowed_origins: Tuple[str, ...] = ()  # browser origins other than the server's own (CORS); none: CORS off
+    allowed_hosts: Tuple[str, ...] = ()   # Host header names; () = LOCAL_NAMES and the bound host; "*" = any
+    bound_host: str = "127.0.0.1"
+
+    @classmethod
+    def from_args(cls, args):
+        keys = [k for k in (getattr(args, "api_key", None) or [])]
+        path = getattr(args, "api_key_file", None)
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except FileNotFoundError:
+                raise LlavaError(f"--api_key_file {path}: no such file") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise LlavaError(f"--api_key_file {path}: cannot read ({getattr(e, 'strerror', None) or e})") \
+                    from None
+            found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            if not found:
+                raise LlavaError(f"--api_key_file {path}: holds no key (one key a line; # starts a comment)")
+            keys += found
+        for key in keys:
+            if not key or any(c.isspace() for c in key) or not key.isprintable():
+                raise LlavaError("--api_key / --api_key_file: a key must be printable text without spaces")
+        origins = []
+        for entry in getattr(args, "allowed_origins", None) or []:
+            for origin in entry.split(","):
+                origin = origin.strip().rstrip("/")
+                if origin and origin != "*" and not re.match(r"^https?://[^/?#]+$", origin):
+                    raise LlavaError(f"--allowed_origins: {origin!r} is not an origin like https://example.com")
+                if origin:
+                    origins.append(origin.lower())
+        hosts = [h.strip().lower().rstrip(".") for entry in getattr(args, "allowed_hosts", None) or []
+                 for h in entry.split(",") if h.strip()]
+        redirects = getattr(args, "media_redirects", None)
+        policy = MediaPolicy.from_args(allow_urls=getattr(args, "allow_media_urls", True),
+                                       allow_private=getattr(args, "allow_private_media", False),
+                                       domains=getattr(args, "allowed_media_domains", None),
+                                       redirects=MAX_REDIRECTS if redirects is None else redirects)
+        return cls(policy=policy, api_keys=tuple(keys), allowed_origins=tuple(origins), allowed_hosts=tuple(hosts),
+                   bound_host=getattr(args, "host", "127.0.0.1"))
+
+    # ------------------------------------------------------------------ the rules
+    def host_ok(self, header):
+        """The Host header names this server: an IP address (a DNS-rebinding page's Host is its own name, never
+        an address), a local name, the bound host or an --allowed_hosts name. No header (HTTP/1.0): allowed."""
+        if header is None or "*" in self.allowed_hosts:
+            return True
+        host = header.strip().lower()
+        if host.startswith("["):
+            host = host[1:host.find("]")] if "]" in host else host
+        elif host.count(":") == 1:
+            host = host.rsplit(":", 1)[0]
+        host = host.rstrip(".")
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            pass
+        names = self.allowed_hosts or (*LOCAL_NAMES, self.bound_host.lower())
+        return host in names
+
+    def origin_ok(self, origin, host_header):
+        """A browser's Origin is the server's own (the page it served) or one --allowed_origins names."""
+        origin = origin.strip().rstrip("/").lower()
+        if "*" in self.allowed_origins or origin in self.allowed_origins:
+            return True
+        own = origin.split("://", 1)[-1]
+        return host_header is not None and own == host_header.strip().lower()
+
+    def key_ok(self, authorization):
+        if not self.api_keys:
+            return True
+        if not authorization or not authorization[:7].lower() == "bearer ":
+            return False
+        given = authorization[7:].strip().encode()
+        # compare with every key, in constant time, so timing does not tell how much of a key was right
+        return sum(hmac.compare_digest(given, k.encode()) for k in self.api_keys) > 0
+
+
+class Gate:
+    """ASGI middleware in front of every route: Host, Origin and API key, in that order, each refusal an
+    OpenAI error body; and every answer's status counted for /metrics. Plain ASGI (not BaseHTTPMiddleware), so
+    a streaming answer and a client's disconnect pass through untouched."""
+
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for name, value in scope.get("headers", ()):
+            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        metrics = self.server.metrics
+
+        async def counted(message):
+            if message["type"] == "http.response.start" and metrics is not None:
+                metrics.request(path, message["status"])
+            await send(message)
+
+        opts = self.server.options
+        refusal = None
+        host = headers.get("host")
+        if not opts.host_ok(host):
+            refusal = ApiError(400, f"the Host header {host[:100]!r} does not name this server (--allowed_hosts)",
+                               code="invalid_host")
+        elif method not in ("GET", "HEAD", "OPTIONS") and "origin" in headers and \
+                not opts.origin_ok(headers["origin"], host):
+            refusal = ApiError(403, f"requests from the web page at {headers['origin'][:100]!r} are not allowed "
+                                    f"(--allowed_origins)", code="origin_not_allowed")
+        elif path not in OPEN_PATHS and not path.startswith("/static/") and method != "OPTIONS" and \
+                not opts.key_ok(headers.get("authorization")):
+            given = headers.get("authorization")
+            message = ("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'." if not given else
+                       "Incorrect API key provided. This server's keys are given by --api_key / --api_key_file.")
+            refusal = ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if refusal is not None:
+            response = JSONResponse(error_body(refusal.message, refusal.kind, refusal.param, refusal.code),
+                                    status_code=refusal.status, headers=refusal.headers)
+            return await response(scope, receive, counted)
+        return await self.app(scope, receive, counted)
+
+
 class Server:
     """The FastAPI app around a processor, a scheduler and the job's default settings."""
 
-    def __init__(self, processor, scheduler, defaults, model_name, max_body_bytes, on_ready=None):
+    def __init__(self, processor, scheduler, defaults, model_name, max_body_bytes, on_ready=None, options=None):
         self.on_ready = on_ready
+        self.options = options or ServeOptions()
+        self.metrics = Metrics(scheduler)
         self.processor = processor
         self.scheduler = scheduler
         self.defaults = defaults
@@ -178,7 +414,8 @@ class Server:
 
         @app.exception_handler(ApiError)
         async def api_error(_, e: ApiError):
-            return JSONResponse(error_body(e.message, e.kind, e.param), status_code=e.status)
+            return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status,
+                                headers=e.headers)
 
         @app.exception_handler(404)
         async def not_found(request, _):
@@ -200,6 +437,10 @@ class Server:
                     "largest_batch": s.largest_batch, "completed": s.completed, "cancelled": s.cancelled,
                     **s.engine.cache_stats()}
 
+        @app.get("/metrics")
+        async def metrics():
+            return Response(self.metrics.render(), media_type=METRICS_TYPE)
+
         @app.get("/v1/models")
         async def models():
             return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -218,9 +459,20 @@ class Server:
             return {"max_image_bytes": self.processor.max_bytes, "max_body_bytes": self.max_body_bytes}
 
         app.mount("/static", StaticFiles(directory=WEB), name="static")
+        app.add_middleware(Gate, server=self)
+        if self.options.allowed_origins:   # outermost: a preflight is answered before the Gate asks for a key
+            from starlette.middleware.cors import CORSMiddleware
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.options.allowed_origins),
+                               allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
         return app
 
     async def _body(self, request):
+        kind = request.headers.get("content-type", "")
+        if kind.split(";", 1)[0].strip().lower() != "application/json":
+            # a web page can POST text/plain or a form to any address without asking (no CORS preflight)
+            raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json', got "
+                                f"{kind[:60]!r}" if kind else "the request body must be sent as 'Content-Type: "
+                                "application/json' (no Content-Type given)", code="unsupported_media_type")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
             raise ApiError(413, f"the request body is {length} bytes, more than the limit of {self.max_body_bytes}")
@@ -229,10 +481,8 @@ class Server:
             data += chunk
             if len(data) > self.max_body_bytes:
                 raise ApiError(413, f"the request body is more than the limit of {self.max_body_bytes} bytes")
-        try:
-            return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        # a large body takes a while to parse and check: not on the event loop, which every stream shares
+        return await run_in_threadpool(parse_json, bytes(data))
 
     def _pixels(self, urls):
         """Fetch and preprocess the images (runs in a worker thread)."""
@@ -241,8 +491,14 @@ class Server:
         for where, url in urls:
             try:   # preprocessing too: an intermediate image over max_pixels is the request's fault
                 image = load_image(url, timeout=p.timeout, max_bytes=p.max_bytes, max_pixels=p.max_pixels,
-                                   allow_paths=False)
+                                   allow_paths=False, policy=self.options.policy)
                 pixels.append(p.pixels([image], names=[display_name(url)]))
+            except FetchError as e:
+                # one answer for every refusal and failure (a closed port, an open one, a slow one, an address
+                # the policy refuses): the reason only in the log
+                print(f"serve: image fetch refused or failed: {e}", file=sys.stderr, flush=True)
+                raise ApiError(400, f"image {display_name(url)}: {FETCH_FAILED}", f"{where}.image_url.url",
+                               code="image_fetch_failed") from None
             except LimitError as e:
                 raise ApiError(413, str(e), f"{where}.image_url.url") from None
             except LlavaError as e:
@@ -250,7 +506,8 @@ class Server:
         return np.concatenate(pixels) if pixels else None
 
     async def chat_completions(self, request):
-        chat = ChatRequest(await self._body(request), self.defaults)
+        timing = self.metrics.timing()
+        chat = ChatRequest(await self._body(request), self.defaults, self.model_name)
         try:
             ids = self.processor.encode_chat(chat.messages)
         except LlavaError as e:
@@ -275,18 +532,20 @@ class Server:
             raise ApiError(400, str(e)) from None
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
-            return StreamingResponse(self._sse(job, events, reply_id, created, chat.include_usage),
+            return StreamingResponse(self._sse(job, events, reply_id, created, chat.include_usage, timing),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             text = []
             while True:
                 event = await events.get()
                 if event[0] == "delta":
+                    timing.piece()
                     text.append(event[1])
                 elif event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
                 else:
                     _, reason, prompt_tokens, completion_tokens, cached = event
+                    timing.done(prompt_tokens, completion_tokens, cached)
                     break
         finally:
             job.cancel()       # a client that went away frees its row; a finished one is not affected
@@ -295,7 +554,7 @@ class Server:
                              "logprobs": None, "finish_reason": reason}],
                 "usage": _usage(prompt_tokens, completion_tokens, cached)}
 
-    async def _sse(self, job, events, reply_id, created, include_usage):
+    async def _sse(self, job, events, reply_id, created, include_usage, timing):
         def chunk(delta, reason=None, usage=None):
             body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                     "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None,
@@ -309,12 +568,14 @@ class Server:
             while True:
                 event = await events.get()
                 if event[0] == "delta":
+                    timing.piece()
                     yield chunk({"content": event[1]})
                 elif event[0] == "error":
                     yield f"data: {json.dumps(error_body(event[1], 'server_error'))}\n\n"
                     break
                 else:
                     _, reason, prompt_tokens, completion_tokens, cached = event
+                    timing.done(prompt_tokens, completion_tokens, cached)
                     yield chunk({}, reason)
                     if include_usage:
                         yield chunk(None, usage=_usage(prompt_tokens, completion_tokens, cached))
@@ -332,7 +593,7 @@ def _usage(prompt_tokens, completion_tokens, cached_tokens):
 
 
 def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_name="llava", lockstep=None,
-          prefill_chunk=PREFILL_CHUNK):
+          prefill_chunk=PREFILL_CHUNK, options=None):
     """Serve the loaded job (its engine's KV pool reserved and warm) until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
     from serving import Scheduler
@@ -340,13 +601,18 @@ def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_nam
                           prefill_chunk=prefill_chunk)
     processor = job.processor
 
+    options = options or ServeOptions(bound_host=host)
+
     def ready():
         print(f"serving '{model_name}' on http://{host}:{port} (OpenAI API: /v1/chat/completions; Ctrl-C stops)",
               file=sys.stderr, flush=True)
+        keys = f"{len(options.api_keys)} API key(s)" if options.api_keys else "no API key (anyone who reaches the port)"
+        cors = f"CORS for {', '.join(options.allowed_origins)}" if options.allowed_origins else "CORS off"
+        print(f"access: {keys}; {cors}; {options.policy.describe()}", file=sys.stderr, flush=True)
 
     # a request body holds at most about one image of processor.max_bytes as base64, plus the conversation
     server = Server(processor, scheduler, job.settings, model_name,
-                    max_body_bytes=(processor.max_bytes * 4) // 3 + (1 << 20), on_ready=ready)
+                    max_body_bytes=(processor.max_bytes * 4) // 3 + (1 << 20), on_ready=ready, options=options)
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     try:
@@ -393,6 +659,7 @@ def run(args, root):
     if args.max_batch < 1 or args.max_queue < 1 or chunk < 1:      # before anything loads
         raise LlavaError(f"serve: --max_batch, --max_queue and --prefill_chunk must be >= 1, got "
                          f"{args.max_batch}, {args.max_queue}, {chunk}")
+    options = ServeOptions.from_args(args)                         # a bad key file fails before loading too
     # one KV pool of max_batch rows; a single process takes a smaller one when that is what fits (every rank
     # of a tensor-parallel job must hold the same pool, so they do not)
     job = Job(args, root).load(batch=args.max_batch, shrink_kv=not _tp_requested(args))
@@ -407,7 +674,7 @@ def run(args, root):
             return 0
     name = args.served_model_name or os.path.splitext(os.path.basename(os.path.normpath(job.checkpoint.path)))[0]
     serve(job, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, model_name=name,
-          lockstep=lock, prefill_chunk=chunk)
+          lockstep=lock, prefill_chunk=chunk, options=options)
     return 0
 
 

@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const API = "v1/chat/completions";   // relative: the page talks only to the server that served it
+const KEY = "llava-api-key";         // sessionStorage: the key is kept for this tab only, never on disk
 
 const state = {
   history: [],        // OpenAI messages sent so far (images as data: or http(s) URLs)
@@ -144,6 +145,24 @@ function settings() {
   return body;
 }
 
+// ------------------------------------------------------------------------------------------------ the key
+// A server started with --api_key answers 401 without it: ask once, keep it for the tab, send it with every
+// request. A key the server refuses is forgotten, so the next request asks again.
+async function api(path, options, asked) {
+  const init = Object.assign({}, options);
+  init.headers = Object.assign({}, init.headers);
+  const key = sessionStorage.getItem(KEY);
+  if (key) init.headers.Authorization = "Bearer " + key;
+  const response = await fetch(path, init);
+  if (response.status !== 401) return response;
+  sessionStorage.removeItem(KEY);
+  if (asked) return response;
+  const given = window.prompt("This server needs an API key (kept for this tab only):");
+  if (!given || !given.trim()) return response;
+  sessionStorage.setItem(KEY, given.trim());
+  return api(path, options, true);
+}
+
 // ------------------------------------------------------------------------------------------------ errors
 class ServerError extends Error {}
 
@@ -155,6 +174,7 @@ async function errorText(response) {
   } catch (_) { /* not an OpenAI error body: say what we know */ }
   const detail = message || response.statusText || "no details";
   switch (response.status) {
+    case 401: return "The server needs a valid API key: " + detail;
     case 413: return "Too large for the server: " + detail;
     case 429: return "The server is busy (its queue is full): " + detail + ". Try again in a moment.";
     case 400: return "The server refused the request: " + detail;
@@ -205,7 +225,7 @@ async function send() {
   state.controller = controller;
   const epoch = state.epoch;
   try {
-    const response = await fetch(API, {
+    const response = await api(API, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: json, signal: controller.signal,
     });
     if (!response.ok) throw new ServerError(await errorText(response));
@@ -303,9 +323,13 @@ function newChat() {
 // ------------------------------------------------------------------------------------------------ wiring
 async function loadServerInfo() {
   try {
-    const limits = await fetch("limits");
+    const limits = await api("limits");
+    if (limits.status === 401) {   // no key given, or a wrong one: say so; the next request asks again
+      showNotice(await errorText(limits));
+      return;
+    }
     if (limits.ok) state.limits = await limits.json();
-    const models = await fetch("v1/models");
+    const models = await api("v1/models");
     if (models.ok) {
       const list = await models.json();
       state.model = list.data && list.data[0] && list.data[0].id;
