@@ -99,6 +99,11 @@ def build_parser():
                    help="image URLs only from these hosts (example.com, *.example.com for its subdomains)")
     s.add_argument("--media_redirects", type=int, default=None,
                    help="redirects an image download follows at most (default 5; 0 = none)")
+    s.add_argument("--image_workers", type=int, default=None,
+                   help="image downloads and decodes at once, in their own pool (default 4)")
+    s.add_argument("--shutdown_grace_s", type=float, default=None,
+                   help="on SIGTERM / Ctrl-C, seconds running answers may take to finish (default 10); then "
+                        "open streams end with an error event and [DONE]")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 

@@ -42,7 +42,8 @@ def secure(setup):
     keys = setup["dir"] / "keys.txt"
     keys.write_text(f"# the team's keys\n{KEY_FILE_1}\n\n  {KEY_FILE_2}  \n")
     s = ServerProcess(setup["yaml"], setup["ckpt"], str(setup["dir"] / "out_secure"), "--api_key", KEY_FLAG,
-                      "--api_key_file", str(keys), "--allowed_origins", GOOD_ORIGIN, private_media=False)
+                      "--api_key_file", str(keys), "--allowed_origins", GOOD_ORIGIN, "--shutdown_grace_s", "0.5",
+                      private_media=False)
     s.client = openai.OpenAI(base_url=s.base + "/v1", api_key=KEY_FLAG, max_retries=0, timeout=120)
     yield s
     s.close()
@@ -455,3 +456,113 @@ def test_bad_serve_flags_are_one_line_before_loading(name, flags, words, setup):
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and last.startswith("run_mindformer.py: error: ") and words in last, p.stderr[-1500:]
     assert "Traceback" not in p.stderr and time.monotonic() - start < 60
+
+
+def test_a_text_too_long_for_the_context_is_refused_before_tokenizing(secure):
+    text = "word " * 200_000                  # 1 MB: far more than 512 tokens can hold
+    start = time.monotonic()
+    r = post(secure, {"messages": _user(text_part(text)), "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text[:300]
+    assert "characters" in r.json()["error"]["message"] and time.monotonic() - start < 5
+    healthy(secure)
+
+
+def _health(server):
+    return httpx.get(server.base + "/health", timeout=10).json()
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_row(secure):
+    before = _health(secure)
+    body = json.dumps({"messages": _user(text_part("Tell me everything.")), "max_tokens": 480}).encode()
+    with socket.create_connection(("127.0.0.1", secure.port), timeout=30) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_FLAG}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while _health(secure)["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _health(secure)["running"] == 1
+    left = time.monotonic()
+    while _health(secure)["running"] and time.monotonic() - left < 10:
+        time.sleep(0.02)
+    after = _health(secure)
+    assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]         # it was stopped, not run to its end
+
+
+# ------------------------------------------------------------------------------------------ the page and the key
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="Chromium is missing (scripts/test.sh installs it)")
+def test_the_page_asks_for_the_key_once_and_keeps_it_for_the_tab(secure):
+    from playwright.sync_api import expect, sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            context = browser.new_context()
+            page = context.new_page()
+            asked = []
+            page.on("dialog", lambda d: (asked.append(d.message), d.accept(KEY_FILE_1)))
+            page.goto(secure.base + "/")
+            expect(page.locator("#model")).to_have_text("tiny")      # /limits and /v1/models with the key
+            assert len(asked) == 1 and "API key" in asked[0]
+            page.fill("#prompt", "Hello")
+            page.click("#send")
+            answer = page.locator(".msg.assistant").last
+            expect(answer).to_have_attribute("data-state", "done", timeout=30_000)
+            page.reload()                                            # the same tab keeps it
+            expect(page.locator("#model")).to_have_text("tiny")
+            assert len(asked) == 1
+            assert page.evaluate("sessionStorage.getItem('llava-api-key')") == KEY_FILE_1
+            assert page.evaluate("localStorage.length") == 0         # never kept on disk
+            other = context.new_page()                               # another tab asks again
+            other.on("dialog", lambda d: (asked.append(d.message), d.accept("sk-wrong")))
+            other.goto(secure.base + "/")
+            expect(other.locator("#notice")).to_be_visible()
+            assert len(asked) == 2
+        finally:
+            browser.close()
+
+
+def _stream_events(server, max_tokens, out):
+    """Read one streamed answer's SSE lines into `out` (a list) until the connection ends."""
+    body = {"messages": _user(text_part("Tell me everything.")), "max_tokens": max_tokens, "stream": True}
+    with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY_FLAG}"}) as r:
+        out.append(r.status_code)
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(line[6:])
+
+
+def test_sigterm_drains_then_ends_open_streams_with_an_error_and_done(secure):
+    """Runs last (it stops the module's server): a short answer running at the signal finishes, new requests
+    get 503, the long one still open after --shutdown_grace_s ends with an error event and [DONE], exit 0."""
+    import signal
+    import threading
+    long_events, short_events = [], []
+    long = threading.Thread(target=_stream_events, args=(secure, 480, long_events))
+    long.start()
+    deadline = time.monotonic() + 30
+    while len(long_events) < 4 and time.monotonic() < deadline:      # it streams
+        time.sleep(0.01)
+    short = threading.Thread(target=_stream_events, args=(secure, 3, short_events))
+    short.start()
+    while not short_events and time.monotonic() < deadline:         # admitted (its answer has begun)
+        time.sleep(0.005)
+    secure.proc.send_signal(signal.SIGTERM)
+    statuses = set()
+    while time.monotonic() < deadline and 503 not in statuses:
+        try:
+            statuses.add(httpx.get(secure.base + "/v1/models", timeout=5,
+                                   headers={"Authorization": f"Bearer {KEY_FLAG}"}).status_code)
+        except httpx.HTTPError:
+            break
+    long.join(timeout=30)
+    short.join(timeout=30)
+    assert secure.proc.wait(timeout=30) == 0, secure.stderr()
+    assert 503 in statuses
+    assert short_events[0] == 200 and short_events[-1] == "[DONE]"
+    assert json.loads(short_events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert long_events[0] == 200 and long_events[-1] == "[DONE]", long_events[-3:]
+    error = json.loads(long_events[-2])["error"]
+    assert error["code"] == "shutting_down", error
+    assert "Traceback" not in secure.stderr()

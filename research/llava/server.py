@@ -37,6 +37,7 @@ import re
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Tuple
 
@@ -60,6 +61,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")     # JSON's "\ud800" escapes decode 
 # what a browser may load without a key: the page asks for the key itself; /health is for load balancers
 OPEN_PATHS = ("/health", "/", "/favicon.ico")
 LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+CHARS_PER_TOKEN = 32     # no SentencePiece token of LLaMA's vocabulary is longer: more text cannot fit the context
+SHUTDOWN = "the server is shutting down"
 FETCH_FAILED = ("could not be fetched (the server's media policy refused its address, or the download failed; "
                 "the server's log has the reason)")
 
@@ -266,6 +269,8 @@ class ServeOptions:
     allowed_origins: Tuple[str, ...] = ()  # browser origins other than the server's own (CORS); none: CORS off
     allowed_hosts: Tuple[str, ...] = ()   # Host header names; () = LOCAL_NAMES and the bound host; "*" = any
     bound_host: str = "127.0.0.1"
+    shutdown_grace_s: float = 10.0        # SIGTERM / Ctrl-C: running answers may finish for this long
+    image_workers: int = 4                # image downloads and decodes at once (their own pool)
 
     @classmethod
     def from_args(cls, args):
@@ -302,8 +307,15 @@ class ServeOptions:
                                        allow_private=getattr(args, "allow_private_media", False),
                                        domains=getattr(args, "allowed_media_domains", None),
                                        redirects=MAX_REDIRECTS if redirects is None else redirects)
+        grace = getattr(args, "shutdown_grace_s", None)
+        grace = 10.0 if grace is None else grace
+        workers = getattr(args, "image_workers", None) or 4
+        if grace < 0 or workers < 1:
+            raise LlavaError(f"serve: --shutdown_grace_s must be >= 0 and --image_workers >= 1, got {grace}, "
+                             f"{workers}")
         return cls(policy=policy, api_keys=tuple(keys), allowed_origins=tuple(origins), allowed_hosts=tuple(hosts),
-                   bound_host=getattr(args, "host", "127.0.0.1"))
+                   bound_host=getattr(args, "host", "127.0.0.1"), shutdown_grace_s=float(grace),
+                   image_workers=int(workers))
 
     # ------------------------------------------------------------------ the rules
     def host_ok(self, header):
@@ -368,7 +380,9 @@ class Gate:
         opts = self.server.options
         refusal = None
         host = headers.get("host")
-        if not opts.host_ok(host):
+        if self.server.draining and path != "/health":
+            refusal = ApiError(503, f"{SHUTDOWN}: no new requests", kind="server_error", code="shutting_down")
+        elif not opts.host_ok(host):
             refusal = ApiError(400, f"the Host header {host[:100]!r} does not name this server (--allowed_hosts)",
                                code="invalid_host")
         elif method not in ("GET", "HEAD", "OPTIONS") and "origin" in headers and \
@@ -395,6 +409,11 @@ class Server:
         self.on_ready = on_ready
         self.options = options or ServeOptions()
         self.metrics = Metrics(scheduler)
+        self.open = {}              # id(job) -> (job, its event queue): the answers in flight, for the drain
+        self.draining = False
+        # image downloads and decodes in their own bounded pool: a text-only request never waits behind them
+        self.image_pool = ThreadPoolExecutor(max_workers=self.options.image_workers,
+                                             thread_name_prefix="llava-images")
         self.processor = processor
         self.scheduler = scheduler
         self.defaults = defaults
@@ -433,6 +452,9 @@ class Server:
         @app.get("/health")
         async def health():
             s = self.scheduler
+            if self.draining:      # load balancers stop sending work here
+                return JSONResponse({"status": "draining", "waiting": s.waiting, "running": s.running},
+                                    status_code=503)
             return {"status": "ok", "waiting": s.waiting, "running": s.running, "steps": s.steps,
                     "largest_batch": s.largest_batch, "completed": s.completed, "cancelled": s.cancelled,
                     **s.engine.cache_stats()}
@@ -505,13 +527,22 @@ class Server:
                 raise ApiError(400, str(e), f"{where}.image_url.url") from None
         return np.concatenate(pixels) if pixels else None
 
+    def _encode(self, messages):
+        """The conversation's token ids (runs in a worker thread: a long text takes a while to tokenize)."""
+        try:
+            return self.processor.encode_chat(messages)
+        except LlavaError as e:
+            raise ApiError(400, str(e), "messages") from None
+
     async def chat_completions(self, request):
         timing = self.metrics.timing()
         chat = ChatRequest(await self._body(request), self.defaults, self.model_name)
-        try:
-            ids = self.processor.encode_chat(chat.messages)
-        except LlavaError as e:
-            raise ApiError(400, str(e), "messages") from None
+        chars = sum(len(part.get("text", "")) for m in chat.messages for part in m["content"])
+        limit = CHARS_PER_TOKEN * self.scheduler.seq_length
+        if chars > limit:     # before tokenizing it: such a text could never fit the context
+            raise ApiError(400, f"the conversation's text is {chars} characters, more than a context of "
+                                f"{self.scheduler.seq_length} tokens can hold (at most {limit})", "messages")
+        ids = await run_in_threadpool(self._encode, chat.messages)
         if not chat.max_tokens_given:   # the default answer length, as far as the context allows
             room = self.scheduler.seq_length - len(ids)
             chat.settings.max_new_tokens = max(1, min(chat.settings.max_new_tokens, room))
@@ -519,8 +550,9 @@ class Server:
             self.scheduler.check(len(ids), chat.settings)
         except LlavaError as e:
             raise ApiError(400, str(e), "max_tokens" if chat.max_tokens_given else "messages") from None
-        pixels = await run_in_threadpool(self._pixels, chat.image_urls)
         loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(self.image_pool, self._pixels, chat.image_urls) \
+            if chat.image_urls else None
         events = asyncio.Queue()
         job = GenerationRequest(ids=ids, pixel_values=pixels, settings=chat.settings, stop=chat.stop,
                                 emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -530,24 +562,32 @@ class Server:
             raise ApiError(429, str(e), kind="rate_limit_error") from None
         except LlavaError as e:
             raise ApiError(400, str(e)) from None
+        self.open[id(job)] = (job, events)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             return StreamingResponse(self._sse(job, events, reply_id, created, chat.include_usage, timing),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             text = []
             while True:
-                event = await events.get()
+                event = await _next(events, gone)
+                if event is None:          # the client went away: its row is freed below
+                    return Response(status_code=499)
                 if event[0] == "delta":
                     timing.piece()
                     text.append(event[1])
                 elif event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
+                elif event[0] == "shutdown":
+                    raise ApiError(503, event[1], kind="server_error", code="shutting_down")
                 else:
                     _, reason, prompt_tokens, completion_tokens, cached = event
                     timing.done(prompt_tokens, completion_tokens, cached)
                     break
         finally:
+            gone.cancel()
+            self.open.pop(id(job), None)
             job.cancel()       # a client that went away frees its row; a finished one is not affected
         return {"id": reply_id, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -570,8 +610,9 @@ class Server:
                 if event[0] == "delta":
                     timing.piece()
                     yield chunk({"content": event[1]})
-                elif event[0] == "error":
-                    yield f"data: {json.dumps(error_body(event[1], 'server_error'))}\n\n"
+                elif event[0] in ("error", "shutdown"):
+                    code = "shutting_down" if event[0] == "shutdown" else None
+                    yield f"data: {json.dumps(error_body(event[1], 'server_error', code=code))}\n\n"
                     break
                 else:
                     _, reason, prompt_tokens, completion_tokens, cached = event
@@ -582,7 +623,48 @@ class Server:
                     break
             yield "data: [DONE]\n\n"
         finally:
+            self.open.pop(id(job), None)
             job.cancel()       # runs when the client disconnects mid-stream, too
+
+    async def drain(self, uv):
+        """SIGTERM / Ctrl-C: answer 503 to new requests, let the running (and already queued) answers finish
+        within shutdown_grace_s, end every answer still open with an error (streams: an error event and
+        `data: [DONE]`), then let uvicorn close."""
+        self.draining = True
+        grace = self.options.shutdown_grace_s
+        print(f"serve: shutting down: new requests get 503; answers in flight have {grace:g} s to finish",
+              file=sys.stderr, flush=True)
+        deadline = time.monotonic() + grace
+        while self.open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.open:
+            print(f"serve: {len(self.open)} answer(s) ended unfinished", file=sys.stderr, flush=True)
+        for job, events in list(self.open.values()):
+            job.cancel()
+            events.put_nowait(("shutdown", f"{SHUTDOWN}: the answer was cut off"))
+        for _ in range(100):            # the streams write their last event
+            if not self.open:
+                break
+            await asyncio.sleep(0.02)
+        uv.should_exit = True
+
+
+async def _disconnected(request):
+    """Returns when the client closes its connection (the body has been read: the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _next(events, gone):
+    """The next event of an answer, or None once the client is gone."""
+    get = asyncio.ensure_future(events.get())
+    done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        return get.result()
+    get.cancel()
+    return None
 
 
 def _usage(prompt_tokens, completion_tokens, cached_tokens):
@@ -616,9 +698,39 @@ def serve(job, host="127.0.0.1", port=8000, max_batch=8, max_queue=64, model_nam
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run()
+        _uvicorn_server()(config, server).run()
     finally:
+        server.image_pool.shutdown(wait=False, cancel_futures=True)
         scheduler.close()
+
+
+def _uvicorn_server():
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        """uvicorn, whose first SIGTERM / SIGINT starts Server.drain instead of closing the connections at once
+        (uvicorn would cut the streams after its own 5 s, without an error event or [DONE]); a second signal
+        stops at once. The signal is not raised again afterwards, so a drained server exits 0."""
+
+        def __init__(self, config, app_server):
+            super().__init__(config)
+            self.app_server = app_server
+            self.loop = None
+
+        async def startup(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig, frame):
+            if self.app_server.draining or self.loop is None:
+                self.should_exit = True
+                self.force_exit = self.app_server.draining
+                return
+            self.app_server.draining = True
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.app_server.drain(self)))
+
+    return Uvicorn
+
 
 
 def prepare_engine(job, max_batch, prefill_chunk):
