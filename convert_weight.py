@@ -2,6 +2,7 @@
 """Convert LLaVA-1.5 weights between a Hugging Face llava-hf folder (safetensors) and a MindSpore checkpoint.
 
   python convert_weight.py --model llava --input_path HF_DIR --output_path OUT.ckpt [--dtype DTYPE]
+  python convert_weight.py --model llava --input_path HF_DIR --output_path OUT_DIR --dtype int8|int4
   python convert_weight.py --model llava --reversed --input_path IN.ckpt --output_path OUT_DIR_or_FILE.safetensors
                            [--config config.json] [--dtype DTYPE]
 
@@ -18,6 +19,13 @@ none is missing, every shape agrees with the config; files are complete). Tensor
 time, so memory stays small whatever the model size. The output is written to OUT.tmp-<pid> beside OUT and
 renamed at the end; on an error, Ctrl-C or SIGTERM the temporary file is removed and OUT is left untouched.
 --dtype defaults to each tensor's stored dtype. Errors are printed as one line, exit code 2 (--debug: traceback).
+
+Pre-quantized (--dtype int8 | int4): OUT_DIR (created if needed) gets config.json and model.safetensors (or
+shards with the index) whose decoder and vision-tower linear weights are stored as a model of that
+model_config.weight_dtype holds them, each with its `weight_scale` tensor (research/llava/weights/quantize.py
+defines the format; lm_head is int8 under int4); the other weights keep their stored float dtype. Give OUT_DIR
+as --load_checkpoint with a yaml of the same weight_dtype: nothing is quantized while loading, and a yaml of
+another weight_dtype is refused. transformers cannot load such a folder.
 """
 import argparse
 import os
@@ -41,6 +49,7 @@ from llava_errors import LlavaError  # noqa: E402
 
 PROG = "convert_weight.py"
 MODELS = ("llava",)
+QUANTIZED = ("int8", "int4")     # --dtype values that write a pre-quantized folder (weights/quantize.py)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -261,6 +270,47 @@ def convert_ms_to_hf(input_path, output_path, config_path=None, dtype=None, quie
     return target
 
 
+# ----------------------------------------------------------------------------------------------------------
+# forward, pre-quantized: llava-hf folder -> a llava-hf folder of int8 / int4 weights with their scales
+
+def convert_hf_to_quantized(input_path, output_path, weight_dtype, quiet=False):
+    if not os.path.exists(input_path):
+        raise LlavaError(f"input folder {input_path} does not exist")
+    check_type(input_path, "--input_path", folder_ok=True)
+    if not os.path.isdir(input_path):
+        if input_path.endswith(io.PICKLE_SUFFIXES):
+            io.refuse_pickle(input_path)
+        raise LlavaError(f"--input_path {input_path} is a file; give the llava-hf folder that holds "
+                         f"config.json and the safetensors files")
+    if output_path.endswith((".ckpt", ".safetensors")):
+        raise LlavaError(f"--dtype {weight_dtype!r} writes a pre-quantized folder (config.json and safetensors), "
+                         f"not {output_path}; give a folder as --output_path")
+    config_path = os.path.join(input_path, "config.json")
+    if not os.path.lexists(config_path):
+        raise LlavaError(f"{input_path} has no config.json (expected a llava-hf model folder)")
+    check_type(config_path)
+    folder, _, _ = _reversed_target(output_path, config_path)
+    tensors = io.read_safetensors_folder(input_path)
+    plan = weights.plan_quantized(tensors, load_llava_config(config_path), input_path, weight_dtype)
+    stale = weights.stale_files(plan, folder)
+    if stale:
+        raise LlavaError(f"output folder {folder} holds weight file(s) the new ones would not replace: "
+                         f"{short_list(stale)}; remove them or choose an empty folder")
+    config_bytes = read_capped(config_path, limit("JSON_MAX_BYTES"), "config file", "JSON_MAX_BYTES")
+    check_free_space(folder if os.path.isdir(folder) else os.path.dirname(folder), plan.total + 1024 * 1024)
+    n = len(plan.units)
+    _say(quiet, f"{PROG}: {input_path} -> {folder}: {n} weights as {weight_dtype}, {mb(plan.total)}")
+    progress = _progress(plan.total, len(plan.shards), f"hf -> {weight_dtype}", quiet)
+    start = time.monotonic()
+    try:
+        weights.write_quantized(plan, folder, config_bytes, progress)
+    finally:
+        progress.close()
+    seconds = time.monotonic() - start
+    _done(quiet, f"{PROG}: wrote {folder} ({n} weights as {weight_dtype}, {mb(plan.total)}, {seconds:.2f} s)")
+    return folder
+
+
 def _warn_overflows(overflows, dtype):
     if overflows:
         _warn(f"{len(overflows)} tensor(s) had values beyond the {dtype} range (now inf): "
@@ -319,7 +369,8 @@ def build_parser():
                     help="OUT.ckpt (forward) or a folder, created if needed / FILE.safetensors (--reversed)")
     ap.add_argument("--dtype", default=None,
                     help="output dtype: float32, float16 or bfloat16 (also fp32/fp16/bf16); "
-                         "default: keep each tensor's stored dtype")
+                         "default: keep each tensor's stored dtype; forward only: int8 or int4 writes a "
+                         "pre-quantized folder (OUT_DIR) for a yaml of that model_config.weight_dtype")
     ap.add_argument("--reversed", action="store_true",
                     help="MindSpore .ckpt -> a Hugging Face folder (config.json + safetensors) or one .safetensors")
     ap.add_argument("--config", default=None,
@@ -334,10 +385,18 @@ def run(args):
     if args.model not in MODELS:
         raise LlavaError(f"--model {args.model!r} is not supported; supported: {', '.join(MODELS)}")
     dtype = args.dtype
+    if dtype in QUANTIZED:
+        if args.reversed:
+            raise LlavaError(f"--dtype {dtype} is for the forward conversion (a llava-hf folder -> a pre-quantized "
+                             f"folder); --reversed writes float weights")
+        if args.config is not None:
+            raise LlavaError("--config is only used with --reversed (forward conversion reads "
+                             "config.json from the input folder)")
+        return convert_hf_to_quantized(args.input_path, args.output_path, dtype, args.quiet)
     if dtype is not None:
         dtype = DTYPE_ALIASES.get(dtype, dtype)
         if dtype not in DTYPES:
-            raise LlavaError(f"--dtype {args.dtype!r} is not supported; choose {', '.join(DTYPES)}")
+            raise LlavaError(f"--dtype {args.dtype!r} is not supported; choose {', '.join(DTYPES + QUANTIZED)}")
     if args.reversed:
         return convert_ms_to_hf(args.input_path, args.output_path, args.config, dtype, args.quiet)
     if args.config is not None:

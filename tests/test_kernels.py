@@ -30,10 +30,14 @@ SHAPES = [(1, 17, 33), (2, 40, 64), (3, 1, 7), (4, 100, 300), (5, 33, 16), (7, 1
 GRAPH_SHAPES = [(1, 17, 33), (65, 100, 300)]
 
 
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+
+
 def machine_paths():
     """The kernel paths this CPU can run, from the flags the Linux kernel reports."""
-    with open("/proc/cpuinfo") as f:
-        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    flags = cpu_flags()
     paths = ["scalar"]
     if {"avx2", "fma", "f16c"} <= flags:
         paths.append("avx2")
@@ -43,6 +47,7 @@ def machine_paths():
 
 
 PATHS = machine_paths()
+VNNI = "avx512" in PATHS and "avx512_vnni" in cpu_flags()
 
 
 def bf16_round(a):
@@ -50,6 +55,19 @@ def bf16_round(a):
     bits = a.astype(np.float32).view(np.uint32).astype(np.uint64)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def int4_reference(packed, scale, k):
+    """float64 W [N, k] of packed int4 weights, from the layout's definition (weights/quantize.py): group g's
+    byte j holds input 32 g + j in its low nibble and 32 g + 16 + j in its high nibble, each q + 8."""
+    n, groups = scale.shape
+    w = np.zeros((n, groups * 32))
+    for g in range(groups):
+        for j in range(16):
+            byte = packed[:, g * 16 + j].astype(np.int64)
+            w[:, g * 32 + j] = ((byte & 15) - 8) * scale[:, g].astype(np.float64)
+            w[:, g * 32 + 16 + j] = ((byte >> 4) - 8) * scale[:, g].astype(np.float64)
+    return w[:, :k]
 
 
 def cases(rng, m, n, k):
@@ -62,6 +80,10 @@ def cases(rng, m, n, k):
         s = (rng.random((n, groups)) * 0.02 + 1e-3).astype(np.float32)
         deq = (q.astype(np.float64).reshape(n, groups, k // groups) * s[:, :, None]).reshape(n, k)
         out.append((f"int8/g{groups}", x, (Tensor(q), Tensor(s)), x.astype(np.float64) @ deq.T))
+    groups4 = -(-k // 32)       # a last partial group whenever k is not a multiple of 32
+    packed = rng.integers(0, 256, (n, groups4 * 16)).astype(np.uint8)
+    s16 = (rng.random((n, groups4)) * 0.2 + 0.01).astype(np.float16)
+    out.append(("int4", x, (Tensor(packed), Tensor(s16)), x.astype(np.float64) @ int4_reference(packed, s16, k).T))
     h = w.astype(np.float16)
     out.append(("float16", x, (Tensor(h),), x.astype(np.float64) @ h.astype(np.float64).T))
     b = bf16_round(w)
@@ -76,10 +98,10 @@ def tolerance(x, stored, ref):
 
 
 class Net(nn.Cell):
-    def __init__(self, int8):
+    def __init__(self, int8, int4=False):
         super().__init__()
         self.int8 = int8
-        self.mm = kernels.make_matmul(int8)
+        self.mm = kernels.make_matmul(int8, int4=int4)
 
     def construct(self, x, w, scale):
         if self.int8:
@@ -90,7 +112,7 @@ class Net(nn.Cell):
 def run(x, stored):
     int8 = len(stored) == 2
     scale = stored[1] if int8 else Tensor(np.zeros((1, 1), np.float32))
-    return Net(int8)(Tensor(x), stored[0], scale).asnumpy()
+    return Net(int8, int4=stored[0].dtype == ms.uint8)(Tensor(x), stored[0], scale).asnumpy()
 
 
 @pytest.fixture
@@ -125,21 +147,27 @@ def test_every_path_matches_float64_on_odd_shapes(path, env, mode):
             assert err <= tolerance(x, stored, ref), f"{path} {name} M={m} N={n} K={k}: {err}"
 
 
-def test_paths_and_thread_counts_agree(env):
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 9])
+def test_paths_and_thread_counts_agree(kind, rows, env):
     """Each output is one thread's dot product in a fixed order: 1 and 2 threads give identical bits; the
     vector paths differ from the scalar one only by summation order."""
     env.setenv("LLAVA_KERNEL", "native")
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((9, 700)).astype(np.float32)
-    q = Tensor(rng.integers(-127, 128, (300, 700)).astype(np.int8))
-    s = Tensor((rng.random((300, 1)) * 0.01).astype(np.float32))
+    x = rng.standard_normal((rows, 700)).astype(np.float32)
+    if kind == "int8":
+        stored = (Tensor(rng.integers(-127, 128, (300, 700)).astype(np.int8)),
+                  Tensor((rng.random((300, 1)) * 0.01).astype(np.float32)))
+    else:
+        stored = (Tensor(rng.integers(0, 256, (300, 22 * 16)).astype(np.uint8)),
+                  Tensor((rng.random((300, 22)) * 0.01).astype(np.float16)))
     results = {}
     for path in PATHS:
         env.setenv("LLAVA_KERNEL_ISA", path)
         per_threads = []
         for threads in ("1", "2"):
             env.setenv("LLAVA_KERNEL_THREADS", threads)
-            per_threads.append(run(x, (q, s)))
+            per_threads.append(run(x, stored))
         np.testing.assert_array_equal(per_threads[0], per_threads[1])
         results[path] = per_threads[0]
     for path in PATHS:
@@ -424,6 +452,61 @@ def test_paged_attention_rejects_bad_tokens_tables_and_shapes(env):
     assert call_entry("LlavaPagedAttention", (q, k, v, tokens[:-1], tables, layout), out) != 0
     assert call_entry("LlavaPagedAttention", (q, k, v, tokens.astype(np.int64), tables, layout), out) != 0
     assert call_entry("LlavaPagedAttention", (q, k, v, tokens, tables, np.array([3, bs], np.int32)), out) != 0
+
+
+def quantized_weights(rng, kind, n, k):
+    """(stored tensors, float64 W) of random int8 (one scale per row) or int4 weights."""
+    if kind == "int8":
+        q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+        s = (rng.random((n, 1)) * 0.02 + 1e-3).astype(np.float32)
+        return (Tensor(q), Tensor(s)), q.astype(np.float64) * s
+    groups = -(-k // 32)
+    packed = rng.integers(0, 256, (n, groups * 16)).astype(np.uint8)
+    s16 = (rng.random((n, groups)) * 0.2 + 0.01).astype(np.float16)
+    return (Tensor(packed), Tensor(s16)), int4_reference(packed, s16, k)
+
+
+@pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_int8_prefill_equals_its_definition_on_odd_shapes(kind, env):
+    """LLAVA_KERNEL_PREFILL=int8: rows of x past the decode rows are quantized per row, d = max|x| / 127 and
+    xq = rint(x * (127 / max|x|)), and y = d * (xq @ W.T): equal to that definition in float64 (allowing two
+    inputs per row to round the other way), and measurably not the float path's x @ W.T."""
+    env.setenv("LLAVA_KERNEL", "native")
+    env.setenv("LLAVA_KERNEL_PREFILL", "int8")
+    rng = np.random.default_rng(11)
+    for m, n, k in [(5, 33, 16), (7, 17, 33), (13, 70, 517), (65, 100, 33), (30, 64, 1), (12, 32, 256),
+                    (40, 65, 1030), (600, 40, 4100)]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[0] = 0.0                                                  # an all-zero row: d = 0
+        stored, w = quantized_weights(rng, kind, n, k)
+        amax = np.abs(x).max(1, keepdims=True)
+        inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+        xq = np.rint(x * inv).astype(np.float64)
+        d = (amax / np.float32(127)).astype(np.float64)
+        ref = d * (xq @ w.T)
+        y = run(x, stored)
+        slack = 1e-5 * max(1.0, np.abs(ref).max()) * (1 + k / 256) + 2 * d * np.abs(w).max()
+        assert (np.abs(y - ref) <= slack).all(), f"{kind} M={m} N={n} K={k}: {np.abs(y - ref).max()}"
+        if k >= 256:
+            assert np.abs(y - x.astype(np.float64) @ w.T).max() > 1e-3 * np.abs(ref).max(), "not quantized"
+
+
+def test_int4_matmul_rejects_shapes_and_dtypes_that_do_not_fit(env):
+    """Non-zero for packed columns or scale groups other than ceil(K / 32) (* 16), a float32 scale, and a
+    missing scale; 0 on the fitting call."""
+    env.setenv("LLAVA_KERNEL", "native")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 70)).astype(np.float32)
+    w = rng.integers(0, 256, (5, 48)).astype(np.uint8)
+    s = np.ones((5, 3), np.float16)
+    y = np.zeros((3, 5), np.float32)
+    assert call_entry("LlavaLowbitMatmul", (x, w, s), y) == 0
+    assert np.abs(y - x.astype(np.float64) @ int4_reference(w, s, 70).T).max() < 1e-3
+    assert call_entry("LlavaLowbitMatmul", (x, w[:, :32], s), y) != 0
+    assert call_entry("LlavaLowbitMatmul", (x, w, s[:, :2]), y) != 0
+    assert call_entry("LlavaLowbitMatmul", (x, w, s.astype(np.float32)), y) != 0
+    assert call_entry("LlavaLowbitMatmul", (x, w), y) != 0
 
 
 def test_unknown_or_unavailable_isa_is_a_clear_error(env):

@@ -386,7 +386,7 @@ class LlamaForCausalLM(nn.Cell):
         self.compute_dtype = dt.compute
         self.model = LlamaModel(config, dt, tp)
         # vocabulary-split under tensor parallelism; the logits of all ranks are gathered
-        self.lm_head = linear(tc.hidden_size, self.vocab_part, False, dt)
+        self.lm_head = linear(tc.hidden_size, self.vocab_part, False, dt, head=True)
         self.gather = GatherLastDim(tp)
 
     def embed(self, input_ids):

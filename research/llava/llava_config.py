@@ -12,7 +12,7 @@ from llava_errors import LlavaError
 from mindformers_hooks import PLUGIN_DIR  # noqa: F401  (importing it installs the MindFormers hooks)
 
 DTYPES = ("float32", "float16", "bfloat16")
-WEIGHT_DTYPES = DTYPES + ("int8",)
+WEIGHT_DTYPES = DTYPES + ("int8", "int4")
 
 # Keys that MindFormers' own LLaVA yaml carries (and its Trainer passes: parallel_config, moe_config to every
 # model config) but that do not change inference here (dropout is off at

@@ -15,6 +15,7 @@ from mindspore.common.initializer import Normal, One, Zero, initializer
 
 from lowbit_kernels import STREAM_ROWS, WEIGHT_SCALE, make_matmul, make_rms_norm
 from parallel import AllReduceSum, mask_to_range, vocab_range
+from weights.quantize import int4_shapes, layer_dtype
 
 DTYPE = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -32,7 +33,7 @@ class Dtypes:
         self.norm = ms_dtype(config.layernorm_compute_type)
         self.softmax = ms_dtype(config.softmax_compute_type)
         self.rotary = ms_dtype(config.rotary_dtype)
-        self.weight = config.weight_dtype         # a name: "int8" has no float MindSpore type
+        self.weight = config.weight_dtype         # a name: "int8" / "int4" have no float MindSpore type
 
 
 def native_float32(*dtypes):
@@ -84,10 +85,11 @@ class Linear(nn.Cell):
 
 
 class LowbitLinear(nn.Cell):
-    """Linear (same names, layout and bias handling) whose `weight` [out, in] stays in its stored precision:
-    float16 / bfloat16, or int8 with `weight_scale` [out, 1] float32, one symmetric scale per output channel
-    (weights/quantize.py fills both at load time). The kernels' matmul reads the stored weight directly; x is
-    multiplied in float32 whatever the compute dtype."""
+    """Linear (same names and bias handling) whose `weight` stays in its stored precision: float16 / bfloat16
+    [out, in], int8 [out, in] with `weight_scale` [out, 1] float32 (one symmetric scale per output channel), or
+    int4 packed two per byte with float16 `weight_scale` per group of 32 inputs (weights/quantize.py defines
+    the layouts and fills them at load time; `weight_format` names the quantized ones for it). The kernels'
+    matmul reads the stored weight directly; x is multiplied in float32 whatever the compute dtype."""
 
     def __init__(self, in_features, out_features, bias, weight_dtype, param_dtype=ms.float32,
                  compute_dtype=ms.float32):
@@ -96,19 +98,24 @@ class LowbitLinear(nn.Cell):
         self.out_features = out_features
         self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
-        self.int8 = weight_dtype == "int8"
-        if self.int8:
+        self.int8 = weight_dtype in ("int8", "int4")      # scaled: the matmul takes (x, weight, weight_scale)
+        self.weight_format = weight_dtype if self.int8 else None
+        if weight_dtype == "int8":
             self.weight = new_param((out_features, in_features), ms.int8, "zeros", name="weight",
                                     requires_grad=False)
             self.weight_scale = new_param((out_features, 1), ms.float32, "ones", name=WEIGHT_SCALE,
                                           requires_grad=False)
+        elif weight_dtype == "int4":
+            packed, scales = int4_shapes(out_features, in_features)
+            self.weight = new_param(packed, ms.uint8, "zeros", name="weight", requires_grad=False)
+            self.weight_scale = new_param(scales, ms.float16, "ones", name=WEIGHT_SCALE, requires_grad=False)
         else:
             self.weight = new_param((out_features, in_features), ms_dtype(weight_dtype), "normal",
                                     name="weight", requires_grad=False)
         self.has_bias = bias
         if bias:
             self.bias = new_param((out_features,), param_dtype, "zeros", name="bias")
-        self.matmul = make_matmul(self.int8)
+        self.matmul = make_matmul(self.int8, int4=weight_dtype == "int4")
 
     def construct(self, x):
         x = cast(x, self.compute_dtype, ms.float32)
@@ -122,12 +129,14 @@ class LowbitLinear(nn.Cell):
         return y
 
 
-def linear(in_features, out_features, bias, dt):
-    """The decoder's and vision tower's linear layers: Linear in dt.param, or LowbitLinear when the config's
-    weight_dtype asks for low-precision storage (dt: Dtypes)."""
-    if dt.weight == "float32":
+def linear(in_features, out_features, bias, dt, head=False):
+    """The decoder's and vision tower's linear layers and lm_head (`head`): Linear in dt.param, or LowbitLinear
+    when the config's weight_dtype asks for low-precision storage (dt: Dtypes; weights/quantize.layer_dtype
+    says which layers keep more bits)."""
+    weight = layer_dtype(dt.weight, head)
+    if weight == "float32":
         return Linear(in_features, out_features, bias, dt.param, dt.compute)
-    return LowbitLinear(in_features, out_features, bias, dt.weight, dt.param, dt.compute)
+    return LowbitLinear(in_features, out_features, bias, weight, dt.param, dt.compute)
 
 
 # On CPU a binary op that broadcasts is ~4x slower than one of equal shapes, and tiling the small operand

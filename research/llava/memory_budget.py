@@ -6,7 +6,8 @@ The estimate for one process (one rank under tensor parallelism):
 
 * weights: every parameter of `weight_map.expected_params` (this rank's share of the split ones) in
   `param_init_type` bytes, except the linear layers that `model_config.weight_dtype` stores in low precision
-  (LOWBIT_WEIGHT: int8 with a float32 scale per output row, or float16 / bfloat16);
+  (LOWBIT_WEIGHT: int8 with a float32 scale per output row, int4 with a float16 scale per 32 inputs and lm_head
+  int8 (weights/quantize.py), or float16 / bfloat16);
 * KV pool: num_layers * 2 (keys, values) * rows * (n_kv_heads / world) * seq_length * head_dim *
   `compute_dtype` bytes for rows = the run's batch (the server's max_batch), at least the yaml's `batch_size`:
   the engine holds one pool for all rows. A server may take a smaller pool when that is what fits
@@ -66,8 +67,13 @@ def weight_bytes(config, world=1):
             n *= d
         n = n // world if split != "replicated" else n
         if lowbit != "float32" and LOWBIT_WEIGHT.search(name):
+            from weights.quantize import FORMATS, layer_dtype, stored_bytes
+            stored = layer_dtype(lowbit, head=name.endswith("lm_head.weight"))
             rows = shape[0] // world if split in ("column", "vocab") else shape[0]
-            total += n * DTYPE_BYTES[lowbit] + (rows * FLOAT32 if lowbit == "int8" else 0)
+            if stored in FORMATS:
+                total += stored_bytes(stored, rows, n // rows)
+            else:
+                total += n * DTYPE_BYTES[stored]
         else:
             total += n * DTYPE_BYTES[config.param_init_type]
     return total

@@ -1,8 +1,8 @@
 """The plugin's CPU kernels (lowbit_matmul.cc via MindSpore's ops.Custom, func_type="aot", in PyNative and
 Graph mode):
 
-* low-precision weight matmul: y = x @ W.T with W [N, K] stored as int8 (with float32 scales), float16 or
-  bfloat16, computed from the stored weights, or by a slow pure-MindSpore fallback that casts W to float32 on
+* low-precision weight matmul: y = x @ W.T with W [N, K] stored as int8 (with float32 scales), int4 (packed,
+  with float16 scales per 32 inputs: weights/quantize.py), float16 or bfloat16, computed from the stored weights, or by a slow pure-MindSpore fallback that casts W to float32 on
   every call (`make_matmul`);
 * prompt attention: a prompt's attention from the token-major q/k/v the projections give and its int32 mask,
   with no transposes, score tensors or bias tensors in between (`make_prompt_attention`);
@@ -16,7 +16,9 @@ MindSpore's own ops.
 
 LLAVA_KERNEL selects the backend: `auto` (default: the C++ kernel, built on first use by lowbit_kernels.build; the
 fallback, announced once on stderr, when it cannot be built), `native` (the kernel or a LlavaError),
-`fallback`. LLAVA_KERNEL_ISA and LLAVA_KERNEL_THREADS steer the kernel (see lowbit_matmul.cc).
+`fallback`. LLAVA_KERNEL_ISA, LLAVA_KERNEL_THREADS and LLAVA_KERNEL_PREFILL (`float`, default, or `int8`:
+prefill rows of int8 / int4 weights on AVX512-VNNI dot products with x quantized per row) steer the kernel
+(see lowbit_matmul.cc).
 """
 import os
 import sys
@@ -24,8 +26,9 @@ import sys
 from llava_errors import LlavaError
 
 BACKENDS = ("auto", "native", "fallback")
-# The per-output-channel scales of an int8 linear weight `<cell>.weight` are the parameter
-# `<cell>.weight_scale` ([out, 1] float32): derived at load time, not a checkpoint weight.
+PREFILLS = ("float", "int8")
+# The scales of an int8 / int4 linear weight `<cell>.weight` are the parameter `<cell>.weight_scale` (int8:
+# [out, 1] float32, int4: [out, groups] float16): derived at load time, not a checkpoint weight.
 WEIGHT_SCALE = "weight_scale"
 # Rows of x up to which the kernel streams the weights once (GEMV_ROWS in lowbit_matmul.cc): decode steps.
 STREAM_ROWS = 4
@@ -36,6 +39,13 @@ def backend_choice():
     choice = os.environ.get("LLAVA_KERNEL", "auto") or "auto"
     if choice not in BACKENDS:
         raise LlavaError(f"LLAVA_KERNEL={choice!r} must be one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def prefill_choice():
+    choice = os.environ.get("LLAVA_KERNEL_PREFILL", "float") or "float"
+    if choice not in PREFILLS:
+        raise LlavaError(f"LLAVA_KERNEL_PREFILL={choice!r} must be one of {', '.join(PREFILLS)}")
     return choice
 
 
@@ -72,19 +82,22 @@ def _out_shape(x, w, *scale):
     return [x[0], w[0]]
 
 
-def make_matmul(int8):
+def make_matmul(int8, int4=False):
     """A cell computing y [M, N] float32 = x [M, K] float32 @ W.T from stored weights: called as
-    (x, w, scale) for int8 w with scale [N, G] float32 (each scale covers K / G consecutive inputs), as
-    (x, w) for float16 / bfloat16 / float32 w."""
+    (x, w, scale) for int8 w with scale [N, G] float32 (each scale covers K / G consecutive inputs) and, with
+    `int4`, for packed int4 w with its float16 scale [N, ceil(K / 32)]; as (x, w) for float16 / bfloat16 /
+    float32 w."""
     import mindspore as ms
     from mindspore import nn, ops
 
     lib = native_library()
+    prefill_choice()
 
     class LowbitMatmul(nn.Cell):
         def __init__(self):
             super().__init__()
             self.int8 = int8
+            self.int4 = int4
             self.native = lib is not None
             if self.native:
                 self.op = ops.Custom(func=f"{lib}:LlavaLowbitMatmul", out_shape=_out_shape,
@@ -96,12 +109,24 @@ def make_matmul(int8):
                 if self.int8:
                     return self.op(x, w, scale)
                 return self.op(x, w)
+            if self.int4:
+                return self.matmul(x, self.int4_to_float32(x, w, scale))
             wf = ops.cast(w, ms.float32)
             if self.int8:
                 n, k = w.shape
                 g = scale.shape[1]
                 wf = ops.reshape(ops.reshape(wf, (n, g, k // g)) * ops.expand_dims(scale, -1), (n, k))
             return self.matmul(x, wf)
+
+        def int4_to_float32(self, x, w, scale):
+            """The fallback's float32 W [N, K] of a packed int4 weight (weights/quantize.py's layout), in float
+            ops: the high nibble of each byte is floor(b / 16), the low one b - 16 * floor(b / 16)."""
+            n, g = scale.shape
+            b = ops.reshape(ops.cast(w, ms.float32), (n, g, 16))
+            hi = ops.floor(b / 16.0)
+            q = ops.concat((b - 16.0 * hi, hi), -1) - 8.0                      # [N, G, 32], inputs in order
+            wf = ops.reshape(q * ops.expand_dims(ops.cast(scale, ms.float32), -1), (n, g * 32))
+            return wf[:, :x.shape[1]]
 
     return LowbitMatmul()
 
@@ -161,5 +186,5 @@ def make_rotary():
 
 
 __all__ = ["make_matmul", "make_paged_attention", "make_prompt_attention", "make_rms_norm", "make_swiglu",
-           "make_rotary", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS",
+           "make_rotary", "STREAM_ROWS", "native_library", "backend_choice", "BACKENDS", "prefill_choice", "PREFILLS",
            "WEIGHT_SCALE", "is_scale_param"]

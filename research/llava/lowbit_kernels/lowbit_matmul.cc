@@ -1,5 +1,7 @@
 // y[M, N] = x[M, K] @ W[N, K].T for weights stored in low precision, read in their stored form:
 //   int8  (symmetric, float32 scales [N, groups]: groups = 1 is one scale per output channel),
+//   int4  (uint8 [N, ceil(K / 32) * 16]: groups of 32 inputs, llama.cpp's q4_0 block layout, float16 scales
+//          [N, ceil(K / 32)]; the layout is defined in weights/quantize.py),
 //   float16, bfloat16; and float32 (MindSpore's CPU MatMul reads a float32 weight at well under memory speed
 //   for a single row of x, so decode steps of float32 models use the streaming path below too).
 // No float32 copy of W is ever made: decode (few rows of x) converts each weight vector in registers as it
@@ -12,7 +14,8 @@
 // including this file into itself (so it must keep its name) inside `#pragma GCC target` regions: the
 // compiler needs each ISA's intrinsics to be defined in functions compiled for that ISA.
 // LLAVA_KERNEL_ISA=avx512|avx2|scalar forces a path (tests use it; an unsupported choice is an error),
-// LLAVA_KERNEL_THREADS caps the threads.
+// LLAVA_KERNEL_THREADS caps the threads, LLAVA_KERNEL_PREFILL=int8 multiplies prefill rows of int8 / int4
+// weights on AVX512-VNNI int8 dot products (isa_vnni below; default float).
 //
 // Entry points for MindSpore's ops.Custom(func_type="aot") on CPU: LlavaLowbitMatmul, LlavaPromptAttention,
 // LlavaPagedAttention (prompt chunks and decode tokens over a paged KV pool, read in place through the block
@@ -38,11 +41,15 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 struct Q8 { using T = int8_t; };    // int8 weight, scaled
+struct Q4 { using T = uint8_t; };   // int4 weight: two per byte, a float16 scale per group of Q4_GROUP inputs
+constexpr int64_t Q4_GROUP = 32;    // inputs per int4 group (weights/quantize.py's INT4_GROUP)
+constexpr int64_t Q4_BYTES = Q4_GROUP / 2;
 struct H16 { using T = uint16_t; }; // IEEE half
 struct B16 { using T = uint16_t; }; // bfloat16
 struct F32 { using T = float; };    // float32: decode (few rows of x) streams it like the others
@@ -77,7 +84,8 @@ struct Problem {
   const float* x;      // [M, K]
   const void* w;       // [N, K]
   const float* scale;  // [N, groups] for int8, else null
-  int64_t groups;      // scales per output row (int8), 1 otherwise
+  int64_t groups;      // scales per output row (int8 and int4), 1 otherwise
+  const uint16_t* scale16;  // [N, groups] float16 for int4, else null
   float* y;            // [M, N]
 };
 
@@ -316,12 +324,224 @@ struct V {
   }
   static float sw(Q8, int8_t v) { return float(v); }
   static float sw(H16, uint16_t v) { return _cvtsh_ss(v); }
+  // one whole int4 group (16 bytes) -> its 32 values q = nibble - 8 in input order, in 32 / W registers
+  static void q4(const uint8_t* p, reg* out) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i eight = _mm512_set1_epi32(8);
+    out[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
+    out[1] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+  }
   static reg lw(F32, const float* p) { return _mm512_loadu_ps(p); }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
   static float sw(F32, float v) { return v; }
 };
 #include "lowbit_matmul.cc"  // this very file (found next to itself), as the generic body
 }  // namespace isa_avx512
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------ AVX-512 VNNI: prefill on int8 dot products
+// Opt-in (LLAVA_KERNEL_PREFILL=int8): rows of x past GEMV_ROWS are quantized per row to int8 (symmetric,
+// d = max|x[m]| / 127, x ~= d * xq) and multiplied with the int8 / int4 weights by vpdpbusd (64 byte products
+// per instruction, against 16 float FMAs per vfmadd): y[m, n] = d[m] * sum_g s[n, g] * (xq[m, g] . q[n, g])
+// for the weight's scale groups g (int8: one per row; int4: 32 inputs). vpdpbusd multiplies unsigned by
+// signed bytes, so x goes in as xq + 128 (1..255) and the extra 128 * sum_k q[n, k] of each group is taken
+// off once per column and K panel (`corr`, made while packing). The decode rows (M <= GEMV_ROWS) keep the
+// float paths: exact against the dequantized weights, and memory-bound anyway.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+namespace isa_vnni {
+constexpr int MR = 6;        // x rows per micro-kernel: 6 x 2 int32 and 6 x 2 float accumulators of 32 registers
+constexpr int NR = 32;       // columns per micro-kernel: two registers of 16
+constexpr int64_t KC = 512;  // inputs per K panel: a multiple of Q4_GROUP; 512 x 32 weight bytes = 16 KiB in L1
+
+// Rows [m0, m1) of x -> xu [m][Kp] = rint(x / d[m]) + 128 (inputs K..Kp-1 are 128, i.e. 0), d[m].
+void quantize_rows(const Problem& p, int64_t Kp, uint8_t* xu, float* dx, int64_t m0, int64_t m1) {
+  const int64_t K = p.K;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = p.x + m * K;
+    uint8_t* u = xu + m * Kp;
+    __m512 mx = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+    float amax = _mm512_reduce_max_ps(mx);
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    dx[m] = amax / 127.0f;
+    const __m512 iv = _mm512_set1_ps(inv);
+    const __m512i bias = _mm512_set1_epi32(128);
+    for (k = 0; k + 16 <= K; k += 16) {  // cvtps rounds to nearest even (the default MXCSR), as rint
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), iv)), bias);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(q));
+    }
+    for (; k < K; ++k) u[k] = uint8_t(int(std::nearbyint(xr[k] * inv)) + 128);
+    for (; k < Kp; ++k) u[k] = 128;
+  }
+}
+
+// Weight columns [n0, n0 + NR) x inputs [k0, k0 + kc) (kc a multiple of 4) -> wpack [kc / 4][NR] of 4 signed
+// bytes (inputs k..k+3 of column j), spack [groups][NR] float scales per group (int4: 32 inputs; int8: the
+// panel), corr [NR] = 128 * sum_g s[j, g] * sum(q[j, g]). Columns past N and inputs past K are zeros (int4's
+// groups are unpacked whole, a partial last group's padding set to 0).
+template <bool INT4>
+void pack_weights(const Problem& p, int64_t n0, int64_t k0, int64_t kc, int8_t* wpack, float* spack, float* corr) {
+  const int64_t K = p.K;
+  const int64_t ng = INT4 ? (kc + Q4_GROUP - 1) / Q4_GROUP : 1;
+  int32_t* w32 = reinterpret_cast<int32_t*>(wpack);
+  for (int j = 0; j < NR; ++j) {
+    const int64_t n = n0 + j;
+    corr[j] = 0.0f;
+    if (n >= p.N) {
+      for (int64_t k4 = 0; k4 < ng * (INT4 ? Q4_GROUP / 4 : kc / 4); ++k4) w32[k4 * NR + j] = 0;
+      for (int64_t g = 0; g < ng; ++g) spack[g * NR + j] = 0.0f;
+      continue;
+    }
+    if (INT4) {
+      const uint8_t* wr = static_cast<const uint8_t*>(p.w) + n * p.groups * Q4_BYTES;
+      const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t gi = k0 / Q4_GROUP + g;            // k0 is a multiple of KC, so of Q4_GROUP
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + gi * Q4_BYTES));
+        const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        const __m128i sad = _mm_add_epi64(_mm_sad_epu8(lo, _mm_setzero_si128()), _mm_sad_epu8(hi, _mm_setzero_si128()));
+        int sum = int(_mm_cvtsi128_si64(sad) + _mm_extract_epi64(sad, 1)) - 8 * int(Q4_GROUP);
+        alignas(16) int32_t q[8];
+        _mm_store_si128(reinterpret_cast<__m128i*>(q), _mm_sub_epi8(lo, eight));
+        _mm_store_si128(reinterpret_cast<__m128i*>(q + 4), _mm_sub_epi8(hi, eight));
+        const int64_t valid = K - gi * Q4_GROUP;
+        if (valid < Q4_GROUP) {  // the last, partial group: whatever its padding nibbles hold counts as 0
+          int8_t* qb = reinterpret_cast<int8_t*>(q);
+          for (int64_t t = valid; t < Q4_GROUP; ++t) {
+            sum -= qb[t];
+            qb[t] = 0;
+          }
+        }
+        for (int t = 0; t < 8; ++t) w32[(g * 8 + t) * NR + j] = q[t];
+        const float s = _cvtsh_ss(p.scale16[n * p.groups + gi]);
+        spack[g * NR + j] = s;
+        corr[j] += 128.0f * s * float(sum);
+      }
+    } else {
+      const int8_t* wr = static_cast<const int8_t*>(p.w) + n * K + k0;
+      int64_t sum = 0;
+      if (k0 + kc <= K) {
+        __m512i acc = _mm512_setzero_si512();
+        const __m512i ones = _mm512_set1_epi8(1);
+        int64_t k = 0;
+        for (; k + 64 <= kc; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(wr + k));
+        sum = _mm512_reduce_add_epi32(acc);
+        for (; k < kc; ++k) sum += wr[k];
+        for (int64_t k4 = 0; k4 < kc / 4; ++k4) std::memcpy(&w32[k4 * NR + j], wr + 4 * k4, 4);
+      } else {  // the last panel of a K that is not a multiple of 4
+        for (int64_t k = 0; k < kc; ++k) {
+          const int q = k0 + k < K ? wr[k] : 0;
+          wpack[(k / 4 * NR + j) * 4 + k % 4] = int8_t(q);
+          sum += q;
+        }
+      }
+      spack[j] = p.scale[n];
+      corr[j] = 128.0f * p.scale[n] * float(sum);
+    }
+  }
+}
+
+// C[mr, NR] (+)= dx[i] * (sum over groups of gk4 x 4 inputs: spack[g] * (apack . wpack) - corr), apack [k4][MR]
+// (4 unsigned bytes of row i's inputs), only the first mr rows and nn columns written.
+void micro(int64_t k4n, int64_t gk4, const int32_t* apack, const int8_t* wpack, const float* spack,
+           const float* corr, const float* dx, float* C, int64_t ldc, int mr, int nn, bool accumulate) {
+  __m512 f0[MR], f1[MR];
+  const __m512 c0 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(corr));
+  const __m512 c1 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(corr + 16));
+  for (int i = 0; i < MR; ++i) { f0[i] = c0; f1[i] = c1; }
+  for (int64_t g0 = 0, g = 0; g0 < k4n; g0 += gk4, ++g) {
+    __m512i a0[MR], a1[MR];
+    for (int i = 0; i < MR; ++i) { a0[i] = _mm512_setzero_si512(); a1[i] = _mm512_setzero_si512(); }
+    const int64_t g1 = std::min(k4n, g0 + gk4);
+    for (int64_t k4 = g0; k4 < g1; ++k4) {
+      const __m512i b0 = _mm512_loadu_si512(wpack + k4 * NR * 4);
+      const __m512i b1 = _mm512_loadu_si512(wpack + k4 * NR * 4 + 64);
+      const int32_t* a = apack + k4 * MR;
+      for (int i = 0; i < MR; ++i) {
+        const __m512i ai = _mm512_set1_epi32(a[i]);
+        a0[i] = _mm512_dpbusd_epi32(a0[i], ai, b0);
+        a1[i] = _mm512_dpbusd_epi32(a1[i], ai, b1);
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(spack + g * NR), s1 = _mm512_loadu_ps(spack + g * NR + 16);
+    for (int i = 0; i < MR; ++i) {
+      f0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[i]), s0, f0[i]);
+      f1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[i]), s1, f1[i]);
+    }
+  }
+  alignas(64) float tmp[NR];
+  for (int i = 0; i < mr; ++i) {
+    float* c = C + i * ldc;
+    const __m512 d = _mm512_set1_ps(dx[i]);
+    if (nn == NR) {
+      if (accumulate) {
+        _mm512_storeu_ps(c, _mm512_fmadd_ps(f0[i], d, _mm512_loadu_ps(c)));
+        _mm512_storeu_ps(c + 16, _mm512_fmadd_ps(f1[i], d, _mm512_loadu_ps(c + 16)));
+      } else {
+        _mm512_storeu_ps(c, _mm512_mul_ps(f0[i], d));
+        _mm512_storeu_ps(c + 16, _mm512_mul_ps(f1[i], d));
+      }
+    } else {
+      _mm512_storeu_ps(tmp, _mm512_mul_ps(f0[i], d));
+      _mm512_storeu_ps(tmp + 16, _mm512_mul_ps(f1[i], d));
+      for (int j = 0; j < nn; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+    }
+  }
+}
+
+// Column blocks [b0, b1) of NR outputs, all rows of the quantized x (xu [M][Kp], dx [strips * MR]).
+template <bool INT4>
+void gemm_blocks(const Problem& p, const uint8_t* xu, const float* dx, int64_t Kp, int64_t b0, int64_t b1) {
+  const int64_t strips = (p.M + MR - 1) / MR;
+  std::vector<int32_t> apack(size_t(strips * MR * (KC / 4)));
+  alignas(64) int8_t wpack[KC * NR];
+  alignas(64) float spack[(KC / Q4_GROUP) * NR];
+  alignas(64) float corr[NR];
+  for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
+    const int64_t kc = std::min(KC, Kp - k0), k4n = kc / 4;
+    for (int64_t s = 0; s < strips; ++s) {
+      int32_t* a = apack.data() + s * MR * k4n;
+      for (int i = 0; i < MR; ++i) {
+        const int64_t m = s * MR + i;
+        const uint8_t* xr = xu + m * Kp + k0;
+        for (int64_t k4 = 0; k4 < k4n; ++k4) {
+          int32_t v = 0;
+          if (m < p.M) std::memcpy(&v, xr + 4 * k4, 4);
+          a[k4 * MR + i] = v;
+        }
+      }
+    }
+    const int64_t gk4 = INT4 ? Q4_GROUP / 4 : k4n;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NR;
+      const int nn = int(std::min<int64_t>(NR, p.N - n0));
+      pack_weights<INT4>(p, n0, k0, kc, wpack, spack, corr);
+      for (int64_t s = 0; s < strips; ++s) {
+        const int mr = int(std::min<int64_t>(MR, p.M - s * MR));
+        micro(k4n, gk4, apack.data() + s * MR * k4n, wpack, spack, corr, dx + s * MR, p.y + s * MR * p.N + n0,
+              p.N, mr, nn, k0 > 0);
+      }
+    }
+  }
+}
+
+template <bool INT4>
+void matmul(const Problem& p) {
+  const int64_t Kp = (p.K + 3) / 4 * 4, strips = (p.M + MR - 1) / MR;
+  std::vector<uint8_t> xu(size_t(p.M * Kp));
+  std::vector<float> dx(size_t(strips * MR), 0.0f);
+  const int threads = thread_count(double(p.M) * double(p.N) * double(p.K));
+  parallel_ranges(p.M, std::min(threads, int(p.M)), [&](int64_t a, int64_t b) {
+    quantize_rows(p, Kp, xu.data(), dx.data(), a, b);
+  });
+  parallel_ranges((p.N + NR - 1) / NR, threads, [&](int64_t a, int64_t b) {
+    gemm_blocks<INT4>(p, xu.data(), dx.data(), Kp, a, b);
+  });
+}
+}  // namespace isa_vnni
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------ AVX2 + FMA + F16C (8 floats)
@@ -381,6 +601,14 @@ struct V {
   }
   static float sw(Q8, int8_t v) { return float(v); }
   static float sw(H16, uint16_t v) { return _cvtsh_ss(v); }
+  static void q4(const uint8_t* p, reg* out) {  // bytes 0-7: inputs 0-7 and 16-23; bytes 8-15: 8-15 and 24-31
+    const __m256i eight = _mm256_set1_epi32(8), low = _mm256_set1_epi32(15);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
+      out[h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, low), eight));
+      out[2 + h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+    }
+  }
   static reg lw(F32, const float* p) { return _mm256_loadu_ps(p); }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
   static float sw(F32, float v) { return v; }
@@ -413,6 +641,12 @@ struct V {
   static reg lw(B16, const uint16_t* p) { return bf16_to_float(*p); }
   static float sw(Q8, int8_t v) { return float(v); }
   static float sw(H16, uint16_t v) { return half_to_float(v); }
+  static void q4(const uint8_t* p, reg* out) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = float(int(p[j] & 15) - 8);
+      out[16 + j] = float(int(p[j] >> 4) - 8);
+    }
+  }
   static reg lw(F32, const float* p) { return *p; }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
   static float sw(F32, float v) { return v; }
@@ -474,6 +708,20 @@ int choose_isa() {
 
 bool f32(const char* t) { return std::strcmp(t, "float32") == 0; }
 
+// Prefill rows (M > 4) of int8 (one scale per row) and int4 weights on VNNI int8 dot products: only with
+// LLAVA_KERNEL_PREFILL=int8, on the AVX-512 path of a CPU with AVX512-VNNI (else the float paths run).
+bool int8_prefill(int isa) {
+#if LLAVA_X86
+  const char* env = std::getenv("LLAVA_KERNEL_PREFILL");
+  if (!env || std::strcmp(env, "int8") != 0 || isa != kAvx512) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
 }  // namespace
 
 extern "C" {
@@ -487,7 +735,8 @@ const char* LlavaKernelIsa() {
 }
 
 // ops.Custom(func_type="aot") entry. Inputs x [M, K] float32, w [N, K] int8|float16|bfloat16|float32 and, for int8,
-// scale [N, G] float32 (G divides K; each scale covers K / G consecutive inputs); output y [M, N] float32.
+// scale [N, G] float32 (G divides K; each scale covers K / G consecutive inputs), or w [N, ceil(K / 32) * 16]
+// uint8 (int4, packed) with scale [N, ceil(K / 32)] float16; output y [M, N] float32.
 // Returns non-zero (MindSpore raises) on a signature it was not built for.
 int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                       void* /*stream*/, void* /*extra*/) {
@@ -499,11 +748,14 @@ int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, c
   p.M = shapes[0][0];
   p.K = shapes[0][1];
   p.N = shapes[1][0];
-  if (shapes[1][1] != p.K || shapes[out][0] != p.M || shapes[out][1] != p.N) return 4;
+  if ((shapes[1][1] != p.K && std::strcmp(dtypes[1], "uint8") != 0) || shapes[out][0] != p.M ||
+      shapes[out][1] != p.N)
+    return 4;
   p.x = static_cast<const float*>(params[0]);
   p.w = params[1];
   p.y = static_cast<float*>(params[out]);
   p.scale = nullptr;
+  p.scale16 = nullptr;
   p.groups = 1;
   const int isa = choose_isa();
   if (isa < 0) return 5;
@@ -513,7 +765,26 @@ int LlavaLowbitMatmul(int nparam, void** params, int* ndims, int64_t** shapes, c
     if (shapes[2][0] != p.N || shapes[2][1] <= 0 || p.K % shapes[2][1] != 0) return 7;
     p.scale = static_cast<const float*>(params[2]);
     p.groups = shapes[2][1];
+#if LLAVA_X86
+    if (p.M > 4 && p.N > 0 && p.K > 0 && p.groups == 1 && int8_prefill(isa)) {
+      isa_vnni::matmul<false>(p);
+      return 0;
+    }
+#endif
     LLAVA_DISPATCH(isa, matmul<Q8>(p))
+  } else if (!std::strcmp(wt, "uint8")) {  // int4, packed
+    const int64_t groups = (p.K + Q4_GROUP - 1) / Q4_GROUP;
+    if (nparam != 4 || ndims[2] != 2 || std::strcmp(dtypes[2], "float16") != 0) return 6;
+    if (shapes[1][1] != groups * Q4_BYTES || shapes[2][0] != p.N || shapes[2][1] != groups) return 7;
+    p.scale16 = static_cast<const uint16_t*>(params[2]);
+    p.groups = groups;
+#if LLAVA_X86
+    if (p.M > 4 && p.N > 0 && p.K > 0 && int8_prefill(isa)) {
+      isa_vnni::matmul<true>(p);
+      return 0;
+    }
+#endif
+    LLAVA_DISPATCH(isa, matmul<Q4>(p))
   } else if (nparam == 3 && !std::strcmp(wt, "float16")) {
     LLAVA_DISPATCH(isa, matmul<H16>(p))
   } else if (nparam == 3 && !std::strcmp(wt, "bfloat16")) {
@@ -754,6 +1025,88 @@ void gemv1_block(const Problem& p, int64_t n0, int64_t n1) {
   if (n < n1) gemv_rows<WK, 1>(p, n, n1);
 }
 
+// Decode with int4 weights, weight rows [n, n + RR) against the MM (<= GEMV_ROWS) rows of x: each whole group's
+// 32 values are unpacked in registers (V::q4), multiplied with x and the group's partial sum scaled once by
+// its float16 scale; the last, partial group (K not a multiple of Q4_GROUP) is summed in scalars. RR > 1
+// rows at a time for one row of x: each loaded x register serves RR weight groups, and RR independent chains
+// hide the FMA latency (as gemv1_block).
+template <int MM, int RR>
+void gemv_q4_rows(const Problem& p, int64_t n) {
+  constexpr int NV = int(Q4_GROUP) / W;
+  const int64_t K = p.K, full = K / Q4_GROUP, rb = p.groups * Q4_BYTES;
+  const uint8_t* w = static_cast<const uint8_t*>(p.w) + n * rb;
+  const uint16_t* sc = p.scale16 + n * p.groups;
+  typename V::reg tot[RR][MM];
+  float tail[RR][MM];
+  for (int r = 0; r < RR; ++r)
+    for (int m = 0; m < MM; ++m) { tot[r][m] = V::zero(); tail[r][m] = 0.0f; }
+  for (int64_t g = 0; g < full; ++g) {
+    typename V::reg wv[RR][NV];
+    for (int r = 0; r < RR; ++r) V::q4(w + r * rb + g * Q4_BYTES, wv[r]);
+    for (int m = 0; m < MM; ++m) {
+      const float* xg = p.x + m * K + g * Q4_GROUP;
+      typename V::reg xv[NV];
+      for (int i = 0; i < NV; ++i) xv[i] = V::load(xg + i * W);
+      for (int r = 0; r < RR; ++r) {
+        typename V::reg a = V::mul(xv[0], wv[r][0]);
+        for (int i = 1; i < NV; ++i) a = V::fma(xv[i], wv[r][i], a);
+        tot[r][m] = V::fma(a, V::bcast(V::sw(H16{}, sc[r * p.groups + g])), tot[r][m]);
+      }
+    }
+  }
+  if (full < p.groups) {
+    const int64_t k0 = full * Q4_GROUP, t = K - k0;
+    for (int r = 0; r < RR; ++r) {
+      const uint8_t* b = w + r * rb + full * Q4_BYTES;
+      const float s = V::sw(H16{}, sc[r * p.groups + full]);
+      for (int m = 0; m < MM; ++m) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < t; ++j)
+          acc += p.x[m * K + k0 + j] * float(int(j < Q4_BYTES ? b[j] & 15 : b[j - Q4_BYTES] >> 4) - 8);
+        tail[r][m] = acc * s;
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int m = 0; m < MM; ++m) p.y[m * p.N + n + r] = V::sum(tot[r][m]) + tail[r][m];
+}
+
+constexpr int Q4_ROWS = W >= 16 ? 4 : 2;  // AVX2's 16 registers hold 2 rows' unpacked groups, AVX-512's 32 hold 4
+
+template <int MM>
+void gemv_q4(const Problem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (MM == 1)
+    for (; n + Q4_ROWS <= n1; n += Q4_ROWS) gemv_q4_rows<1, Q4_ROWS>(p, n);
+  for (; n < n1; ++n) gemv_q4_rows<MM, 1>(p, n);
+}
+
+// Converts int4 W[n0 : n0 + NR, k0 : k0 + kc] (scaled) into pack[k][j] (k0 is a multiple of KC, so of
+// Q4_GROUP); rows past N are zeros. A row's last group is read whole: its padding nibbles hold q = 0.
+void pack_panel_q4(const Problem& p, int64_t n0, int64_t k0, int64_t kc, float* pack) {
+  constexpr int NV = int(Q4_GROUP) / W;
+  static_assert(KC % Q4_GROUP == 0, "a K panel holds whole int4 groups");
+  const int64_t rb = p.groups * Q4_BYTES;
+  alignas(64) float row[KC];
+  for (int j = 0; j < NR; ++j) {
+    const int64_t n = n0 + j;
+    if (n >= p.N) {
+      for (int64_t k = 0; k < kc; ++k) pack[k * NR + j] = 0.0f;
+      continue;
+    }
+    const uint8_t* wr = static_cast<const uint8_t*>(p.w) + n * rb;
+    const uint16_t* sr = p.scale16 + n * p.groups;
+    for (int64_t k = 0; k < kc; k += Q4_GROUP) {
+      const int64_t g = (k0 + k) / Q4_GROUP;
+      typename V::reg v[NV];
+      V::q4(wr + g * Q4_BYTES, v);
+      const typename V::reg s = V::bcast(V::sw(H16{}, sr[g]));
+      for (int i = 0; i < NV; ++i) V::store(row + k + i * W, V::mul(v[i], s));
+    }
+    for (int64_t k = 0; k < kc; ++k) pack[k * NR + j] = row[k];
+  }
+}
+
 // Converts W[n0 : n0 + NR, k0 : k0 + kc] (scaled) into pack[k][j]; rows past N are zeros.
 template <class WK>
 void pack_panel(const Problem& p, int64_t n0, int64_t k0, int64_t kc, float* pack) {
@@ -843,7 +1196,8 @@ void gemm_blocks(const Problem& p, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NR;
       const int nn = int(std::min<int64_t>(NR, p.N - n0));
-      pack_panel<WK>(p, n0, k0, kc, pack);
+      if constexpr (std::is_same<WK, Q4>::value) pack_panel_q4(p, n0, k0, kc, pack);
+      else pack_panel<WK>(p, n0, k0, kc, pack);
       for (int64_t s = 0; s < strips; ++s) {
         const int mr = int(std::min<int64_t>(MR, p.M - s * MR));
         micro(kc, apack.data() + s * MR * kc, pack, p.y + s * MR * p.N + n0, p.N, mr, nn, k0 > 0);
@@ -860,7 +1214,19 @@ void matmul(const Problem& p) {
     return;
   }
   const int threads = thread_count(double(p.M) * double(p.N) * double(p.K));
-  if (p.M <= GEMV_ROWS) {
+  if constexpr (std::is_same<WK, Q4>::value) {
+    if (p.M <= GEMV_ROWS) {
+      parallel_ranges(p.N, threads, [&](int64_t a, int64_t b) {
+        switch (p.M) {
+          case 1: gemv_q4<1>(p, a, b); break;
+          case 2: gemv_q4<2>(p, a, b); break;
+          case 3: gemv_q4<3>(p, a, b); break;
+          default: gemv_q4<4>(p, a, b); break;
+        }
+      });
+      return;
+    }
+  } else if (p.M <= GEMV_ROWS) {
     parallel_ranges(p.N, threads, [&](int64_t a, int64_t b) {
       switch (p.M) {
         case 1:

@@ -199,3 +199,102 @@ def _write_safetensors(out, rows, src, overflows, progress, done_rows):
     if {k: (v.dtype, v.shape) for k, v in got.items()} != \
             {hf: (io.DTYPE_TO_SF[dt], tuple(t.shape)) for hf, dt, t, _ in rows}:
         raise LlavaError(f"internal error: {out.tmp} was not written as intended")
+
+
+# ---------------------------------------------------------------------------------------- hf -> pre-quantized
+
+class QuantPlan:
+    """What a llava-hf folder -> pre-quantized folder conversion writes (weights/quantize.py's format): `units`
+    [(model name, TensorInfo, fmt or None, [(hf name, sf dtype, shape, bytes)])] in file order (a quantized
+    weight's unit is it and its scales: they share a shard), `shards` [(file name, [model names])], `total`."""
+
+    def __init__(self, units, shards, weight_dtype):
+        self.units, self.shards, self.weight_dtype = units, shards, weight_dtype
+        self.total = sum(e[3] for u in units for e in u[3])
+
+    @property
+    def files(self):
+        return [f for f, _ in self.shards] + ([io.SAFETENSORS_INDEX] if len(self.shards) > 1 else [])
+
+
+def plan_quantized(tensors, config, what, weight_dtype, shard_bytes=SHARD_BYTES):
+    """The QuantPlan for a llava-hf folder's tensors (name -> TensorInfo) quantized for weight_dtype (int8 |
+    int4); LlavaError "`what` does not match the LLaVA config: ..." unless every weight is there with its shape."""
+    from weights.quantize import STORED, layer_dtype, quantized_names, scale_name, stored_shapes
+    named, _ = hf_names(tensors)
+    check_scale(named, config, f"{what} does not match the LLaVA config")
+    expected = expected_shapes(config)
+    check(named, expected, f"{what} does not match the LLaVA config")
+    quantized = set(quantized_names(expected))
+    units = []
+    for name in expected:
+        t = named[name]
+        hf = weight_map.ms_to_hf(name)
+        if name not in quantized:
+            units.append((name, t, None, [(hf, t.dtype, t.shape, t.nbytes)]))
+            continue
+        fmt = layer_dtype(weight_dtype, head=name.endswith("lm_head.weight"))
+        (w_shape, s_shape), (w_code, s_code) = stored_shapes(fmt, *t.shape), STORED[fmt]
+        units.append((name, t, fmt, [(hf, w_code, w_shape, math.prod(w_shape) * io.SF_ITEMSIZE[w_code]),
+                                     (scale_name(hf), s_code, s_shape,
+                                      math.prod(s_shape) * io.SF_ITEMSIZE[s_code])]))
+    shards = io.shard_files([(u[0], sum(e[3] for e in u[3])) for u in units], shard_bytes)
+    return QuantPlan(units, shards, weight_dtype)
+
+
+def write_quantized(plan, folder, config_bytes, progress=None):
+    """Write the QuantPlan into `folder` (created if missing, removed again on failure) with config.json
+    (`config_bytes`): every file through NAME.tmp-<pid>, renamed only when all are complete and re-read. One
+    float tensor in memory at a time (read, quantized, written)."""
+    from weights.quantize import quantize_int4, quantize_int8
+    progress = progress or _NoProgress()
+    by_name = {u[0]: u for u in plan.units}
+    created = not os.path.isdir(folder)
+    pending, files, done = [], {}, False
+    try:
+        if created:
+            os.mkdir(folder)
+
+        def start(name):
+            out = io.AtomicFile(os.path.join(folder, name)).__enter__()
+            pending.append(out)
+            return out
+
+        hf_shards = []
+        for i, (fname, names) in enumerate(plan.shards, 1):
+            out = start(fname)
+            entries = [e for n in names for e in by_name[n][3]]
+            hf_shards.append((fname, [e[0] for e in entries]))
+            out.f.write(io.safetensors_header(entries, {"format": "pt", "llava_weight_dtype": plan.weight_dtype}))
+            for n in names:
+                _, t, fmt, unit = by_name[n]
+                f = files.get(t.path) or files.setdefault(t.path, open(t.path, "rb"))
+                if fmt is None:
+                    for data in io.iter_chunks(f, t.segments, io.SF_ITEMSIZE[t.dtype]):
+                        out.f.write(data)
+                else:
+                    array = io.read_array(f, t)
+                    for part in (quantize_int8(array) if fmt == "int8" else quantize_int4(array)):
+                        out.f.write(memoryview(part).cast("B"))
+                    del array
+                progress.update(sum(e[3] for e in unit))
+            progress.set_postfix_str(f"{i}/{len(plan.shards)} files", refresh=False)
+            out.f.flush()
+            got = io.read_safetensors_header(out.tmp)
+            if {k: (v.dtype, v.shape) for k, v in got.items()} != {e[0]: (e[1], tuple(e[2])) for e in entries}:
+                raise LlavaError(f"internal error: {out.tmp} was not written as intended")
+        if len(plan.shards) > 1:
+            start(io.SAFETENSORS_INDEX).f.write(io.safetensors_index(hf_shards, plan.total))
+        start(HF_CONFIG).f.write(config_bytes)
+        for out in pending:
+            out.commit()
+        done = True
+    except OSError as e:
+        raise LlavaError(f"conversion failed: {e.filename or folder}: {e.strerror or e}") from e
+    finally:
+        for f in files.values():
+            f.close()
+        for out in pending:
+            out.__exit__(None, None, None)
+        if created and not done:
+            shutil.rmtree(folder, ignore_errors=True)

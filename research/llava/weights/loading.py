@@ -7,7 +7,7 @@ import checkpoint_io as io
 import weight_map
 from llava_errors import LlavaError
 from weights.matching import check, match
-from weights.quantize import scale_parameters, store_int8
+from weights.quantize import check_stored, put, quantized_weights, read_stored, store
 
 
 def rank_array(f, name, info, rank, world):
@@ -32,12 +32,17 @@ def _set(param, array):
     param.set_data(tensor)
 
 
-def _store_quantized(f, name, info, rank, world, param, scale):
-    """An int8 weight: a row-split share is quantized from whole rows (weights/quantize.py says why)."""
-    if world > 1 and weight_map.split_axis(name) == 1:
-        store_int8(param, scale, io.read_array(f, info), weight_map.shard_index(name, info.shape, rank, world))
+def _store_quantized(f, name, info, rank, world, qw):
+    """A quantized weight: a row-split int8 share is quantized from whole rows (weights/quantize.py says why)."""
+    if world > 1 and weight_map.split_axis(name) == 1 and qw.fmt == "int8":
+        store(qw, io.read_array(f, info), weight_map.shard_index(name, info.shape, rank, world))
     else:
-        store_int8(param, scale, rank_array(f, name, info, rank, world))
+        store(qw, rank_array(f, name, info, rank, world))
+
+
+def checkpoint_shapes(params, quantized):
+    """name -> this rank's shape of each weight as a checkpoint holds it (a packed int4 Parameter's is not)."""
+    return {n: quantized[n].shape if n in quantized else tuple(p.shape) for n, p in params.items()}
 
 
 def load_into(model, checkpoint, tp):
@@ -47,19 +52,31 @@ def load_into(model, checkpoint, tp):
     checkpoint."""
     from llama_text import is_cache_param
     params = model.weight_parameters()
-    scales = scale_parameters(model)
+    quantized = quantized_weights(model)
     world = tp.world if checkpoint.complete else 1
     rank = tp.rank if checkpoint.complete else 0
-    expected = {n: weight_map.full_shape(n, p.shape, world) for n, p in params.items()}
+    expected = {n: weight_map.full_shape(n, s, world) for n, s in checkpoint_shapes(params, quantized).items()}
     tensors = {n: t for n, t in checkpoint.tensors.items() if not is_cache_param(n)}
-    check(tensors, expected, f"--load_checkpoint {checkpoint.path}: checkpoint does not match the model")
+    what = f"--load_checkpoint {checkpoint.path}: checkpoint does not match the model"
+    stored = checkpoint.weight_dtype is not None
+    if stored:
+        check_stored(tensors, checkpoint.scales, checkpoint.weight_dtype, expected, what)
+        if set(quantized) != set(checkpoint.scales):
+            raise LlavaError(f"{what}: its quantized weights are not the model's")
+    else:
+        check(tensors, expected, what)
     files = {}
     try:
         for name, param in params.items():
             info = tensors[name]
             f = files.get(info.path) or files.setdefault(info.path, open(info.path, "rb"))
-            if name in scales:
-                _store_quantized(f, name, info, rank, world, param, scales[name])
+            if stored and name in quantized:            # as made by convert_weight.py --dtype: no quantizing
+                scale = checkpoint.scales[name]
+                g = files.get(scale.path) or files.setdefault(scale.path, open(scale.path, "rb"))
+                put(quantized[name], read_stored(f, info), read_stored(g, scale))
+                continue
+            if name in quantized:
+                _store_quantized(f, name, info, rank, world, quantized[name])
                 continue
             array = rank_array(f, name, info, rank, world)
             _set(param, array)
@@ -83,14 +100,14 @@ def load_weights(model, param_dict):
     from llama_text import is_cache_param
     params = model.weight_parameters()
     given = {k: v for k, v in param_dict.items() if not is_cache_param(k)}
-    problems = match({n: tuple(v.shape) for n, v in given.items()}, {n: tuple(p.shape) for n, p in params.items()})
+    quantized = quantized_weights(model)
+    problems = match({n: tuple(v.shape) for n, v in given.items()}, checkpoint_shapes(params, quantized))
     if problems:
         raise LlavaError("checkpoint does not match the model: " + "; ".join(problems))
-    scales = scale_parameters(model)
     for name, param in params.items():
         value = given[name]
-        if name in scales:
-            store_int8(param, scales[name], value.asnumpy() if isinstance(value, Tensor) else np.asarray(value))
+        if name in quantized:
+            store(quantized[name], value.asnumpy() if isinstance(value, Tensor) else np.asarray(value))
         elif isinstance(value, Tensor):
             param.set_data(value.astype(param.dtype))
         else:

@@ -6,6 +6,7 @@ from file_checks import check_type
 from llava_errors import LlavaError
 from weights.loading import slice_checkpoint
 from weights.matching import check, check_scale, config_differences, expected_shapes, hf_names, read_hf_config
+from weights.quantize import check_format, check_stored, split_scales
 
 REQUIRED = ("--load_checkpoint is required: a complete .ckpt file, a model_dir/rank_K/ folder or a "
             "llava-hf folder (config.json + safetensors)")
@@ -14,10 +15,13 @@ HF_CONFIG = "config.json"
 
 class Checkpoint:
     """Where this rank's weights are: `tensors` (parameter name -> TensorInfo, headers only) and whether they
-    are `complete` (every rank reads its share of them) or already this rank's share."""
+    are `complete` (every rank reads its share of them) or already this rank's share. A pre-quantized
+    checkpoint (weights/quantize.py) also has `scales` (weight name -> TensorInfo) and the `weight_dtype` it was
+    made for; a float one has none and None."""
 
-    def __init__(self, path, tensors, complete):
+    def __init__(self, path, tensors, complete, scales=None, weight_dtype=None):
         self.path, self.tensors, self.complete = path, tensors, complete
+        self.scales, self.weight_dtype = scales or {}, weight_dtype
 
     def __repr__(self):
         return f"Checkpoint({self.path!r}, {len(self.tensors)} tensors, complete={self.complete})"
@@ -89,11 +93,24 @@ def rank_checkpoint(path, tp, model_config, auto_trans_ckpt=False, output_dir=".
     checkpoint = _locate(path, tp, model_config, auto_trans_ckpt, output_dir)
     what = f"--load_checkpoint {path}: checkpoint does not match the model"
     check_scale(checkpoint.tensors, model_config, what)
-    if checkpoint.complete:
+    if checkpoint.weight_dtype is not None:
+        check_format(checkpoint.weight_dtype, model_config.weight_dtype, f"--load_checkpoint {path}")
+        if tp.world > 1:
+            raise LlavaError(f"--load_checkpoint {path}: a pre-quantized checkpoint loads on one process; give "
+                             f"the float checkpoint for {tp.world} tensor-parallel ranks (each quantizes its share)")
+        check_stored(checkpoint.tensors, checkpoint.scales, checkpoint.weight_dtype, expected_shapes(model_config),
+                     what)
+    elif checkpoint.complete:
         from llama_text import is_cache_param
         check({n: t for n, t in checkpoint.tensors.items() if not is_cache_param(n)},
               expected_shapes(model_config), what)
     return checkpoint
+
+
+def _split(named):
+    """(tensors, complete, scales, weight_dtype) of a llava-hf folder's tensors under the model's names."""
+    tensors, scales, weight_dtype = split_scales(named)
+    return tensors, True, scales, weight_dtype
 
 
 def _locate(path, tp, model_config, auto_trans_ckpt, output_dir):
@@ -119,7 +136,7 @@ def _locate(path, tp, model_config, auto_trans_ckpt, output_dir):
         if differences:
             raise LlavaError(f"--load_checkpoint {path}: its config.json does not match the yaml's model_config "
                              f"(use the yaml made for these weights): " + "; ".join(differences))
-        return Checkpoint(path, hf_names(tensors)[0], True)
+        return Checkpoint(path, *_split(hf_names(tensors)[0]))
     ranks = sorted(d for d in os.listdir(path) if d.startswith("rank_") and os.path.isdir(os.path.join(path, d)))
     want = [f"rank_{k}" for k in range(tp.world)]
     if sorted(ranks, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1) != want:
