@@ -331,6 +331,12 @@ struct V {
     out[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
     out[1] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
   }
+  // the same group's stored nibbles u = q + 8 (decode takes the 8 off once per row: see gemv_q4_rows)
+  static void q4u(const uint8_t* p, reg* out) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  }
   static reg lw(F32, const float* p) { return _mm512_loadu_ps(p); }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
   static float sw(F32, float v) { return v; }
@@ -609,6 +615,14 @@ struct V {
       out[2 + h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
     }
   }
+  static void q4u(const uint8_t* p, reg* out) {
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
+      out[h] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+      out[2 + h] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+    }
+  }
   static reg lw(F32, const float* p) { return _mm256_loadu_ps(p); }
   static float sw(B16, uint16_t v) { return bf16_to_float(v); }
   static float sw(F32, float v) { return v; }
@@ -645,6 +659,12 @@ struct V {
     for (int j = 0; j < 16; ++j) {
       out[j] = float(int(p[j] & 15) - 8);
       out[16 + j] = float(int(p[j] >> 4) - 8);
+    }
+  }
+  static void q4u(const uint8_t* p, reg* out) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = float(p[j] & 15);
+      out[16 + j] = float(p[j] >> 4);
     }
   }
   static reg lw(F32, const float* p) { return *p; }
@@ -1025,24 +1045,32 @@ void gemv1_block(const Problem& p, int64_t n0, int64_t n1) {
   if (n < n1) gemv_rows<WK, 1>(p, n, n1);
 }
 
-// Decode with int4 weights, weight rows [n, n + RR) against the MM (<= GEMV_ROWS) rows of x: each whole group's
-// 32 values are unpacked in registers (V::q4), multiplied with x and the group's partial sum scaled once by
-// its float16 scale; the last, partial group (K not a multiple of Q4_GROUP) is summed in scalars. RR > 1
-// rows at a time for one row of x: each loaded x register serves RR weight groups, and RR independent chains
-// hide the FMA latency (as gemv1_block).
+// Decode with int4 weights, weight rows [n, n + RR) against the MM (<= GEMV_ROWS) rows of x. Per whole group,
+// its 32 stored nibbles u = q + 8 are unpacked in registers (V::q4u), multiplied with x and the partial sum
+// scaled once by the group's scale (converted from float16 for the whole row first, then broadcast from
+// memory); the 8 is taken off once per row, as 8 * sum_g s[g] * xs[g] with xs[g] the sum of x over group g
+// (made once per call): two vector operations fewer per group than unpacking q itself. The last, partial
+// group (K not a multiple of Q4_GROUP) is summed in scalars from q. RR > 1 rows at a time for one row of x:
+// each loaded x register serves RR weight groups, and RR independent chains hide the FMA latency.
 template <int MM, int RR>
-void gemv_q4_rows(const Problem& p, int64_t n) {
+void gemv_q4_rows(const Problem& p, int64_t n, const float* xs, float* sbuf) {
   constexpr int NV = int(Q4_GROUP) / W;
-  const int64_t K = p.K, full = K / Q4_GROUP, rb = p.groups * Q4_BYTES;
+  const int64_t K = p.K, full = K / Q4_GROUP, G = p.groups, rb = G * Q4_BYTES;
   const uint8_t* w = static_cast<const uint8_t*>(p.w) + n * rb;
-  const uint16_t* sc = p.scale16 + n * p.groups;
+  for (int r = 0; r < RR; ++r) {
+    const uint16_t* sc = p.scale16 + (n + r) * G;
+    float* sr = sbuf + r * G;
+    int64_t g = 0;
+    for (; g + W <= G; g += W) V::store(sr + g, V::lw(H16{}, sc + g));
+    for (; g < G; ++g) sr[g] = V::sw(H16{}, sc[g]);
+  }
   typename V::reg tot[RR][MM];
   float tail[RR][MM];
   for (int r = 0; r < RR; ++r)
     for (int m = 0; m < MM; ++m) { tot[r][m] = V::zero(); tail[r][m] = 0.0f; }
   for (int64_t g = 0; g < full; ++g) {
     typename V::reg wv[RR][NV];
-    for (int r = 0; r < RR; ++r) V::q4(w + r * rb + g * Q4_BYTES, wv[r]);
+    for (int r = 0; r < RR; ++r) V::q4u(w + r * rb + g * Q4_BYTES, wv[r]);
     for (int m = 0; m < MM; ++m) {
       const float* xg = p.x + m * K + g * Q4_GROUP;
       typename V::reg xv[NV];
@@ -1050,20 +1078,32 @@ void gemv_q4_rows(const Problem& p, int64_t n) {
       for (int r = 0; r < RR; ++r) {
         typename V::reg a = V::mul(xv[0], wv[r][0]);
         for (int i = 1; i < NV; ++i) a = V::fma(xv[i], wv[r][i], a);
-        tot[r][m] = V::fma(a, V::bcast(V::sw(H16{}, sc[r * p.groups + g])), tot[r][m]);
+        tot[r][m] = V::fma(a, V::bcast(sbuf[r * G + g]), tot[r][m]);
       }
     }
   }
-  if (full < p.groups) {
+  for (int r = 0; r < RR; ++r) {       // - 8 * sum_g s[g] * xs[g] over the whole groups
+    const float* sr = sbuf + r * G;
+    for (int m = 0; m < MM; ++m) {
+      const float* xm = xs + m * G;
+      typename V::reg c = V::zero();
+      int64_t g = 0;
+      for (; g + W <= full; g += W) c = V::fma(V::load(sr + g), V::load(xm + g), c);
+      float cs = V::sum(c);
+      for (; g < full; ++g) cs += sr[g] * xm[g];
+      tail[r][m] = -8.0f * cs;
+    }
+  }
+  if (full < G) {
     const int64_t k0 = full * Q4_GROUP, t = K - k0;
     for (int r = 0; r < RR; ++r) {
       const uint8_t* b = w + r * rb + full * Q4_BYTES;
-      const float s = V::sw(H16{}, sc[r * p.groups + full]);
+      const float s = sbuf[r * G + full];
       for (int m = 0; m < MM; ++m) {
         float acc = 0.0f;
         for (int64_t j = 0; j < t; ++j)
           acc += p.x[m * K + k0 + j] * float(int(j < Q4_BYTES ? b[j] & 15 : b[j - Q4_BYTES] >> 4) - 8);
-        tail[r][m] = acc * s;
+        tail[r][m] += acc * s;
       }
     }
   }
@@ -1071,14 +1111,23 @@ void gemv_q4_rows(const Problem& p, int64_t n) {
     for (int m = 0; m < MM; ++m) p.y[m * p.N + n + r] = V::sum(tot[r][m]) + tail[r][m];
 }
 
-constexpr int Q4_ROWS = W >= 16 ? 4 : 2;  // AVX2's 16 registers hold 2 rows' unpacked groups, AVX-512's 32 hold 4
+constexpr int Q4_ROWS = W >= 16 ? 8 : 2;  // AVX2's 16 registers hold 2 rows' unpacked groups, AVX-512's 32 hold 8
 
 template <int MM>
 void gemv_q4(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t G = p.groups, full = p.K / Q4_GROUP;
+  std::vector<float> xs(size_t(MM * G), 0.0f), sbuf(size_t(Q4_ROWS * G));
+  for (int m = 0; m < MM; ++m)       // xs[m][g] = sum of x[m] over whole group g
+    for (int64_t g = 0; g < full; ++g) {
+      const float* xg = p.x + m * p.K + g * Q4_GROUP;
+      typename V::reg a = V::load(xg);
+      for (int i = 1; i < int(Q4_GROUP) / W; ++i) a = a + V::load(xg + i * W);
+      xs[size_t(m * G + g)] = V::sum(a);
+    }
   int64_t n = n0;
   if (MM == 1)
-    for (; n + Q4_ROWS <= n1; n += Q4_ROWS) gemv_q4_rows<1, Q4_ROWS>(p, n);
-  for (; n < n1; ++n) gemv_q4_rows<MM, 1>(p, n);
+    for (; n + Q4_ROWS <= n1; n += Q4_ROWS) gemv_q4_rows<1, Q4_ROWS>(p, n, xs.data(), sbuf.data());
+  for (; n < n1; ++n) gemv_q4_rows<MM, 1>(p, n, xs.data(), sbuf.data());
 }
 
 // Converts int4 W[n0 : n0 + NR, k0 : k0 + kc] (scaled) into pack[k][j] (k0 is a multiple of KC, so of
