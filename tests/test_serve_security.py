@@ -522,6 +522,32 @@ def test_the_page_asks_for_the_key_once_and_keeps_it_for_the_tab(secure):
             browser.close()
 
 
+def test_text_requests_do_not_wait_for_trickling_image_downloads(server, images):
+    """More slow image URLs than uvicorn's thread pool has threads (40): they queue in the image pool, and a
+    text-only request (the conftest server, which may fetch from 127.0.0.1) is answered as fast as alone."""
+    import threading
+    ask = lambda: server.client.chat.completions.create(model="tiny", messages=_user(text_part("Hi")),  # noqa
+                                                        max_tokens=2)
+    ask()
+    alone = _timed(ask)
+    body = {"messages": _user(image_part(images.url("/trickle.jpg")), text_part("?")), "max_tokens": 2}
+    slow = [threading.Thread(target=lambda: httpx.post(server.base + "/v1/chat/completions", json=body,
+                                                       timeout=300), daemon=True) for _ in range(48)]
+    for t in slow:
+        t.start()
+    time.sleep(2.0)                 # every one of them is in (a download lasts processor.timeout, 10 s)
+    assert images.seen.count("/trickle.jpg") >= 4
+    busy = _timed(ask)
+    health = _timed(lambda: httpx.get(server.base + "/health", timeout=10))
+    assert busy < alone + 1.0 and health < 1.0, (alone, busy, health)
+
+
+def _timed(fn):
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
 def _stream_events(server, max_tokens, out):
     """Read one streamed answer's SSE lines into `out` (a list) until the connection ends."""
     body = {"messages": _user(text_part("Tell me everything.")), "max_tokens": max_tokens, "stream": True}
