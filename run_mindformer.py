@@ -1,4 +1,4 @@
-"""LLaVA-1.5 with MindFormers' launcher flags: predict, chat or serve.
+"""LLaVA-1.5 with MindFormers' launcher flags: predict, chat, serve or eval.
 
     python run_mindformer.py --config research/llava/llava1_5_7B/predict_llava1_5_7b.yaml \
         --register_path research/llava --run_mode predict \
@@ -8,8 +8,9 @@
 predict: the answer is streamed to stdout while it is generated; every input's result is appended to
 OUTPUT_DIR/predict_results.jsonl. Under scripts/msrun_launcher.sh the same command runs tensor-parallel on
 every rank. chat (same flags, no --predict_data): a conversation in the terminal. serve (same flags, plus
---host/--port): an OpenAI-compatible HTTP server. Bad input: one line on stderr and exit code 2 (`--debug`
-shows the traceback).
+--host/--port): an OpenAI-compatible HTTP server. eval (--question_file, --image_folder, --answers_file):
+a benchmark's LLaVA question file answered into LLaVA's answers file (research/llava/eval_job.py). Bad input:
+one line on stderr and exit code 2 (`--debug` shows the traceback).
 """
 import argparse
 import os
@@ -40,8 +41,9 @@ def build_parser():
     p.add_argument("--config", required=True, help="predict yaml (e.g. research/llava/llava_tiny/predict_llava_tiny.yaml)")
     p.add_argument("--register_path", default="research/llava",
                    help="folder of the plugin modules (default: research/llava)")
-    p.add_argument("--run_mode", default="predict", choices=["predict", "chat", "serve"],
-                   help="predict (default), chat (terminal conversation) or serve (OpenAI-compatible HTTP server)")
+    p.add_argument("--run_mode", default="predict", choices=["predict", "chat", "serve", "eval"],
+                   help="predict (default), chat (terminal conversation), serve (OpenAI-compatible HTTP server) or "
+                        "eval (a benchmark's question file -> answers file)")
     p.add_argument("--predict_data", nargs="+", metavar="ITEM",
                    help="IMAGE PROMPT pairs (image: local path or http(s) URL); several pairs form a batch")
     p.add_argument("--modal_type", nargs="+", default=None, help="modality of each item: image text")
@@ -104,6 +106,15 @@ def build_parser():
     s.add_argument("--shutdown_grace_s", type=float, default=None,
                    help="on SIGTERM / Ctrl-C, seconds running answers may take to finish (default 10); then "
                         "open streams end with an error event and [DONE]")
+    e = p.add_argument_group("eval (also takes --max_batch and --prefill_chunk; greedy, 128 new tokens by default)")
+    e.add_argument("--question_file", default=None, help="LLaVA's question records (JSON lines: question_id, "
+                   "image, text, category)")
+    e.add_argument("--image_folder", default=None, help="folder the questions' image names are relative to")
+    e.add_argument("--answers_file", default=None, help="LLaVA's answer records are appended here (JSON lines); "
+                   "questions already in it are skipped (resume)")
+    e.add_argument("--prompt_suffix", default=None, help="text added to every question on a line of its own")
+    e.add_argument("--conv_mode", default="vicuna_v1", choices=["vicuna_v1", "llava_hf"],
+                   help="prompt format: LLaVA's vicuna_v1 (its evaluation's; default) or llava-hf's chat template")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
@@ -161,7 +172,8 @@ def main(argv=None):
     _setup_plugin(args.register_path)
     from llava_errors import LlavaError
     import importlib
-    mode = importlib.import_module({"predict": "llava_predict", "chat": "chat", "serve": "server"}[args.run_mode])
+    mode = importlib.import_module({"predict": "llava_predict", "chat": "chat", "serve": "server",
+                                    "eval": "eval_job"}[args.run_mode])
     try:
         return mode.run(args, root=ROOT)
     except LlavaError as e:
