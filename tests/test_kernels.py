@@ -1,9 +1,10 @@
-"""[J] The plugin's CPU kernels (research/llava/lowbit_kernels): the low-precision weight matmul y = x @ W.T from int8
-(+ scales), float16, bfloat16 and float32 weights, the prompt attention, the paged attention over a block-table
-KV pool and the per-token steps (RMSNorm, SwiGLU, rotary), against numpy float64, on every instruction-set path
-this machine has (read from /proc/cpuinfo here, not from the kernel), through MindSpore's ops.Custom in PyNative
-and Graph mode, and the pure-MindSpore fallback; plus the kernel's worker threads under concurrent callers and
-fork, the build cache and the errors.
+"""[J][R] The plugin's CPU kernels (research/llava/lowbit_kernels): the low-precision weight matmul y = x @ W.T from
+int8 (+ scales), int4 (packed, float16 scales per 32 inputs, partial last groups), float16, bfloat16 and float32
+weights and the opt-in int8-activation prefill on AVX512-VNNI (against its definition), the prompt attention, the
+paged attention over a block-table KV pool and the per-token steps (RMSNorm, SwiGLU, rotary), against numpy
+float64, on every instruction-set path this machine has (read from /proc/cpuinfo here, not from the kernel),
+through MindSpore's ops.Custom in PyNative and Graph mode, and the pure-MindSpore fallback; plus the kernel's
+worker threads under concurrent callers and fork, the build cache and the errors.
 
 Shapes are chosen to hit every edge of the kernel: rows of x below, at and above the decode/prefill switch
 (1..4 rows stream W, more use the blocked GEMM) and the micro-kernel's row strips (12 AVX-512, 6 AVX2, 4
@@ -516,6 +517,11 @@ def test_unknown_or_unavailable_isa_is_a_clear_error(env):
         kernels.make_matmul(True)
     env.setenv("LLAVA_KERNEL", "fast")
     with pytest.raises(LlavaError, match=r"LLAVA_KERNEL='fast' must be one of auto, native, fallback"):
+        kernels.make_matmul(True)
+    env.setenv("LLAVA_KERNEL", "native")
+    env.delenv("LLAVA_KERNEL_ISA")
+    env.setenv("LLAVA_KERNEL_PREFILL", "int7")
+    with pytest.raises(LlavaError, match=r"^LLAVA_KERNEL_PREFILL='int7' must be one of float, int8$"):
         kernels.make_matmul(True)
 
 
