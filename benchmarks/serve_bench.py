@@ -147,7 +147,8 @@ class OurServer:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "run_mindformer.py", "--config", yaml_path, "--run_mode",
                                       "serve", "--load_checkpoint", ckpt, "--output_dir", os.path.join(work, "serve"),
-                                      "--port", str(self.port), "--max_batch", str(max_batch), *extra],
+                                      "--port", str(self.port), "--max_batch", str(max_batch),
+                                      "--served_model_name", "bench", *extra],
                                      cwd=root, env=dict(env(), PYTHONPATH=root), stdout=subprocess.DEVNULL,
                                      stderr=self.log)
         while True:
