@@ -2,8 +2,8 @@
 Graph mode):
 
 * low-precision weight matmul: y = x @ W.T with W [N, K] stored as int8 (with float32 scales), int4 (packed,
-  with float16 scales per 32 inputs: weights/quantize.py), float16 or bfloat16, computed from the stored weights, or by a slow pure-MindSpore fallback that casts W to float32 on
-  every call (`make_matmul`);
+  with float16 scales per 32 inputs: weights/quantize.py), float16 or bfloat16, computed from the stored
+  weights, or by a slow pure-MindSpore fallback that casts W to float32 on every call (`make_matmul`);
 * prompt attention: a prompt's attention from the token-major q/k/v the projections give and its int32 mask,
   with no transposes, score tensors or bias tensors in between (`make_prompt_attention`);
 * paged attention: the decoder's attention over a paged KV pool, prompt chunks and decode tokens of any rows in
