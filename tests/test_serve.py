@@ -155,6 +155,42 @@ def test_a_follow_up_turn_reuses_the_first_turns_kv_and_equals_hf(server, hf):
     assert after["image_cache_misses"] == before["image_cache_misses"] + 1
 
 
+def test_logprobs_equal_hf_log_softmax_of_each_step(server, hf):
+    """[S] logprobs + top_logprobs (OpenAI's chat fields), streamed and not: each answer token's
+    log-probability and its top 3 alternatives equal torch's log_softmax of HF's logits at that step (greedy:
+    the token is HF's top 1), with the token's text and UTF-8 bytes."""
+    messages = [{"role": "user", "content": [image_part(data_url(CAT)), text_part("What is shown?")]}]
+    ids, _ = hf.answer(messages, [CAT], 6)
+    inputs = hf.inputs(messages, [CAT])
+    prompt = inputs["input_ids"]
+    with torch.no_grad():
+        full = torch.cat([prompt, torch.tensor([ids])], 1)
+        logits = hf.model(input_ids=full, pixel_values=inputs["pixel_values"],
+                          attention_mask=torch.ones_like(full)).logits[0, prompt.shape[1] - 1:-1]
+    ref = torch.log_softmax(logits.double(), -1)
+    expected = [t for t in ids if t != 2]                  # the eos token is not part of the content
+    reply = ask(server, messages, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    chunks = list(server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                                        stream=True, logprobs=True, top_logprobs=3))
+    streamed_items = [item for c in chunks if c.choices and c.choices[0].logprobs
+                      for item in c.choices[0].logprobs.content]
+    tok = hf.processor.tokenizer
+    for items in (content, streamed_items):
+        assert len(items) == len(expected)
+        for step, (item, token) in enumerate(zip(items, expected)):
+            piece = tok.convert_ids_to_tokens(token).replace("\u2581", " ")
+            assert item.token == piece and item.bytes == list(piece.encode())
+            assert abs(item.logprob - ref[step, token].item()) < 1e-3
+            top = torch.topk(ref[step], 3)
+            assert [abs(a.logprob - b) < 1e-3 for a, b in zip(item.top_logprobs, top.values.tolist())] == [True] * 3
+            assert item.top_logprobs[0].token == piece     # greedy: the chosen token is the most likely
+    assert ask(server, messages, max_tokens=2).choices[0].logprobs is None
+    bad = httpx.post(server.base + "/v1/chat/completions",
+                     json={"model": "tiny", "messages": messages, "top_logprobs": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
 def test_two_images_system_prompt_and_history(server, hf):
     messages = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": [image_part(data_url(CAT)), image_part(data_url(COFFEE)),

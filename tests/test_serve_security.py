@@ -324,7 +324,8 @@ def test_cors_is_only_for_the_allowed_origin(secure):
 UNSUPPORTED = [
     ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ("response_format", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("logprobs", {"logprobs": True}, "logprobs"),
+    ("logprobs", {"logprobs": "yes"}, "logprobs"),
+    ("top_logprobs", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("frequency_penalty", {"frequency_penalty": 0.5}, "frequency_penalty"),
     ("unknown_model", {"model": "gpt-4o"}, "model"),
     ("unknown_field", {"temprature": 0.5}, "temprature"),

@@ -39,7 +39,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from generation import GenerationSettings, TokenSelector, check_fits
+from generation import GenerationSettings, TokenSelector, check_fits, token_logprobs
 from image_cache import ImageCache, image_key
 from kv_pool import BLOCK_SIZE, KVPool, block_keys, blocks_for
 from llama_text import cache_shape
@@ -229,6 +229,8 @@ class Row:
     length: int = 0
     finished: bool = False
     finish_reason: Optional[str] = None          # "stop" (eos) or "length" (max_new_tokens)
+    top_logprobs: Optional[int] = None           # None: no log-probabilities; k: each token's and its top k
+    logprobs: list = None                        # per generated token: generation.token_logprobs(...)
 
     @property
     def keyable(self):
@@ -361,12 +363,14 @@ class Engine:
                              f"{need * self.block_size} KV positions, more than the pool's "
                              f"{self.pool.usable * self.block_size}")
 
-    def add(self, ids, pixel_values=None, settings=None, features=None, image_keys=None, prefix=None):
+    def add(self, ids, pixel_values=None, settings=None, features=None, image_keys=None, prefix=None,
+            top_logprobs=None):
         """A new row for a prompt whose `<image>` tokens are expanded (ids: a list of ints) and its images'
         pixel values [n, 3, S, S] (or their `features` and `image_keys`): its vision features are computed now
         (or taken from the image cache), the longest prefix of it that an earlier row computed is taken from
         the pool (`prefix`: exactly that many cached blocks, as rank 0 decided; LlavaError if they are not
-        there), the rest of its blocks (prompt + max_new_tokens) reserved. LlavaError for a bad prompt, one
+        there), the rest of its blocks (prompt + max_new_tokens) reserved; `top_logprobs` (0..20): each chosen
+        token's log-probability and its top alternatives go to row.logprobs. LlavaError for a bad prompt, one
         that does not fit, or no free lane/blocks (`fits` says beforehand)."""
         settings = settings or GenerationSettings.from_config(self.config)
         self._ensure_pool(1)
@@ -388,7 +392,8 @@ class Engine:
         row = Row(lane=self._free_lanes.pop(), ids=[int(i) for i in p.input_ids[0]], prompt_ids=ids,
                   prompt_length=len(ids),
                   image_rows=image_rows, features=None if features is None else np.asarray(features, np.float32),
-                  settings=settings, selector=TokenSelector(settings), blocks=[], images=images, keys=[])
+                  settings=settings, selector=TokenSelector(settings), blocks=[], images=images, keys=[],
+                  top_logprobs=top_logprobs, logprobs=[])
         need = self.pool.needed(len(ids) + settings.max_new_tokens)
         row.blocks = self._take_prefix(row, prefix)
         row.blocks += self.pool.allocate(need - len(row.blocks))
@@ -571,8 +576,11 @@ class Engine:
             if not len(logits) or row.finished:
                 continue
             seq = [row.prompt_ids + row.generated]
+            raw = None if row.top_logprobs is None else logits[-1].copy()   # before the selector reshapes it
             token, running = row.selector.step(logits[-1:], seq, np.ones(1, bool))
             token = int(token[0])
+            if raw is not None:
+                row.logprobs.append(token_logprobs(raw, token, row.top_logprobs))
             row.ids.append(token)
             if not running[0]:
                 row.finished, row.finish_reason = True, "stop"

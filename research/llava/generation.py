@@ -43,6 +43,21 @@ def _check_float32(name: str, value):
                          f"{float(_F32.tiny):.3g}")
 
 
+# OpenAI's bound on top_logprobs
+MAX_TOP_LOGPROBS = 20
+
+
+def token_logprobs(logits, token, top):
+    """(token, its log-probability, [(id, log-probability)] of the `top` most likely ids) under the model's own
+    distribution at this step: log-softmax of the raw logits [V] in float64, before temperature, top-k/top-p
+    or a repetition penalty reshape it (what OpenAI-compatible servers report)."""
+    x = np.asarray(logits, np.float64).reshape(-1)
+    m = x.max()
+    lp = x - (m + np.log(np.exp(x - m).sum()))
+    best = np.argsort(-lp, kind="stable")[:top] if top else []
+    return int(token), float(lp[token]), [(int(t), float(lp[t])) for t in best]
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64

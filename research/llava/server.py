@@ -48,7 +48,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from generation import GenerationSettings
+from generation import MAX_TOP_LOGPROBS, GenerationSettings
 from image_loading import display_name, load_image
 from llava_errors import LimitError, LlavaError
 from media_policy import MAX_REDIRECTS, FetchError, MediaPolicy
@@ -131,11 +131,10 @@ def _zero(value):
 
 # The chat-completions fields this server implements (null means the default, as OpenAI treats it)
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-          "stream", "stream_options", "n", "top_k", "repetition_penalty"}
+          "stream", "stream_options", "n", "top_k", "repetition_penalty", "logprobs", "top_logprobs"}
 # OpenAI fields it does not implement, accepted at their neutral value only (clients send them as defaults);
 # any other value is a 400 naming the field, never a silently ignored request
 NEUTRAL = {"frequency_penalty": _zero, "presence_penalty": _zero,
-           "logprobs": lambda v: v is False, "top_logprobs": _zero,
            "response_format": lambda v: v == {"type": "text"},
            "tools": lambda v: v == [], "tool_choice": lambda v: v == "none", "functions": lambda v: v == [],
            "function_call": lambda v: v == "none", "parallel_tool_calls": lambda v: isinstance(v, bool),
@@ -192,6 +191,14 @@ class ChatRequest:
         if n not in (None, 1):
             raise ApiError(400, "'n' must be 1", "n")
         self.messages, self.image_urls = self._messages(body.get("messages"))
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise ApiError(400, f"'logprobs' must be true or false, got {_short(logprobs)}", "logprobs")
+        top = _number(body, "top_logprobs", int, 0, MAX_TOP_LOGPROBS)
+        if top is not None and not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        # None: no log-probabilities; k: each token's and its k most likely alternatives (OpenAI's fields)
+        self.top_logprobs = (top or 0) if logprobs else None
         max_tokens = _number(body, "max_completion_tokens", int, 1)
         if max_tokens is None:
             max_tokens = _number(body, "max_tokens", int, 1)
@@ -555,7 +562,8 @@ class Server:
             if chat.image_urls else None
         events = asyncio.Queue()
         job = GenerationRequest(ids=ids, pixel_values=pixels, settings=chat.settings, stop=chat.stop,
-                                emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                                emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                top_logprobs=chat.top_logprobs)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -569,7 +577,7 @@ class Server:
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            text = []
+            text, logprobs = [], None if chat.top_logprobs is None else []
             while True:
                 event = await _next(events, gone)
                 if event is None:          # the client went away: its row is freed below
@@ -577,6 +585,8 @@ class Server:
                 if event[0] == "delta":
                     timing.piece()
                     text.append(event[1])
+                    if logprobs is not None:
+                        logprobs += self._logprobs(event[2])
                 elif event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
                 elif event[0] == "shutdown":
@@ -591,13 +601,28 @@ class Server:
             job.cancel()       # a client that went away frees its row; a finished one is not affected
         return {"id": reply_id, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                             "logprobs": None, "finish_reason": reason}],
+                             "logprobs": None if logprobs is None else {"content": logprobs},
+                             "finish_reason": reason}],
                 "usage": _usage(prompt_tokens, completion_tokens, cached)}
 
+    def _logprobs(self, entries):
+        """OpenAI's logprobs.content items for generation.token_logprobs entries: each token's text, its
+        UTF-8 bytes and log-probability, and its top alternatives the same way."""
+        tok = self.processor.tokenizer
+
+        def item(token, logprob):
+            # ids past the tokenizer (llava-hf's 32064-row embedding, 32002 tokens) have no text
+            text = tok.convert_ids_to_tokens(token).replace("\u2581", " ") if token < len(tok) else ""
+            raw = bytes([int(text[3:5], 16)]) if len(text) == 6 and text.startswith("<0x") else text.encode()
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+        return [{**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in top]}
+                for token, logprob, top in entries]
+
     async def _sse(self, job, events, reply_id, created, include_usage, timing):
-        def chunk(delta, reason=None, usage=None):
+        def chunk(delta, reason=None, usage=None, logprobs=None):
             body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None,
+                    "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                   "finish_reason": reason}]}
             if usage:
                 body["usage"] = usage
@@ -609,7 +634,8 @@ class Server:
                 event = await events.get()
                 if event[0] == "delta":
                     timing.piece()
-                    yield chunk({"content": event[1]})
+                    yield chunk({"content": event[1]},
+                                logprobs={"content": self._logprobs(event[2])} if len(event) > 2 else None)
                 elif event[0] in ("error", "shutdown"):
                     code = "shutting_down" if event[0] == "shutdown" else None
                     yield f"data: {json.dumps(error_body(event[1], 'server_error', code=code))}\n\n"

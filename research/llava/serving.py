@@ -18,7 +18,8 @@ The scheduler only plans and hands out text: rows, blocks, token selection and t
 engine's. Under tensor parallelism rank 0 plans and the other ranks run the same plan (lockstep.Lockstep).
 
 Events a request receives, in order, through its `emit` callback (called on the worker thread):
-  ("delta", text)                          new text of the answer
+  ("delta", text)                          new text of the answer; with Request.top_logprobs set:
+  ("delta", text, entries)                 entries: generation.token_logprobs(...) of the tokens behind it
   ("done", finish_reason, prompt_tokens, completion_tokens, cached_tokens)   finish_reason: "stop" or "length"
                                            cached_tokens: prompt tokens taken from the prefix cache
   ("error", message)                       its row failed; the request is over
@@ -55,6 +56,7 @@ class Request:
     stop: List[str] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    top_logprobs: Optional[int] = None        # None: no log-probabilities; k: each token's and its top k
 
     def cancel(self):
         self.cancelled.set()
@@ -68,6 +70,14 @@ class _Active:
         self.text = TextDeltas(tokenizer, request.stop)
         self.eos = set(request.settings.eos_token_id)
         self.reason = None
+        self.logprobs = []               # the tokens' log-probabilities not yet sent with a delta
+
+    def delta(self, text):
+        """The "delta" event for `text`: with the log-probabilities of the tokens behind it when asked."""
+        if self.request.top_logprobs is None:
+            return ("delta", text)
+        entries, self.logprobs = self.logprobs, []
+        return ("delta", text, entries)
 
 
 def plan(active_rows, prefill_chunk):
@@ -178,7 +188,8 @@ class Scheduler:
             try:
                 if self.lockstep is not None:
                     request.settings = self.lockstep.settings_for(request.settings)
-                row = self.engine.add(request.ids, request.pixel_values, request.settings)
+                row = self.engine.add(request.ids, request.pixel_values, request.settings,
+                                      top_logprobs=request.top_logprobs)
             except LlavaError as e:
                 request.emit(("error", str(e)))
                 continue
@@ -230,9 +241,11 @@ class Scheduler:
             a = by_row[id(row)]
             if token in a.eos:
                 continue
+            if a.request.top_logprobs is not None:
+                a.logprobs.append(row.logprobs[-1])
             delta = a.text.add(token)
             if delta:
-                a.request.emit(("delta", delta))
+                a.request.emit(a.delta(delta))
         still = []
         for a in self._active:
             request, row = a.request, a.row
@@ -244,8 +257,8 @@ class Scheduler:
                 still.append(a)
                 continue
             rest = a.text.finish()
-            if rest:
-                request.emit(("delta", rest))
+            if rest or a.logprobs:
+                request.emit(a.delta(rest))
             reason = "stop" if a.text.stopped else row.finish_reason
             self.completed += 1
             request.emit(("done", reason, len(request.ids), len(row.generated), row.cached))
