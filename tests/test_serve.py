@@ -405,7 +405,8 @@ def test_two_ranks_serve_the_single_process_answers(setup, server, hf):
     out = str(d / "out_tp2")
     port = free_port()
     order = (f"run_mindformer.py --config {yaml2} --run_mode serve --load_checkpoint {setup['ckpt']} "
-             f"--use_parallel True --auto_trans_ckpt True --output_dir {out} --port {port}")
+             f"--use_parallel True --auto_trans_ckpt True --output_dir {out} --port {port} "
+             "--served_model_name tiny")
     launcher = subprocess.Popen(launcher_argv(order, 2, free_port(), os.path.join(out, "msrun_log"), 300),
                                 cwd=ROOT, env=dict(os.environ, GLOG_v="3"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
