@@ -219,6 +219,30 @@ def test_steps_padded_to_a_larger_bucket_equal_hf(graph_mode, pairs):
         eng.release_all()
 
 
+def test_without_compile_steps_new_buckets_run_op_by_op_and_equal_hf(graph_mode, pairs):
+    """Engine.compile_steps = False (chat): a step whose bucket was never compiled runs op by op instead of
+    compiling one (a follow-up turn's new tokens), a compiled bucket stays compiled, and the answers equal HF."""
+    pair = pairs["tiny"]
+    eng = pair.model.engine()
+    eng.reserve(2)
+    eng.compile([1])                                               # the decode bucket, as stream() does
+    eng.compile_steps = False
+    cell = eng.step_cell("rows")
+    compiled = len(cell.compile_cache)
+    (a_ids, a_ref) = hf_alone(pair, 1, 6)
+    out = []
+    try:
+        row = eng.add(a_ids, pair.pixels.numpy()[1:2], settings(6), prefix=0)
+        for n in (5, 17, row.pending - 22):                        # prompt chunks of three new buckets
+            out += [t for _, t in eng.step([(row, n)])]
+        while not row.finished:
+            out += [t for _, t in eng.step([(row, 1)])]
+    finally:
+        eng.release_all()
+    assert out == a_ref
+    assert len(cell.compile_cache) == compiled                     # nothing compiled on the way
+
+
 def test_a_request_that_cannot_fit_the_pool_is_refused_before_it_waits(pairs):
     from llava_errors import LlavaError
     eng = pairs["tiny"].model.engine()

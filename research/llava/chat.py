@@ -135,4 +135,7 @@ def run(args, root):
     job = Job(args, root).load(batch=1)
     if job.tp.enabled:
         raise LlavaError("--run_mode chat runs on one process (use_parallel False)")
+    # a turn's prompt (a follow-up's few new tokens above all) runs op by op rather than waiting for the
+    # compile of its step's shape; each answer's decode step is compiled (Engine.stream)
+    job.engine.compile_steps = False
     return Chat(job).loop()

@@ -272,6 +272,9 @@ class Engine:
         self.jit_steps = bool(jit_steps)
         # Run the vision tower and large steps op by op in a Graph-mode context: None = when eager_for says.
         self.eager = eager
+        # False: a step whose token bucket is not compiled yet runs op by op instead of compiling it (chat:
+        # a follow-up turn's few new tokens cost less op by op than a compile of their bucket)
+        self.compile_steps = True
         self.block_size = int(block_size)
         # Rows take the blocks of a prompt prefix an earlier row computed (kv_pool: keyed blocks stay in the
         # pool until their room is needed); the image cache keeps vision features by pixel content.
@@ -561,8 +564,13 @@ class Engine:
             raise LlavaError("a step plans a row twice")
         tensors, wants, nb = self.step_inputs(plan, all_logits)
         eager = self.eager_for("prefill", nb)
+        graph = ms.get_context("mode") == ms.GRAPH_MODE
+        if not eager and graph and not self.compile_steps and nb not in self._compiled and self.model.tp.world == 1:
+            eager = True
         with _op_by_op() if eager else contextlib.nullcontext():
             logits = self.step_cell("rows")(*tensors).asnumpy()
+        if graph and not eager:
+            self._compiled.add(nb)           # compiled by this step if not before
         for row, k in plan:
             row.length += k
             self._register(row)
