@@ -226,7 +226,7 @@ class Runner:
             ids = p.encode_chat([{"role": "user", "content": content}])
         else:
             ids = p.tokenizer(vicuna_v1_prompt(q.prompt, n == 1))["input_ids"]
-            ids = p._expand(ids, n, lambda tags: f"the question holds {tags - n} {IMAGE_TAG} tag(s) of its own")
+            ids = p.expand_images(ids, n, lambda tags: f"the question holds {tags - n} {IMAGE_TAG} tag(s) of its own")
         return ids, pixels
 
     def submit(self, i):
@@ -346,7 +346,7 @@ def run(args, root):
     if not questions and not tp_wanted:
         say(f"[nothing to do: every question of {args.question_file} is answered in {args.answers_file}]")
         return 0
-    from server import prepare_engine
+    from serving import prepare_engine
     from serving import PREFILL_CHUNK, Scheduler
     chunk = args.prefill_chunk or PREFILL_CHUNK
     job.load(batch=args.max_batch, shrink_kv=not tp_wanted)

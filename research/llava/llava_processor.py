@@ -222,7 +222,7 @@ class LlavaProcessor:
     def encode_prompt(self, prompt: str, num_images: int, index: int = 0) -> List[int]:
         """Ids of the templated prompt with every `<image>` expanded to num_image_tokens image-token ids."""
         ids = self.tokenizer(self.build_prompt(prompt, num_images))["input_ids"]
-        return self._expand(ids, num_images, lambda tags: f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but "
+        return self.expand_images(ids, num_images, lambda tags: f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but "
                             f"{num_images} image(s) were given for it: {display_name(prompt)}")
 
     def encode_chat(self, messages) -> List[int]:
@@ -233,10 +233,10 @@ class LlavaProcessor:
             self._chat_template = ChatTemplate()
         text, num_images = self._chat_template.render(messages, add_generation_prompt=True)
         ids = self.tokenizer(text)["input_ids"]
-        return self._expand(ids, num_images, lambda tags: f"the conversation has {num_images} image(s) but its "
+        return self.expand_images(ids, num_images, lambda tags: f"the conversation has {num_images} image(s) but its "
                             f"text holds {tags} {IMAGE_TAG} tag(s): write no {IMAGE_TAG} in message texts")
 
-    def _expand(self, ids, num_images, problem) -> List[int]:
+    def expand_images(self, ids, num_images, problem) -> List[int]:
         """Every image tag -> num_image_tokens image-token ids; LlavaError(problem(tags)) unless the ids hold
         exactly one tag per image."""
         tags = sum(1 for t in ids if t == self.image_token_index)

@@ -53,7 +53,7 @@ from image_loading import display_name, load_image
 from llava_errors import LimitError, LlavaError
 from media_policy import MAX_REDIRECTS, FetchError, MediaPolicy
 from serve_metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
-from serving import PREFILL_CHUNK, QueueFull, Request as GenerationRequest
+from serving import PREFILL_CHUNK, QueueFull, Request as GenerationRequest, prepare_engine
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")   # the chat page, shipped with the package
 MAX_JSON_DEPTH = 64      # a chat body nests ~6 levels; far deeper is an attack on the parser, not a request
@@ -757,37 +757,6 @@ def _uvicorn_server():
 
     return Uvicorn
 
-
-
-def prepare_engine(job, max_batch, prefill_chunk):
-    """The server's KV pool, once: max_batch rows of seq_length positions, or the blocks that fit the memory
-    there is (the estimate before loading, memory_budget.check(shrink_kv=True)); then every step shape the
-    scheduler can plan is compiled, so no request waits for a compile. Says what it took on stderr."""
-    import time as clock
-    import memory_budget
-    engine = job.engine
-    blocks = None
-    wanted = memory_budget.kv_cache_bytes(job.model_config, max_batch, job.tp.world) + \
-        engine.cache_blocks * engine.pool_bytes(1)
-    if job.memory.kv_cache < wanted:
-        blocks = 1 + max(engine.max_blocks, job.memory.kv_cache // engine.pool_bytes(1))
-    engine.reserve(max_batch, blocks)
-    pool = engine.pool
-    rows = pool.usable * pool.block_size / job.model_config.seq_length
-    if blocks is not None:
-        note = f" (all the memory there is: {rows:.1f} full-length rows, not {max_batch}"
-        note += ", no room kept for cached prefixes beyond idle rows')" if engine.cache_blocks else ")"
-    elif engine.cache_blocks:
-        note = f" ({engine.cache_blocks} blocks of them for cached prefixes)"
-    else:
-        note = ""
-    print(f"KV pool: {pool.usable} blocks of {pool.block_size} positions = "
-          f"{engine.pool_bytes(pool.blocks) / 2 ** 30:.2f} GiB{note}, up to {max_batch} rows at once; "
-          f"prefix cache {'on' if pool.cache else 'off'}, image cache "
-          f"{engine.image_cache.budget / 2 ** 20:.0f} MiB", file=sys.stderr, flush=True)
-    start = clock.monotonic()
-    engine.warmup(prefill_chunk + max_batch)
-    print(f"compiled the step shapes in {clock.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def run(args, root):
