@@ -68,6 +68,10 @@ class OursSide:
                 "decode_positions": int(self.ids.shape[1]) + self.n // 2}
 
     def run(self):
+        return self._request(self.ids, self.mask)
+
+    def _request(self, ids, mask):
+        """One generate over ids (the image's pixels) with a (wall, CPU) stamp per token -> its figures."""
         stamps = []
 
         class Stamp:
@@ -78,7 +82,7 @@ class OursSide:
                 pass
 
         t0, c0 = time.perf_counter(), time.process_time()
-        out = self.engine.generate(self.ids, self.pixels, self.mask, settings=self.settings, streamer=Stamp())
+        out = self.engine.generate(ids, self.pixels, mask, settings=self.settings, streamer=Stamp())
         t1 = time.perf_counter()
         return request_figures(t0, c0, t1, stamps, out[0])
 
@@ -104,18 +108,7 @@ class OursSide:
 
     def _turn(self, messages):
         ids = self.np.array([self.processor.encode_chat(messages)], self.np.int64)
-        stamps = []
-
-        class Stamp:
-            def put(self, tokens):
-                stamps.append((time.perf_counter(), time.process_time()))
-
-            def end(self):
-                pass
-
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = self.engine.generate(ids, self.pixels, None, settings=self.settings, streamer=Stamp())
-        figures = request_figures(t0, c0, time.perf_counter(), stamps, out[0])
+        figures = self._request(ids, None)
         figures["prompt_tokens"] = int(ids.shape[1])
         return figures
 
